@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what the tool needs on a Debian 12 machine, idempotently:
+# Debian's docker.io (engine + a CLI with built-in BuildKit), docker-registry,
+# mmdebstrap (base images when none can be pulled), qemu-user-static and
+# binfmt-support (running arm64 containers), and a .venv with the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(docker.io docker-registry mmdebstrap qemu-user-static binfmt-support uidmap)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then echo "setup: missing ${missing[*]}; run as root or install them" >&2; exit 1; fi
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.orchestrator-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing the orchestrator package into .venv"
+  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  .venv/bin/python -c "import orchestrator, invoke, docker, testcontainers" || { echo "setup: install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,54 @@
+"""Printing and error handling shared by the tasks: errors become one clear
+message and an exit code (2 for bad input), never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import OrchestratorError
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def friendly(fn):
+    """Wrap a task so OrchestratorError exits with its code and message only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from invoke.exceptions import Exit
+
+        try:
+            return fn(*args, **kwargs)
+        except OrchestratorError as e:
+            err_console.print(f"[bold red]error:[/] {e.message}", markup=True)
+            if e.hint:
+                err_console.print(f"  [dim]hint:[/] {e.hint}", markup=True)
+            raise Exit(code=e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise Exit(code=130) from None
+
+    return wrapper
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    console.print(t)
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def log(msg: str) -> None:
+    console.print(msg, markup=False)

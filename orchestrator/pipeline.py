@@ -1,0 +1,91 @@
+"""Glue between the stages for the tasks: each function runs one job end to
+end (load the spec, read or write locks, plan, render) so tasks.py stays a
+thin layer of argument parsing and printing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import lock as lock_mod
+from . import spec as spec_mod
+from .build import load_all_locks
+from .errors import UserError
+from .plan import make_plan
+from .render import HEADER, render_all
+
+DOCKERFILE_DIR = "dockerfiles"
+
+
+def load_project(path: str) -> spec_mod.Project:
+    return spec_mod.load(path)
+
+
+def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Path]:
+    """Re-resolve the (backend, platform) targets whose locks are stale.
+
+    Fresh locks are left alone unless upgrade is set, so re-running never
+    moves a pin by itself.
+    """
+    changed: list[Path] = []
+    stale_paths = {s.path for s in lock_mod.check(project)}
+    for backend, platform in lock_mod.targets(project):
+        paths = {Path(os.path.relpath(lock_mod.lock_path(project.root, backend.name, platform, layer), project.root))
+                 for layer in lock_mod.expected_layers(project, backend)}
+        if not upgrade and not (paths & stale_paths):
+            log(f"{backend.name} for {platform}: locks are up to date")
+            continue
+        log(f"locking {backend.name} for {platform}")
+        locks = lock_mod.resolve_backend(project, backend, platform)
+        for lk in locks:
+            log(f"  {lk.layer:<16} {len(lk.pins):>3} packages")
+        changed += lock_mod.write_locks(project, locks)
+    for stale in lock_mod.check(project):
+        if stale.reason == "no longer used by the project file":
+            (project.root / stale.path).unlink()
+            log(f"removed {stale.path} (no longer used)")
+    return changed
+
+
+def rendered(project: spec_mod.Project) -> dict[str, str]:
+    locks = load_all_locks(project)
+    return render_all(make_plan(project, locks))
+
+
+def _generated(directory: Path) -> list[Path]:
+    marker = HEADER.split("{")[0]
+    return [p for p in sorted(directory.glob("*.Dockerfile")) if p.read_text().startswith(marker)]
+
+
+def render(project: spec_mod.Project, check: bool = False) -> list[str]:
+    """Write dockerfiles/; with check, write nothing and return what differs."""
+    out_dir = project.root / DOCKERFILE_DIR
+    files = rendered(project)
+    differ = []
+    for name, text in sorted(files.items()):
+        path = out_dir / name
+        if not path.exists() or path.read_text() != text:
+            differ.append(name)
+            if not check:
+                out_dir.mkdir(exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)
+    for path in _generated(out_dir) if out_dir.exists() else []:
+        if path.name not in files:
+            differ.append(path.name)
+            if not check:
+                path.unlink()
+    return differ
+
+
+def parse_list(value: str | None, known, what: str, file: str) -> list[str] | None:
+    """'a,b' -> ['a','b'], 'all'/None -> None; unknown names are input errors."""
+    if value in (None, "", "all"):
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for item in items:
+        if item not in known:
+            raise UserError(f"unknown {what} {item!r}; {file} defines {sorted(known)}",
+                            f"pick one of {sorted(known)} or 'all'")
+    return items

@@ -1,0 +1,189 @@
+"""Stage 3 (pure): which images to build, from which layers, under which tags.
+
+No Docker, no network, no writes: a `BuildPlan` is computed from the
+project and its locks and can be inspected, rendered and tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import compat as compat_mod
+from .lock import Lock
+from .spec import Backend, Project, Service
+
+SITE = "/opt/site"
+APP_DIR = "/opt/app"
+RUNTIME_DIR = "/opt/runtime"
+APP_UID = 10001
+LABEL_PREFIX = "io.orchestrator"
+
+
+@dataclass(frozen=True)
+class LayerStage:
+    """One dependency layer: a lock installed into its own site dir."""
+
+    name: str  # cuda-libs | torch | shared | service-<name>
+    lock: Lock
+
+    @property
+    def site_dir(self) -> str:
+        return f"{SITE}/{self.name}"
+
+    @property
+    def context_lock(self) -> str:
+        return f"locks/{self.name}.txt"
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    key: str  # cuda-libs | <service>
+    kind: str  # cuda-libs | service
+    backend: Backend
+    platform: str
+    repository: str
+    human_tags: tuple[str, ...]
+    content_prefix: str  # the content tag is <prefix>-<hash12>
+    dockerfile: str  # file name under dockerfiles/
+    from_image: str  # "base" or "cuda-libs"
+    layers: tuple[LayerStage, ...]
+    service: Service | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    lib_dirs: tuple[str, ...] = ()
+
+    @property
+    def arch(self) -> str:
+        return self.platform.split("/")[1]
+
+    def ref(self, tag: str) -> str:
+        return f"{self.repository}:{tag}"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    project: Project
+    images: tuple[ImagePlan, ...] = field(default_factory=tuple)
+
+    def for_backend(self, backend: str) -> "BuildPlan":
+        return BuildPlan(self.project, tuple(i for i in self.images if i.backend.name == backend))
+
+
+def _alloc_env() -> tuple[tuple[str, str], ...]:
+    # Newer torch reads PYTORCH_ALLOC_CONF and warns on the old name; older
+    # torch reads only the old one. Set both.
+    return (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+            ("PYTORCH_ALLOC_CONF", "expandable_segments:True"))
+
+
+def cuda_libs_plan(project: Project, backend: Backend, platform: str, locks: list[Lock]) -> ImagePlan:
+    compat = compat_mod.load()
+    cl = project.cuda_libs
+    lock = next(lk for lk in locks if lk.layer == "cuda-libs")
+    stage = LayerStage("cuda-libs", lock)
+    lib_dirs = tuple(f"{stage.site_dir}/{d}" for d in (compat.nvidia_lib_dir(p.name) for p in lock.pins) if d)
+    rel = compat.cuda(cl.cuda)
+    labels = (
+        ("org.opencontainers.image.title", f"{project.name} CUDA {cl.cuda} libraries"),
+        ("org.opencontainers.image.version", f"{cl.tag}-v{cl.revision}"),
+        (f"{LABEL_PREFIX}.cuda", cl.cuda),
+        (f"{LABEL_PREFIX}.cuda-libs.revision", str(cl.revision)),
+        (f"{LABEL_PREFIX}.min-driver", rel.min_driver),
+    )
+    env = (
+        ("NVIDIA_VISIBLE_DEVICES", "all"),
+        ("NVIDIA_DRIVER_CAPABILITIES", "compute,utility"),
+        ("CUDA_VERSION", cl.cuda),
+        ("CUDA_LIBS_DIR", stage.site_dir),
+        ("LD_LIBRARY_PATH", ":".join(lib_dirs)),
+    )
+    return ImagePlan("cuda-libs", "cuda-libs", backend, platform, project.repository("cuda-libs"),
+                     (f"{cl.tag}-v{cl.revision}",), cl.tag, f"cuda-libs.{cl.tag}.Dockerfile", "base",
+                     (stage,), None, env, labels, lib_dirs)
+
+
+def service_plan(project: Project, svc: Service, backend: Backend, platform: str, locks: list[Lock]) -> ImagePlan:
+    compat = compat_mod.load()
+    stages = tuple(LayerStage(lk.layer, lk) for lk in locks
+                   if lk.layer != "cuda-libs" and (not lk.layer.startswith("service-") or lk.layer == f"service-{svc.name}")
+                   and lk.pins)
+    site_dirs = [s.site_dir for s in reversed(stages)]
+    if backend.is_cuda:
+        site_dirs.append(f"{SITE}/cuda-libs")
+    env = [
+        ("PYTHONPATH", ":".join([APP_DIR, RUNTIME_DIR] + site_dirs)),
+        ("PATH", ":".join(f"{d}/bin" for d in site_dirs) + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        ("PYTHONUNBUFFERED", "1"),
+        ("HOME", "/home/app"),
+        ("SERVICE_NAME", svc.name),
+        ("SERVICE_VERSION", svc.version),
+        ("SERVICE_PORT", str(svc.port)),
+        ("SERVICE_BACKEND", backend.name),
+        ("BACKEND_POLICY", svc.policy),
+    ]
+    env += list(_alloc_env())
+    labels = [
+        ("org.opencontainers.image.title", f"{project.name}/{svc.name}"),
+        ("org.opencontainers.image.version", svc.version),
+        (f"{LABEL_PREFIX}.service", svc.name),
+        (f"{LABEL_PREFIX}.backend", backend.name),
+        (f"{LABEL_PREFIX}.torch", backend.torch or "none"),
+    ]
+    if backend.is_cuda:
+        rel = compat.cuda(backend.cuda)
+        env += [("CUDA_MIN_DRIVER", rel.min_driver), ("CUDA_RUNTIME_VERSION", str(rel.runtime_version))]
+        labels += [(f"{LABEL_PREFIX}.cuda", backend.cuda), (f"{LABEL_PREFIX}.min-driver", rel.min_driver),
+                   (f"{LABEL_PREFIX}.cuda-libs", f"{project.cuda_libs.tag}-v{project.cuda_libs.revision}")]
+    return ImagePlan(svc.name, "service", backend, platform, project.repository(svc.name),
+                     (f"{svc.version}-{backend.name}",), f"{svc.version}-{backend.name}",
+                     f"{svc.name}.{backend.name}.Dockerfile", "cuda-libs" if backend.is_cuda else "base",
+                     stages, svc, tuple(env), tuple(labels))
+
+
+def make_plan(project: Project, locks: dict[tuple[str, str], list[Lock]],
+              backends: list[str] | None = None, services: list[str] | None = None,
+              platforms: list[str] | None = None) -> BuildPlan:
+    """All images for the selected backends/services/platforms, dependencies first."""
+    images: list[ImagePlan] = []
+    for backend in project.backends.values():
+        if backends and backend.name not in backends:
+            continue
+        for platform in backend.platforms:
+            if platforms and platform not in platforms:
+                continue
+            blocks = locks[(backend.name, platform)]
+            if backend.is_cuda:
+                images.append(cuda_libs_plan(project, backend, platform, blocks))
+            for svc in project.services.values():
+                if backend.name in svc.backends and (not services or svc.name in services):
+                    images.append(service_plan(project, svc, backend, platform, blocks))
+    return BuildPlan(project, tuple(images))
+
+
+def content_tag(image: ImagePlan, dockerfile_text: str, context_digest: str, parent: str) -> str:
+    """A tag that changes exactly when what goes into the image changes.
+
+    parent: the base image digest, or the CUDA-libs content tag for cuda services.
+    """
+    h = hashlib.sha256()
+    for part in (dockerfile_text, context_digest, parent, image.platform):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"{image.content_prefix}-{h.hexdigest()[:12]}"
+
+
+def tree_digest(path: Path) -> str:
+    """Hash of a directory's relative paths, modes and contents (mtimes ignored)."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if "__pycache__" in p.parts or p.suffix == ".pyc":
+            continue
+        rel = p.relative_to(path).as_posix()
+        h.update(rel.encode() + b"\0")
+        if p.is_file():
+            h.update(b"x" if p.stat().st_mode & 0o111 else b"-")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()

@@ -1,0 +1,80 @@
+"""The health contract every service image follows (importable as `contract`).
+
+  GET /health  200 while the process lives (liveness)
+  GET /ready   503 until the model is loaded, then 200 (readiness)
+  GET /info    JSON: service, version, backend_requested, backend_effective,
+               torch, torch_cuda (torch.version.cuda), cuda_available,
+               devices [{name, memory_total, memory_allocated}], ready
+
+A service of your own can follow it without this module: it only reads the
+environment the entrypoint sets (SERVICE_*, BACKEND_EFFECTIVE).
+"""
+
+import os
+import threading
+import time
+
+
+class Contract:
+    def __init__(self, name=None):
+        self.name = name or os.environ.get("SERVICE_NAME", "service")
+        self.version = os.environ.get("SERVICE_VERSION", "0")
+        self.requested = os.environ.get("SERVICE_BACKEND", "cpu")
+        self.effective = os.environ.get("BACKEND_EFFECTIVE", "cpu")
+        self.ready = threading.Event()
+        self.started = time.time()
+        self.model_info = {}
+
+    def device(self):
+        import torch
+
+        return "cuda" if self.effective == "cuda" and torch.cuda.is_available() else "cpu"
+
+    def load_in_background(self, loader):
+        """Run loader() -> dict off the request path; /ready turns 200 when it returns."""
+
+        def run():
+            self.model_info = loader() or {}
+            self.ready.set()
+
+        threading.Thread(target=run, name="model-loader", daemon=True).start()
+
+    def info(self):
+        out = {"service": self.name, "version": self.version, "backend_requested": self.requested,
+               "backend_effective": self.effective, "ready": self.ready.is_set(),
+               "uptime_s": round(time.time() - self.started, 1), "model": self.model_info,
+               "torch": None, "torch_cuda": None, "cuda_available": False, "devices": []}
+        try:
+            import torch
+        except ImportError:
+            return out
+        out["torch"] = torch.__version__
+        out["torch_cuda"] = torch.version.cuda
+        out["cuda_available"] = bool(torch.cuda.is_available())
+        if out["cuda_available"]:
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                out["devices"].append({"name": props.name, "memory_total": props.total_memory,
+                                       "memory_allocated": torch.cuda.memory_allocated(i),
+                                       "memory_reserved": torch.cuda.memory_reserved(i)})
+        else:
+            out["devices"].append({"name": "cpu", "threads": torch.get_num_threads()})
+        return out
+
+    def install(self, app):
+        """Add /health, /ready and /info to a FastAPI app."""
+        from fastapi.responses import JSONResponse
+
+        @app.get("/health")
+        def health():
+            return {"status": "ok"}
+
+        @app.get("/ready")
+        def ready():
+            if self.ready.is_set():
+                return {"status": "ready"}
+            return JSONResponse({"status": "loading"}, status_code=503)
+
+        @app.get("/info")
+        def info():
+            return self.info()

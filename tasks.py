@@ -1,0 +1,109 @@
+"""Tasks: argument parsing and printing only; the work lives in orchestrator/.
+
+Run `invoke --list` for the tasks and `invoke <task> --help` for options.
+"""
+
+import os
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from orchestrator import build as build_mod
+from orchestrator import engine, pipeline
+from orchestrator.console import friendly, log, print_json, table
+
+DEFAULT_PROJECT = os.environ.get("ORCH_PROJECT", "project.yaml")
+PROJECT_HELP = "project file (default: project.yaml, or $ORCH_PROJECT)"
+
+
+@task(help={"project": PROJECT_HELP, "check": "write nothing; exit 1 naming every stale or missing lock",
+            "upgrade": "re-resolve every lock, even fresh ones (moves unpinned versions forward)"})
+@friendly
+def lock(c, project=DEFAULT_PROJECT, check=False, upgrade=False):
+    """Resolve pinned, hashed requirement layers into locks/<backend>-<arch>/ with uv."""
+    proj = pipeline.load_project(project)
+    if check:
+        from orchestrator import lock as lock_mod
+
+        stale = lock_mod.check(proj)
+        for s in stale:
+            log(f"stale: {s.path}: {s.reason}")
+        if stale:
+            raise Exit("locks are stale; run `invoke lock`", code=1)
+        log("locks are up to date")
+        return
+    changed = pipeline.lock(proj, log, upgrade=upgrade)
+    log(f"{len(changed)} lock file(s) changed" if changed else "locks unchanged")
+
+
+@task(help={"project": PROJECT_HELP, "check": "write nothing; exit 1 if dockerfiles/ differs from a fresh render"})
+@friendly
+def render(c, project=DEFAULT_PROJECT, check=False):
+    """Write the CUDA 12.4 and CPU Dockerfiles into dockerfiles/ (deterministic, diffable)."""
+    proj = pipeline.load_project(project)
+    differ = pipeline.render(proj, check=check)
+    if check and differ:
+        for name in differ:
+            log(f"differs: dockerfiles/{name}")
+        raise Exit("dockerfiles/ is out of date; run `invoke render`", code=1)
+    log(("rendered: " + ", ".join(differ)) if differ and not check else "dockerfiles/ is up to date")
+
+
+@task(help={
+    "project": PROJECT_HELP,
+    "backend": "cuda, cpu, a comma list, or all (default)",
+    "service": "a service name, a comma list, or all (default)",
+    "platform": "linux/amd64, linux/arm64, a comma list, or all the backend supports (default)",
+    "force": "rebuild even when the content tag is already in the registry",
+    "json": "print the results as JSON",
+})
+@friendly
+def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="all", force=False, json=False):
+    """Build the CUDA-libs image, then the service images, and push them to the registry."""
+    proj = pipeline.load_project(project)
+    backends = pipeline.parse_list(backend, proj.backends, "backend", proj.file.name)
+    services = pipeline.parse_list(service, proj.services, "service", proj.file.name)
+    platforms = pipeline.parse_list(platform, proj.platforms, "platform", proj.file.name)
+    pipeline.render(proj)
+    results = build_mod.build(proj, backends, services, platforms, log=log, force=force)
+    if json:
+        print_json([{"image": r.image.key, "backend": r.image.backend.name, "platform": r.image.platform,
+                     "ref": r.ref, "content_tag": r.content_tag, "tags": list(r.image.human_tags),
+                     "built": r.built, "uploaded_bytes": r.uploaded_bytes} for r in results])
+        return
+    table("build", ["image", "backend", "platform", "tags", "digest", "built", "uploaded"],
+          [[r.image.key, r.image.backend.name, r.image.platform, ", ".join((r.content_tag,) + r.image.human_tags),
+            r.digest[:19], "yes" if r.built else "cached", f"{r.uploaded_bytes / 1e6:.1f} MB"] for r in results])
+
+
+@task(name="up", help={"project": PROJECT_HELP})
+@friendly
+def engine_up(c, project=DEFAULT_PROJECT):
+    """Start what is missing: Docker Engine, the local registry, arm64 emulation, a pinned base image."""
+    proj = pipeline.load_project(project)
+    log(f"engine:   {engine.ensure_engine()}")
+    log(f"registry: {engine.ensure_registry(proj.registry)}")
+    if "linux/arm64" in proj.platforms:
+        log(f"binfmt:   {engine.ensure_binfmt()}")
+    for platform in proj.platforms:
+        log(f"base:     {engine.ensure_base(proj, platform)}")
+
+
+@task(name="status", help={"project": PROJECT_HELP})
+@friendly
+def engine_status(c, project=DEFAULT_PROJECT):
+    """Say what runs where: engine, build client, registry, pinned bases."""
+    proj = pipeline.load_project(project)
+    table("engine status", ["what", "state"], [list(r) for r in engine.status(proj)])
+
+
+@task(name="down")
+@friendly
+def engine_down(c):
+    """Stop the registry that engine.up started (images and data are kept)."""
+    for line in engine.down():
+        log(line)
+
+
+engine_ns = Collection("engine", engine_up, engine_status, engine_down)
+ns = Collection(lock, render, build, engine_ns)

@@ -1,0 +1,102 @@
+"""Building real images with the real engine and registry (mini fixture).
+
+Reads as the contract of `invoke build`: what lands in the registry, what is
+shared, what is rebuilt, and what stays byte-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import build, engine
+from orchestrator.registry import Registry
+
+pytestmark = pytest.mark.engine
+
+
+def by_key(results):
+    return {(r.image.key, r.image.backend.name): r for r in results}
+
+
+@pytest.fixture(scope="module")
+def first_build(mini_project):
+    return by_key(build.build(mini_project, log=lambda *_: None))
+
+
+def layers(project, repo, ref):
+    m = Registry(project.registry).get_manifest(f"{project.name}/{repo}", ref)
+    return [layer["digest"] for layer in m.json["layers"]]
+
+
+def test_build_pushes_cuda_libs_and_both_backends_under_human_and_content_tags(mini_project, first_build):
+    reg = Registry(mini_project.registry)
+    libs = first_build[("cuda-libs", "cuda")]
+    assert libs.content_tag.startswith("cu124-")
+    assert {"cu124-v1", libs.content_tag} <= set(reg.tags(f"{mini_project.name}/cuda-libs"))
+    echo_tags = set(reg.tags(f"{mini_project.name}/echo"))
+    assert {"0.1.0-cuda", "0.1.0-cpu"} <= echo_tags
+    assert reg.get_manifest(f"{mini_project.name}/echo", "0.1.0-cuda").digest == first_build[("echo", "cuda")].digest
+
+
+def test_cuda_service_is_built_from_the_cuda_libs_image_and_shares_its_layer_blob(mini_project, first_build):
+    libs = layers(mini_project, "cuda-libs", "cu124-v1")
+    echo = layers(mini_project, "echo", "0.1.0-cuda")
+    assert echo[: len(libs)] == libs  # same blobs, same digests: pulled once
+    cpu = layers(mini_project, "echo", "0.1.0-cpu")
+    assert libs[-1] not in cpu  # the cpu image carries no CUDA libraries
+
+
+def test_the_cuda_image_loads_cudart_from_its_cuda_libs_layer(mini_project, first_build):
+    client = engine.docker_client()
+    ref = first_build[("echo", "cuda")].ref
+    out = client.containers.run(ref, ["--probe"], remove=True).decode()
+    assert '"version": 12040' in out  # cudaRuntimeGetVersion of CUDA 12.4
+    assert "libcuda.so.1 not found" in out or '"usable": true' in out
+
+
+def test_images_carry_the_runtime_contract_labels_env_and_a_non_root_user(mini_project, first_build):
+    client = engine.docker_client()
+    image = client.images.get(first_build[("echo", "cuda")].ref)
+    cfg = image.attrs["Config"]
+    env = dict(e.split("=", 1) for e in cfg["Env"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    assert "nvidia/cuda_runtime/lib" in env["LD_LIBRARY_PATH"]
+    assert cfg["User"] == "10001:10001"
+    assert cfg["Healthcheck"]["Test"][0] == "CMD"
+    labels = cfg["Labels"]
+    assert labels["io.orchestrator.backend"] == "cuda" and labels["io.orchestrator.cuda"] == "12.4"
+    assert labels["org.opencontainers.image.version"] == "0.1.0"
+    assert "@sha256:" in labels["org.opencontainers.image.base.name"]
+    assert "ca-certificates.crt" not in str(image.history())  # the CA secret never lands in a layer
+
+
+def test_a_second_build_with_nothing_changed_rebuilds_nothing(mini_project, first_build):
+    again = build.build(mini_project, log=lambda *_: None)
+    assert [r.built for r in again] == [False] * len(again)
+    assert {r.digest for r in again} == {r.digest for r in first_build.values()}
+
+
+def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(mini_project, first_build):
+    app = mini_project.services["echo"].path / "app.py"
+    app.write_text(app.read_text() + "\n# a new release\n")
+    results = by_key(build.build(mini_project, log=lambda *_: None))
+    assert results[("cuda-libs", "cuda")].built is False
+    for backend in ("cuda", "cpu"):
+        r = results[("echo", backend)]
+        assert r.built and r.pushed_layers == 1, r
+        assert r.uploaded_bytes < 200_000  # the app layer, config and manifest only
+        before = layers(mini_project, "echo", first_build[("echo", backend)].digest)
+        after = layers(mini_project, "echo", r.digest)
+        changed = [i for i, (a, b) in enumerate(zip(after, before)) if a != b]
+        assert len(after) == len(before) and len(changed) == 1  # only the app layer
+
+
+def test_the_cuda_libs_layer_digest_is_the_same_when_rebuilt_without_cache(mini_project, first_build):
+    client = engine.docker_client()
+    before = client.images.get(first_build[("cuda-libs", "cuda")].ref).attrs["RootFS"]["Layers"]
+    rebuilt = by_key(build.build(mini_project, backends=["cuda"], services=["echo"], force=True, no_cache=True,
+                                 log=lambda *_: None))
+    after = client.images.get(rebuilt[("cuda-libs", "cuda")].ref).attrs["RootFS"]["Layers"]
+    assert after == before

@@ -1,0 +1,63 @@
+"""The compatibility table's look-ups."""
+
+import pytest
+
+from orchestrator import compat as compat_mod
+
+
+@pytest.fixture(scope="module")
+def compat():
+    return compat_mod.load()
+
+
+def test_torch_251_cu124_pins_cudnn_and_triton(compat):
+    pins = compat.cuda_pins("2.5.1", "12.4")
+    assert pins["nvidia-cudnn-cu12"] == "9.1.0.70"
+    assert pins["triton"] == "3.1.0"
+    assert compat.cuda_pins("2.5.1+cu124", "12.4") == pins  # local version label ignored
+
+
+def test_unknown_torch_cuda_pairs_have_no_pins(compat):
+    assert compat.cuda_pins("2.13.0", "12.4") is None
+    assert compat.cuda_pins("2.5.1", "13.0") is None
+    assert compat.cuda_pins("not-a-version", "12.4") is None
+    assert compat.torch_cuda_versions("2.5.1") == ["12.4"]
+    assert compat.torch_cuda_versions("2.13.0") == []
+
+
+def test_cu124_release_facts(compat):
+    rel = compat.cuda("12.4")
+    assert (rel.tag, rel.min_driver, rel.runtime_version) == ("cu124", "525.60.13", 12040)
+    assert compat.cuda("11.8") is None
+    assert "12.4" in compat.cuda_versions()
+
+
+def test_cuda_torch_251_is_buildable_on_amd64_only(compat):
+    assert compat.platforms_for("cuda", "2.5.1", "12.4") == ["linux/amd64"]
+    assert compat.platforms_for("cpu", "2.5.1", None) == ["linux/amd64", "linux/arm64"]
+    # Without torch only the nvidia-* wheels matter, and they exist for both.
+    assert compat.platforms_for("cuda", None, "12.4") == ["linux/amd64", "linux/arm64"]
+
+
+def test_nvidia_lib_dir_mapping(compat):
+    assert compat.nvidia_lib_dir("nvidia-cudnn-cu12") == "nvidia/cudnn/lib"
+    assert compat.nvidia_lib_dir("NVIDIA_CUBLAS_CU12") == "nvidia/cublas/lib"  # names are canonicalized
+    assert compat.nvidia_lib_dir("numpy") is None
+
+
+def test_every_pinned_nvidia_wheel_has_a_lib_dir(compat):
+    pins = compat.cuda_pins("2.5.1", "12.4")
+    assert [n for n in pins if n.startswith("nvidia-") and compat.nvidia_lib_dir(n) is None] == []
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nvidia-cublas-cu12", True), ("NVIDIA_CUDNN_CU12", True), ("triton", True),
+    ("torch", False), ("numpy", False), ("nvidia", False),
+])
+def test_is_cuda_libs_package(compat, name, expected):
+    assert compat.is_cuda_libs_package(name) is expected
+
+
+def test_python_platforms(compat):
+    assert compat.platforms() == ["linux/amd64", "linux/arm64"]
+    assert compat.python_platform("linux/arm64") == "aarch64-manylinux_2_28"

@@ -1,0 +1,297 @@
+"""The project file: what loads, and what each mistake in it is told.
+
+Every malformed file must raise SpecError (exit code 2) whose message names
+the file, the key path, and what was expected or found.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import spec
+from orchestrator.errors import SpecError
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A valid, minimal project: CUDA 12.4 + CPU backends, two services.
+VALID = {
+    "schema": 1,
+    "project": "demo",
+    "platforms": ["linux/amd64"],
+    "cuda_libs": {"cuda": "12.4"},
+    "backends": {"cuda": {"cuda": "12.4", "torch": "2.5.1"}, "cpu": {"torch": "2.13.0+cpu"}},
+    "layers": {"shared": {"requirements": "requirements/shared.in"}},
+    "services": {
+        "tts": {"path": "services/tts", "requirements": "requirements/tts.in", "command": ["python3", "app.py"]},
+        "stt": {"path": "services/stt", "requirements": "requirements/stt.in", "command": ["python3", "app.py"],
+                "port": 8001},
+    },
+}
+
+
+def write_project(root: Path, edit=None, text=None) -> Path:
+    """Write VALID (after `edit(dict)` and then `text(yaml_text)`) with its dirs and files under root."""
+    for d in ("services/tts", "services/stt", "requirements"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for name in ("shared", "tts", "stt"):
+        (root / "requirements" / f"{name}.in").write_text("numpy\n")
+    data = copy.deepcopy(VALID)
+    if edit:
+        edit(data)
+    body = yaml.safe_dump(data, sort_keys=False)
+    if text:
+        body = text(body)
+    path = root / "project.yaml"
+    path.write_text(body)
+    return path
+
+
+def set_(dotted: str, value):
+    def edit(d):
+        *parents, last = dotted.split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = value
+    return edit
+
+
+def drop(dotted: str):
+    def edit(d):
+        *parents, last = dotted.split(".")
+        for p in parents:
+            d = d[p]
+        del d[last]
+    return edit
+
+
+def both(*edits):
+    def edit(d):
+        for e in edits:
+            e(d)
+    return edit
+
+
+def rename_service(old: str, new):
+    def edit(d):
+        d["services"][new] = d["services"].pop(old)
+    return edit
+
+
+def case(id, key, *fragments, edit=None, text=None):
+    return pytest.param(edit, text, key, fragments, id=id)
+
+
+AMD, ARM = "linux/amd64", "linux/arm64"
+
+MALFORMED = [
+    # YAML itself
+    case("invalid-yaml", "", "not valid YAML at line 2, column 14", "mapping values are not allowed",
+         text=lambda t: "schema: 1\nproject: demo: x\n"),
+    case("empty-file", "", "expected a mapping at the top level", "found nothing (null)", text=lambda t: ""),
+    case("top-level-list", "", "expected a mapping at the top level", "found list", text=lambda t: "- a\n- b\n"),
+    case("non-string-service-key", "services", "expected a string key", "found int 123",
+         edit=rename_service("stt", 123)),
+    # shape (JSON Schema)
+    case("missing-services", "services", "is required but missing", edit=drop("services")),
+    case("unknown-top-level-key", "servcies", "unknown key 'servcies'", "expected one of:", "services",
+         edit=set_("servcies", {})),
+    case("port-as-string", "services.tts.port", "expected integer", "found str '8000'",
+         edit=set_("services.tts.port", "8000")),
+    case("port-out-of-range", "services.tts.port", "expected maximum 65535", "found 70000",
+         edit=set_("services.tts.port", 70000)),
+    case("schema-2", "schema", "expected one of [1]", "found int 2", edit=set_("schema", 2)),
+    case("empty-services", "services", "expected at least one entry", "found an empty mapping",
+         edit=set_("services", {})),
+    case("empty-command", "services.tts.command", "found an empty list", edit=set_("services.tts.command", [])),
+    case("missing-command", "services.tts.command", "is required but missing", edit=drop("services.tts.command")),
+    case("unknown-service-key", "services.tts.image", "unknown key 'image'", "expected one of:",
+         edit=set_("services.tts.image", "x")),
+    case("bad-policy", "services.tts.policy", "expected one of ['strict', 'fallback']", "found str 'always'",
+         edit=set_("services.tts.policy", "always")),
+    # platforms
+    case("bad-platform", "platforms[0]", "expected linux/amd64 or linux/arm64", "found 'linux/x86'",
+         edit=set_("platforms", ["linux/x86"])),
+    case("platform-twice", "platforms[1]", "'linux/amd64' is listed twice", "first at platforms[0]",
+         edit=set_("platforms", [AMD, AMD])),
+    # backends
+    case("unknown-backend-rocm", "backends.rocm", "unknown backend 'rocm'", "expected one of ['cuda', 'cpu']",
+         edit=set_("backends.rocm", {"torch": "2.5.1"})),
+    case("torch-cuda-pair-unknown", "backends.cuda.torch", "torch 2.13.0 is not built for CUDA 12.4",
+         "use torch ['2.5.1']", edit=set_("backends.cuda.torch", "2.13.0")),
+    case("torch-not-in-compat", "backends.cuda.torch", "torch 9.9.9 is not in the compatibility data", "known:",
+         edit=set_("backends.cuda.torch", "9.9.9")),
+    case("torch-not-a-version", "backends.cpu.torch", "expected a torch version", "found 'latest'",
+         edit=set_("backends.cpu.torch", "latest")),
+    case("unknown-cuda-version", "backends.cuda.cuda", "unknown CUDA version '11.8'", "'12.4'",
+         edit=set_("backends.cuda.cuda", "11.8")),
+    case("unknown-cuda-libs-version", "cuda_libs.cuda", "unknown CUDA version '11.8'", "'12.4'",
+         edit=both(set_("backends.cuda.cuda", "11.8"), set_("cuda_libs.cuda", "11.8"))),
+    case("cuda-backend-without-cuda", "backends.cuda.cuda", "is required for the cuda backend",
+         edit=drop("backends.cuda.cuda")),
+    case("cuda-backend-without-cuda-libs", "cuda_libs", "is required when a cuda backend is defined",
+         edit=drop("cuda_libs")),
+    case("cuda-libs-disagrees", "backends.cuda.cuda", "CUDA 12.4 differs from cuda_libs.cuda 13.0",
+         edit=set_("cuda_libs.cuda", "13.0")),
+    case("cpu-backend-with-cuda", "backends.cpu.cuda", "the cpu backend takes no CUDA version", "found '12.4'",
+         edit=set_("backends.cpu.cuda", "12.4")),
+    case("cuda-on-arm64", "backends.cuda.platforms[1]", "cannot be built for linux/arm64",
+         "lists wheels for ['linux/amd64'] only", "drop linux/arm64 from backends.cuda.platforms",
+         edit=both(set_("platforms", [AMD, ARM]), set_("backends.cuda.platforms", [AMD, ARM]))),
+    case("cuda-on-arm64-only-project", "backends.cuda", "cannot be built for any of the project's platforms",
+         "['linux/amd64'] only", edit=set_("platforms", [ARM])),
+    case("backend-platform-not-in-project", "backends.cpu.platforms[0]", "'linux/arm64' is not one of the project's",
+         edit=set_("backends.cpu.platforms", [ARM])),
+    # cuda_libs.packages
+    case("cuda-libs-packages-with-torch", "cuda_libs.packages", "derived from torch 2.5.1's pins",
+         "remove the `packages:` key", edit=set_("cuda_libs.packages", ["nvidia-cudnn-cu12"])),
+    case("cuda-libs-packages-unknown-wheel", "cuda_libs.packages[1]",
+         "'nvidia-foo-cu12' is not a CUDA 12.4 library wheel", "nvidia-cudnn-cu12",
+         edit=both(drop("backends.cuda.torch"), set_("cuda_libs.packages", ["nvidia-cudnn-cu12", "nvidia-foo-cu12"]))),
+    case("cuda-without-torch-needs-packages", "cuda_libs.packages", "is required when the cuda backend has no torch",
+         edit=drop("backends.cuda.torch")),
+    # layers
+    case("unknown-layer-gpu", "layers.gpu", "unknown layer 'gpu'", "['shared']",
+         edit=set_("layers.gpu", {"requirements": "requirements/shared.in"})),
+    case("missing-layer-requirements", "layers.shared.requirements", "'requirements/nope.in' does not exist",
+         edit=set_("layers.shared.requirements", "requirements/nope.in")),
+    # services
+    case("missing-requirements-file", "services.tts.requirements",
+         "requirements file 'requirements/nope.in' does not exist", edit=set_("services.tts.requirements",
+                                                                               "requirements/nope.in")),
+    case("missing-service-dir", "services.tts.path", "service directory 'services/nope' does not exist",
+         edit=set_("services.tts.path", "services/nope")),
+    case("service-path-is-file", "services.tts.path", "expected a directory, found a file",
+         edit=set_("services.tts.path", "requirements/tts.in")),
+    case("bad-service-name", "services.TTS!", "service name 'TTS!' must be lower-case",
+         edit=rename_service("tts", "TTS!")),
+    case("reserved-service-name", "services.cuda-libs", "not 'base' or 'cuda-libs'",
+         edit=rename_service("tts", "cuda-libs")),
+    case("service-backend-undefined", "services.tts.backends[1]", "unknown backend 'rocm'",
+         "this project defines ['cuda', 'cpu']", edit=set_("services.tts.backends", ["cpu", "rocm"])),
+]
+
+
+@pytest.mark.parametrize("edit, text, key, fragments", MALFORMED)
+def test_malformed_project_is_refused_with_file_key_and_reason(tmp_path, edit, text, key, fragments):
+    path = write_project(tmp_path, edit, text)
+    with pytest.raises(SpecError) as info:
+        spec.load(path)
+    err = info.value
+    message = str(err)
+    assert err.exit_code == 2
+    assert err.file == str(path)
+    assert err.key == key
+    assert message.startswith(f"{path}: {key}: " if key else f"{path}: ")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_duplicate_service_names_the_key_path_and_both_lines(tmp_path):
+    path = write_project(tmp_path, text=lambda t: t.replace("\n  stt:\n", "\n  tts:\n"))
+    lines = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line == "  tts:"]
+    with pytest.raises(SpecError) as info:
+        spec.load(path)
+    assert info.value.key == "services.tts"
+    assert f"{path}: services.tts: duplicate key 'tts' on line {lines[1]} (first defined on line {lines[0]})" \
+        in str(info.value)
+
+
+def test_duplicate_top_level_key_is_refused(tmp_path):
+    path = write_project(tmp_path, text=lambda t: t + "schema: 1\n")
+    with pytest.raises(SpecError, match=r"project\.yaml: schema: duplicate key 'schema' on line \d+ "
+                                        r"\(first defined on line 1\)"):
+        spec.load(path)
+
+
+def test_missing_project_file_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="project file not found") as info:
+        spec.load(tmp_path / "nope.yaml")
+    assert info.value.exit_code == 2 and info.value.file == str(tmp_path / "nope.yaml")
+
+
+# --- what a valid file means ----------------------------------------------
+
+def test_minimal_project_loads_with_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("ORCH_REGISTRY", raising=False)
+    p = spec.load(write_project(tmp_path))
+    assert p.name == "demo" and p.version == "0.1.0" and p.python == "3.11"
+    assert p.registry == spec.DEFAULT_REGISTRY and p.root == tmp_path.resolve()
+    assert p.base.image == spec.DEFAULT_BASE_IMAGE and p.base.suite == "bookworm"
+    assert p.cuda_libs == spec.CudaLibs("12.4", "cu124", 1, None)
+    assert p.layers == {"shared": (tmp_path / "requirements/shared.in").resolve()}
+    tts = p.services["tts"]
+    assert (tts.port, tts.version, tts.backends, tts.policy) == (8000, "0.1.0", ("cuda", "cpu"), "fallback")
+    assert tts.path == (tmp_path / "services/tts").resolve()
+    assert p.services["stt"].port == 8001
+
+
+def test_registry_can_be_overridden_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_REGISTRY", "registry.example:5000")
+    assert spec.load(write_project(tmp_path)).registry == "registry.example:5000"
+
+
+def test_unlisted_backend_platforms_are_those_the_compat_data_can_build(tmp_path):
+    p = spec.load(write_project(tmp_path, set_("platforms", [AMD, ARM])))
+    assert p.backends["cuda"].platforms == (AMD,)
+    assert p.backends["cpu"].platforms == (AMD, ARM)
+
+
+def test_cuda_backend_without_torch_lists_its_cuda_libs(tmp_path):
+    p = spec.load(write_project(tmp_path, both(drop("backends.cuda.torch"),
+                                               set_("cuda_libs.packages", ["nvidia-cublas-cu12==12.4.5.8"]))))
+    assert p.backends["cuda"].torch is None and p.backends["cuda"].platforms == (AMD,)
+    assert p.cuda_libs.packages == ("nvidia-cublas-cu12==12.4.5.8",)
+
+
+def test_example_project_at_repo_root_loads():
+    p = spec.load(REPO / "project.yaml")
+    assert set(p.services) == {"tts", "stt"}
+    assert set(p.backends) == {"cuda", "cpu"}
+    assert (p.backends["cuda"].torch, p.backends["cuda"].cuda) == ("2.5.1", "12.4")
+    assert p.backends["cpu"].cuda is None and not p.backends["cpu"].is_cuda
+    assert p.cuda_libs.tag == "cu124"
+
+
+# --- ${VAR} expansion in sources ---------------------------------------------
+
+def test_sources_expand_default_when_var_unset_and_drop_empty_entries(monkeypatch):
+    for var in ("IDX", "EXTRA", "FL"):
+        monkeypatch.delenv(var, raising=False)
+    s = spec.Sources("${IDX:-https://pypi.example/simple}", ("${EXTRA:-}", "https://x.example"),
+                     ("${FL:-/opt/wheels /srv/wheels}",)).expanded()
+    assert s == spec.Sources("https://pypi.example/simple", ("https://x.example",), ("/opt/wheels", "/srv/wheels"))
+
+
+def test_sources_expand_set_vars_and_unset_index_becomes_none(monkeypatch):
+    monkeypatch.delenv("IDX", raising=False)
+    monkeypatch.setenv("EXTRA", "https://download.pytorch.org/whl/cpu")
+    monkeypatch.setenv("FL", "/wheels")
+    s = spec.Sources("${IDX}", ("${EXTRA:-}",), ("${FL:-/opt/wheels}",)).expanded()
+    assert s == spec.Sources(None, ("https://download.pytorch.org/whl/cpu",), ("/wheels",))
+
+
+def test_example_cpu_backend_sources_expand_to_the_local_wheelhouse(monkeypatch):
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("TORCH_CPU_INDEX_URL", raising=False)
+    s = spec.load(REPO / "project.yaml").backends["cpu"].sources
+    assert s.find_links == ("${PIP_FIND_LINKS:-/opt/wheels}",)  # stored as written
+    assert s.expanded() == spec.Sources(None, (), ("/opt/wheels",))
+
+
+# --- the CLI -------------------------------------------------------------------
+
+def test_cli_reports_a_bad_project_without_a_traceback(tmp_path):
+    bad = write_project(tmp_path, set_("services.tts.port", "8000"))
+    r = subprocess.run([sys.executable, "-m", "invoke", "lock", "--check", "--project", str(bad)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert re.search(rf"{re.escape(str(bad))}: services\.tts\.port: expected integer", out), out
+    assert "Traceback" not in out
