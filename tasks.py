@@ -76,6 +76,40 @@ def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="al
             r.digest[:19], "yes" if r.built else "cached", f"{r.uploaded_bytes / 1e6:.1f} MB"] for r in results])
 
 
+@task(help={
+    "project": PROJECT_HELP,
+    "service": "a service name, a comma list, or all (default)",
+    "backend": "cuda, cpu, a comma list, or all (default)",
+    "platform": "linux/amd64, linux/arm64, a comma list, or all built (default)",
+    "ready_timeout": "seconds to wait for /ready to turn 200 (default 180)",
+    "json": "print the results as JSON (for CI)",
+})
+@friendly
+def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="all", ready_timeout=180, json=False):
+    """Launch every built variant and check health, /ready, /info, torch.cuda, the CUDA-libs layer and fallback."""
+    from orchestrator import smoke as smoke_mod
+
+    proj = pipeline.load_project(project)
+    results = smoke_mod.run(proj, pipeline.parse_list(service, proj.services, "service", proj.file.name),
+                            pipeline.parse_list(backend, proj.backends, "backend", proj.file.name),
+                            pipeline.parse_list(platform, proj.platforms, "platform", proj.file.name),
+                            log=(lambda *_: None) if json else log, ready_timeout=float(ready_timeout))
+    if json:
+        print_json([r.as_json() for r in results])
+    else:
+        table("smoke", ["service", "backend", "platform", "result", "checks", "seconds"],
+              [[r.variant.service, r.variant.backend, r.variant.platform, "pass" if r.ok else "FAIL",
+                f"{sum(c.ok for c in r.checks)}/{len(r.checks)}", f"{r.seconds:.0f}"] for r in results])
+        for r in results:
+            if not r.ok:
+                log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform} failed: "
+                    + "; ".join(f"{c.name}: {c.detail}" for c in r.failures()))
+                if r.logs:
+                    log("  last log lines:\n    " + r.logs.replace("\n", "\n    "))
+    if not results or not all(r.ok for r in results):
+        raise Exit(code=1)
+
+
 @task(name="up", help={"project": PROJECT_HELP})
 @friendly
 def engine_up(c, project=DEFAULT_PROJECT):
@@ -106,4 +140,4 @@ def engine_down(c):
 
 
 engine_ns = Collection("engine", engine_up, engine_status, engine_down)
-ns = Collection(lock, render, build, engine_ns)
+ns = Collection(lock, render, build, smoke, engine_ns)

@@ -53,7 +53,7 @@ def copy_fixture(name: str, dest: Path, project_name: str | None = None) -> Path
     return target / "project.yaml"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mini_project(engine_ready, tmp_path_factory):
     """The mini fixture under a unique namespace, locked and with a pinned base.
 
@@ -69,6 +69,18 @@ def mini_project(engine_ready, tmp_path_factory):
     pipeline.lock(project, log=lambda *_: None)
     yield project
     cleanup_namespace(project)
+
+
+def by_key(results):
+    return {(r.image.key, r.image.backend.name): r for r in results}
+
+
+@pytest.fixture(scope="session")
+def first_build(mini_project):
+    """The mini fixture built and pushed once for the session."""
+    from orchestrator import build
+
+    return by_key(build.build(mini_project, log=lambda *_: None))
 
 
 def cleanup_namespace(project) -> None:

@@ -6,6 +6,8 @@ shared, what is rebuilt, and what stays byte-identical.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from orchestrator import build, engine
@@ -14,13 +16,7 @@ from orchestrator.registry import Registry
 pytestmark = pytest.mark.engine
 
 
-def by_key(results):
-    return {(r.image.key, r.image.backend.name): r for r in results}
-
-
-@pytest.fixture(scope="module")
-def first_build(mini_project):
-    return by_key(build.build(mini_project, log=lambda *_: None))
+from ..conftest import by_key
 
 
 def layers(project, repo, ref):
@@ -80,17 +76,20 @@ def test_a_second_build_with_nothing_changed_rebuilds_nothing(mini_project, firs
 
 def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(mini_project, first_build):
     app = mini_project.services["echo"].path / "app.py"
-    app.write_text(app.read_text() + "\n# a new release\n")
+    app.write_text(app.read_text() + f"\n# release {uuid.uuid4()}\n")  # never pushed before
     results = by_key(build.build(mini_project, log=lambda *_: None))
     assert results[("cuda-libs", "cuda")].built is False
-    for backend in ("cuda", "cpu"):
-        r = results[("echo", backend)]
-        assert r.built and r.pushed_layers == 1, r
-        assert r.uploaded_bytes < 200_000  # the app layer, config and manifest only
-        before = layers(mini_project, "echo", first_build[("echo", backend)].digest)
+    cuda, cpu = results[("echo", "cuda")], results[("echo", "cpu")]
+    assert cuda.built and cpu.built
+    # One new blob in all: the app layer is byte-identical in both variants.
+    assert cuda.pushed_layers + cpu.pushed_layers == 1
+    assert cuda.uploaded_bytes + cpu.uploaded_bytes < 200_000  # app layer, configs and manifests only
+    for r in (cuda, cpu):
+        before = layers(mini_project, "echo", first_build[("echo", r.image.backend.name)].digest)
         after = layers(mini_project, "echo", r.digest)
         changed = [i for i, (a, b) in enumerate(zip(after, before)) if a != b]
         assert len(after) == len(before) and len(changed) == 1  # only the app layer
+    assert layers(mini_project, "echo", cuda.digest)[-2] == layers(mini_project, "echo", cpu.digest)[-2]
 
 
 def test_the_cuda_libs_layer_digest_is_the_same_when_rebuilt_without_cache(mini_project, first_build):

@@ -1,0 +1,294 @@
+"""Stage 7: launch every built variant and check the runtime contract.
+
+The manual checklist (torch.version.cuda, torch.cuda.is_available(), curl
+/health on every service) as code, with testcontainers: start the image,
+wait on /health, then check /ready, /info, torch inside the container, the
+CUDA-libs layer, the non-root user, labels and env defaults, and on a host
+without a GPU that a cuda image exits 78 under BACKEND_POLICY=strict and
+serves on CPU under fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+# The Ryuk reaper image cannot be pulled offline; we remove our containers.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+import requests  # noqa: E402
+
+from . import compat as compat_mod  # noqa: E402
+from . import engine  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .registry import Registry, split_ref  # noqa: E402
+from .spec import Project  # noqa: E402
+
+EX_CONFIG = 78
+TORCH_PROBE = ("import json, torch; print(json.dumps({'torch': torch.__version__, "
+               "'cuda': torch.version.cuda, 'available': torch.cuda.is_available()}))")
+
+
+@dataclass(frozen=True)
+class Variant:
+    service: str
+    backend: str
+    platform: str
+    image: str  # repo@sha256:... or any local reference
+    port: int
+    version: str
+    torch: str | None  # expected torch.__version__, None if the image has no torch
+    cuda: str | None  # expected torch.version.cuda / CUDA release, None for cpu
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    checks: list[Check] = field(default_factory=list)
+    logs: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def as_json(self) -> dict:
+        v = self.variant
+        return {"service": v.service, "backend": v.backend, "platform": v.platform, "image": v.image,
+                "ok": self.ok, "seconds": round(self.seconds, 1),
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+                "logs_tail": self.logs if not self.ok else ""}
+
+
+# --- which variants (registry reads only) -------------------------------
+
+def variants(project: Project, services=None, backends=None, platforms=None) -> list[Variant]:
+    """Every (service, backend, platform) the project builds, resolved to a digest."""
+    reg = Registry(project.registry)
+    out = []
+    for svc in project.services.values():
+        if services and svc.name not in services:
+            continue
+        for bname in svc.backends:
+            if backends and bname not in backends:
+                continue
+            backend = project.backends[bname]
+            for platform in backend.platforms:
+                if platforms and platform not in platforms:
+                    continue
+                tag = f"{svc.version}-{bname}"
+                _, name, _ = split_ref(project.repository(svc.name) + ":" + tag)
+                manifest = reg.get_manifest(name, tag)
+                if manifest is None:
+                    raise UserError(f"{project.repository(svc.name)}:{tag} is not in the registry",
+                                    f"build it first: invoke build --backend {bname} --service {svc.name}")
+                digest = manifest.digest
+                if manifest.json.get("manifests"):  # an index: pick this platform's image
+                    os_, arch = platform.split("/")
+                    digest = next((m["digest"] for m in manifest.json["manifests"]
+                                   if m.get("platform", {}).get("architecture") == arch), None)
+                    if digest is None:
+                        continue
+                out.append(Variant(svc.name, bname, platform, f"{project.repository(svc.name)}@{digest}",
+                                   svc.port, svc.version, backend.torch, backend.cuda))
+    return out
+
+
+def host_has_gpu(client=None) -> bool:
+    """The engine can hand GPUs to containers (NVIDIA runtime or CDI) and the host has one."""
+    client = client or engine.docker_client()
+    runtimes = client.info().get("Runtimes", {})
+    return "nvidia" in runtimes and os.path.exists("/dev/nvidia0")
+
+
+# --- checking one variant (effects: containers) -------------------------
+
+def _container(variant: Variant, env: dict[str, str], gpu: bool):
+    from testcontainers.core.container import DockerContainer
+
+    c = DockerContainer(variant.image).with_exposed_ports(variant.port)
+    for k, v in env.items():
+        c = c.with_env(k, v)
+    if variant.platform != f"linux/{engine._host_arch()}":
+        c = c.with_kwargs(platform=variant.platform)
+    if gpu and variant.cuda:
+        import docker
+
+        c = c.with_kwargs(device_requests=[docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])])
+    return c
+
+
+def _logs_tail(container, lines: int = 15) -> str:
+    try:
+        out, err = container.get_logs()
+        text = (out + err).decode(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+    except Exception:  # noqa: BLE001 - the container may be gone already
+        return ""
+
+
+def _exec_json(container, code: str) -> dict:
+    result = container.exec(["python3", "-c", code])
+    if result.exit_code != 0:
+        raise RuntimeError(result.output.decode(errors="replace").strip().splitlines()[-1:])
+    return json.loads(result.output.decode().strip().splitlines()[-1])
+
+
+def _check_image_config(variant: Variant, result: VariantResult) -> None:
+    attrs = engine.docker_client().images.get(variant.image).attrs["Config"]
+    env = dict(e.split("=", 1) for e in attrs.get("Env") or [])
+    labels = attrs.get("Labels") or {}
+    user = attrs.get("User", "")
+    result.checks.append(Check("non-root user", bool(user) and user.split(":")[0] not in ("0", "root"), f"User={user!r}"))
+    want_labels = {"io.orchestrator.backend": variant.backend, "io.orchestrator.service": variant.service,
+                   "org.opencontainers.image.version": variant.version}
+    if variant.cuda:
+        want_labels["io.orchestrator.cuda"] = variant.cuda
+    bad = {k: labels.get(k) for k, v in want_labels.items() if labels.get(k) != v}
+    result.checks.append(Check("labels", not bad, f"wrong or missing: {bad}" if bad else "backend, service, version"
+                               + (", cuda" if variant.cuda else "")))
+    want_env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    if variant.cuda:
+        want_env.update({"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"})
+    bad = {k: env.get(k) for k, v in want_env.items() if env.get(k) != v}
+    result.checks.append(Check("env defaults", not bad, f"wrong or missing: {bad}" if bad else ", ".join(want_env)))
+
+
+def _wait_ready(base: str, timeout: float) -> tuple[bool, str]:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    saw_503 = False
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{base}/ready", timeout=3)
+            if r.status_code == 200:
+                return True, "200" + (" (503 while loading before)" if saw_503 else "")
+            saw_503 = saw_503 or r.status_code == 503
+            last = str(r.status_code)
+        except requests.RequestException as e:
+            last = type(e).__name__
+        time.sleep(0.5)
+    return False, f"/ready did not turn 200 within {timeout:.0f} s (last answer: {last})"
+
+
+def check_variant(variant: Variant, gpu: bool, ready_timeout: float = 180.0, start_timeout: float = 180.0,
+                  env: dict[str, str] | None = None) -> VariantResult:
+    from testcontainers.core.wait_strategies import HttpWaitStrategy
+
+    result = VariantResult(variant)
+    started = time.monotonic()
+    client = engine.docker_client()
+    try:
+        client.images.get(variant.image)
+    except Exception:  # noqa: BLE001 - not local yet
+        client.images.pull(variant.image, platform=variant.platform)
+    _check_image_config(variant, result)
+    container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, gpu)
+    container = container.waiting_for(HttpWaitStrategy(variant.port, "/health").for_status_code(200)
+                                      .with_startup_timeout(int(start_timeout)))
+    try:
+        try:
+            container.start()
+        except Exception as e:  # noqa: BLE001 - a timeout or an exited container
+            result.checks.append(Check("/health", False, f"never answered 200: {str(e).splitlines()[0][:200]}"))
+            result.logs = _logs_tail(container)
+            return result
+        result.checks.append(Check("/health", True, "200"))
+        base = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(variant.port)}"
+        ok, detail = _wait_ready(base, ready_timeout)
+        result.checks.append(Check("/ready", ok, detail))
+        if ok:
+            _check_info(variant, gpu, requests.get(f"{base}/info", timeout=10).json(), result)
+        _check_inside(variant, gpu, container, result)
+        if not result.ok:
+            result.logs = _logs_tail(container)
+    finally:
+        container.stop()
+        result.seconds = time.monotonic() - started
+    if variant.cuda and not gpu:
+        result.checks.append(_check_strict_exit(variant))
+    return result
+
+
+def _check_info(variant: Variant, gpu: bool, info: dict, result: VariantResult) -> None:
+    want = {"backend_requested": variant.backend,
+            "backend_effective": "cuda" if (variant.cuda and gpu) else "cpu",
+            "version": variant.version,
+            "cuda_available": bool(variant.cuda and gpu)}
+    if variant.torch is not None:
+        want["torch"] = variant.torch
+        want["torch_cuda"] = variant.cuda
+    missing = [k for k in ("devices",) if k not in info]
+    bad = {k: info.get(k) for k, v in want.items() if info.get(k) != v}
+    detail = ", ".join(f"{k}={info.get(k)!r}" for k in ("backend_effective", "torch", "torch_cuda", "cuda_available"))
+    if bad or missing:
+        detail = f"expected {want}, wrong: {bad}" + (f", missing: {missing}" if missing else "")
+    result.checks.append(Check("/info", not bad and not missing, detail))
+
+
+def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult) -> None:
+    if variant.torch is not None:
+        try:
+            t = _exec_json(container, TORCH_PROBE)
+            want = {"torch": variant.torch, "cuda": variant.cuda, "available": bool(variant.cuda and gpu)}
+            ok = t == want
+            result.checks.append(Check("torch in container", ok, json.dumps(t) if ok else f"expected {want}, got {t}"))
+        except Exception as e:  # noqa: BLE001
+            result.checks.append(Check("torch in container", False, f"import failed: {e}"))
+    uid = container.exec(["python3", "-c", "import os; print(os.getuid())"]).output.decode().strip()
+    result.checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}"))
+    if variant.cuda:
+        probe = container.exec(["python3", "/opt/runtime/entrypoint.py", "--probe"])
+        try:
+            data = json.loads(probe.output.decode())
+            runtime = data.get("runtime", {})
+            want = compat_mod.load().cuda(variant.cuda).runtime_version
+            ok = runtime.get("version") == want
+            detail = (f"libcudart {runtime.get('version')} from the CUDA-libs layer" if ok else
+                      f"CUDA-libs layer broken: {runtime.get('error') or runtime.get('version')} (expected {want})")
+        except ValueError:
+            ok, detail = False, f"probe failed: {probe.output.decode(errors='replace')[-200:]}"
+        result.checks.append(Check("cuda-libs layer", ok, detail))
+
+
+def _check_strict_exit(variant: Variant) -> Check:
+    """Without a GPU, BACKEND_POLICY=strict must exit 78 at once with one line on stderr."""
+    client = engine.docker_client()
+    kwargs = {"platform": variant.platform} if variant.platform != f"linux/{engine._host_arch()}" else {}
+    started = time.monotonic()
+    container = client.containers.run(variant.image, environment={"BACKEND_POLICY": "strict"}, detach=True, **kwargs)
+    try:
+        code = container.wait(timeout=60)["StatusCode"]
+        elapsed = time.monotonic() - started
+        err = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()
+    finally:
+        container.remove(force=True)
+    lines = err.splitlines()
+    ok = code == EX_CONFIG and len(lines) == 1
+    return Check("strict exits 78", ok, f"exit {code} after {elapsed:.1f} s: {lines[-1][:160] if lines else '(no stderr)'}")
+
+
+def run(project: Project, services=None, backends=None, platforms=None, log=print,
+        ready_timeout: float = 180.0) -> list[VariantResult]:
+    gpu = host_has_gpu()
+    log(f"host GPU for containers: {'yes' if gpu else 'no (cuda images must fall back to CPU)'}")
+    results = []
+    for v in variants(project, services, backends, platforms):
+        log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
+        r = check_variant(v, gpu, ready_timeout=ready_timeout)
+        for c in r.checks:
+            log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        results.append(r)
+    return results

@@ -1,0 +1,76 @@
+"""`invoke smoke` against real containers: passing variants, and images that
+are broken in the ways users meet (a CUDA-libs layer without libcudart, a
+service that never becomes ready) failing for the right reason."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from orchestrator import engine, smoke
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def mini_variants(mini_project, first_build):
+    return {(v.service, v.backend): v for v in smoke.variants(mini_project)}
+
+
+def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, first_build):
+    results = smoke.run(mini_project, log=lambda *_: None, ready_timeout=60)
+    assert {(r.variant.service, r.variant.backend) for r in results} == {("echo", "cuda"), ("echo", "cpu")}
+    for r in results:
+        assert r.ok, [(c.name, c.detail) for c in r.failures()]
+    names = {c.name for r in results for c in r.checks}
+    assert {"/health", "/ready", "/info", "non-root user", "labels", "env defaults"} <= names
+
+
+def test_without_a_gpu_the_cuda_image_falls_back_to_cpu_and_strict_exits_78(mini_variants):
+    if smoke.host_has_gpu():
+        pytest.skip("this host hands GPUs to containers")
+    r = smoke.check_variant(mini_variants[("echo", "cuda")], gpu=False, ready_timeout=60)
+    checks = {c.name: c for c in r.checks}
+    assert "backend_effective='cpu'" in checks["/info"].detail
+    assert checks["strict exits 78"].ok, checks["strict exits 78"].detail
+    seconds = float(checks["strict exits 78"].detail.split(" after ")[1].split(" s")[0])
+    assert seconds < 10  # measured well under 2 s; generous here, no timing claims in tests
+    assert "libcuda.so.1 not found" in checks["strict exits 78"].detail
+
+
+@pytest.fixture
+def derived_image(mini_variants):
+    """Build an image FROM a good variant with a change; remove it afterwards."""
+    client = engine.docker_client()
+    made = []
+
+    def make(variant, dockerfile_tail: str):
+        tag = f"orch-broken-{len(made)}-{int(time.time())}:test"
+        text = f"FROM {variant.image}\n{dockerfile_tail}\n"
+        client.images.build(fileobj=io.BytesIO(text.encode()), tag=tag, rm=True)
+        made.append(tag)
+        return smoke.Variant(variant.service, variant.backend, variant.platform, tag, variant.port,
+                             variant.version, variant.torch, variant.cuda)
+
+    yield make
+    for tag in made:
+        client.images.remove(tag, force=True)
+
+
+def test_a_cuda_libs_layer_without_libcudart_fails_the_smoke(mini_variants, derived_image):
+    broken = derived_image(mini_variants[("echo", "cuda")],
+                           "USER root\nRUN rm -rf /opt/site/cuda-libs/nvidia/cuda_runtime\nUSER 10001:10001")
+    r = smoke.check_variant(broken, gpu=False, ready_timeout=60)
+    assert not r.ok
+    failed = {c.name: c.detail for c in r.failures()}
+    assert "cuda-libs layer" in failed and "libcudart.so.12" in failed["cuda-libs layer"]
+
+
+def test_a_service_that_never_becomes_ready_fails_the_smoke_with_its_logs(mini_variants):
+    r = smoke.check_variant(mini_variants[("echo", "cpu")], gpu=False, ready_timeout=5,
+                            env={"LOAD_SECONDS": "3600"})
+    assert not r.ok
+    failed = {c.name: c.detail for c in r.failures()}
+    assert failed["/ready"].startswith("/ready did not turn 200 within 5 s (last answer: 503)")
