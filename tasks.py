@@ -10,7 +10,7 @@ from invoke.exceptions import Exit
 
 from orchestrator import build as build_mod
 from orchestrator import engine, pipeline
-from orchestrator.console import friendly, log, print_json, table
+from orchestrator.console import friendly, human_bytes, log, print_json, table
 
 DEFAULT_PROJECT = os.environ.get("ORCH_PROJECT", "project.yaml")
 PROJECT_HELP = "project file (default: project.yaml, or $ORCH_PROJECT)"
@@ -73,7 +73,7 @@ def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="al
         return
     table("build", ["image", "backend", "platform", "tags", "digest", "built", "uploaded"],
           [[r.image.key, r.image.backend.name, r.image.platform, ", ".join((r.content_tag,) + r.image.human_tags),
-            r.digest[:19], "yes" if r.built else "cached", f"{r.uploaded_bytes / 1e6:.1f} MB"] for r in results])
+            r.digest[:19], "yes" if r.built else "cached", human_bytes(r.uploaded_bytes)] for r in results])
 
 
 @task(help={

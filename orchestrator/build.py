@@ -190,8 +190,9 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
             pushed = engine.push(image.ref(tag))
             result = BuildResult(image, tag, pushed["digest"], True, pushed["uploaded_bytes"],
                                  pushed["pushed_layers"], pushed["reused_layers"])
-            log(f"{image.key}/{image.backend.name}: pushed {pushed['pushed_layers']} new layer(s), "
-                f"{pushed['uploaded_bytes'] / 1e6:.1f} MB; {pushed['reused_layers']} already in the registry")
+            log(f"{image.key}/{image.backend.name}: registry received {pushed['uploaded_bytes']:,} bytes "
+                f"({pushed['pushed_layers']} new layer(s) + config + manifest); "
+                f"{pushed['reused_layers']} layer(s) already there")
         result.seconds = time.monotonic() - started
         results.append(result)
         if image.kind == "cuda-libs":

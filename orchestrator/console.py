@@ -52,3 +52,11 @@ def print_json(data) -> None:
 
 def log(msg: str) -> None:
     console.print(msg, markup=False)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

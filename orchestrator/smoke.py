@@ -106,6 +106,17 @@ def variants(project: Project, services=None, backends=None, platforms=None) -> 
     return out
 
 
+def same_torch(found: str | None, wanted: str) -> bool:
+    """'2.5.1+cu124' is the 2.5.1 asked for; a local version asked for must match exactly."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        f, w = Version(found or ""), Version(wanted)
+    except InvalidVersion:
+        return False
+    return f == w if w.local else f.public == w.public
+
+
 def host_has_gpu(client=None) -> bool:
     """The engine can hand GPUs to containers (NVIDIA runtime or CDI) and the host has one."""
     client = client or engine.docker_client()
@@ -228,10 +239,11 @@ def _check_info(variant: Variant, gpu: bool, info: dict, result: VariantResult) 
             "version": variant.version,
             "cuda_available": bool(variant.cuda and gpu)}
     if variant.torch is not None:
-        want["torch"] = variant.torch
         want["torch_cuda"] = variant.cuda
     missing = [k for k in ("devices",) if k not in info]
     bad = {k: info.get(k) for k, v in want.items() if info.get(k) != v}
+    if variant.torch is not None and not same_torch(info.get("torch"), variant.torch):
+        bad["torch"] = info.get("torch")
     detail = ", ".join(f"{k}={info.get(k)!r}" for k in ("backend_effective", "torch", "torch_cuda", "cuda_available"))
     if bad or missing:
         detail = f"expected {want}, wrong: {bad}" + (f", missing: {missing}" if missing else "")
@@ -243,7 +255,7 @@ def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult)
         try:
             t = _exec_json(container, TORCH_PROBE)
             want = {"torch": variant.torch, "cuda": variant.cuda, "available": bool(variant.cuda and gpu)}
-            ok = t == want
+            ok = same_torch(t["torch"], variant.torch) and t["cuda"] == want["cuda"] and t["available"] == want["available"]
             result.checks.append(Check("torch in container", ok, json.dumps(t) if ok else f"expected {want}, got {t}"))
         except Exception as e:  # noqa: BLE001
             result.checks.append(Check("torch in container", False, f"import failed: {e}"))
