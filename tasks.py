@@ -110,6 +110,89 @@ def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="al
         raise Exit(code=1)
 
 
+@task(help={
+    "project": PROJECT_HELP,
+    "service": "a service name, a comma list, or all (default)",
+    "json": "print the result as JSON",
+})
+@friendly
+def publish(c, project=DEFAULT_PROJECT, service="all", json=False):
+    """Build what is missing, assemble multi-arch indexes, then push each service's backend manifest (last)."""
+    from orchestrator import publish as publish_mod
+
+    proj = pipeline.load_project(project)
+    services = pipeline.parse_list(service, proj.services, "service", proj.file.name)
+    pipeline.render(proj)
+    report = publish_mod.publish(proj, services, log=(lambda *_: None) if json else log)
+    if json:
+        print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts,
+                    "manifests": {k: str(v) for k, v in report.manifests.items()}})
+        return
+    for svc, path in report.manifests.items():
+        log(f"{svc}: {report.artifacts[svc]} (written to {path.relative_to(proj.root)})")
+    log(f"uploaded {report.uploaded_bytes:,} bytes" + (" (nothing changed)" if report.uploaded_bytes == 0 else ""))
+
+
+def _manifest_for(proj, service, manifest):
+    from orchestrator import publish as publish_mod
+
+    if manifest:
+        return publish_mod.load_manifest_file(manifest), manifest
+    svc = proj.services[service]
+    ref = f"{proj.repository(service)}:{publish_mod.artifact_tag(svc.version)}"
+    return publish_mod.fetch_manifest(ref), ref
+
+
+@task(name="select", help={
+    "project": PROJECT_HELP,
+    "service": "the service to choose an image for (required)",
+    "backend": "override the choice (also $ORCH_BACKEND); still checked against this host",
+    "manifest": "read the backend manifest from this file instead of the registry",
+    "root": "probe a host root other than / (for inspecting a mounted system)",
+    "json": "print backend, image, platform, reasons and host as JSON",
+})
+@friendly
+def select_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, root="/", json=False):
+    """Say which image this host should run for a service, and why (walks the fallback list)."""
+    from orchestrator import probe, select as select_mod
+
+    proj = pipeline.load_project(project)
+    pipeline.parse_list(service, proj.services, "service", proj.file.name)
+    data, source = _manifest_for(proj, service, manifest)
+    host = probe.probe(root)
+    choice = select_mod.select(data, host, backend or os.environ.get("ORCH_BACKEND") or None, source)
+    if json:
+        print_json({**choice.as_json(), "host": host.as_json(), "manifest": source})
+        return
+    for reason in choice.reasons:
+        log(f"  {reason}")
+    log(f"{choice.backend}: {choice.image}")
+
+
+@task(name="run", help={
+    "project": PROJECT_HELP,
+    "service": "the service to start (required)",
+    "backend": "start only this backend (no fallback)",
+    "manifest": "read the backend manifest from this file instead of the registry",
+    "port": "host port on 127.0.0.1 (default: a free one)",
+})
+@friendly
+def run_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, port=0):
+    """Start a service from its default backend; on exit 78 start the next backend at once."""
+    from orchestrator import launch, probe
+
+    proj = pipeline.load_project(project)
+    pipeline.parse_list(service, proj.services, "service", proj.file.name)
+    data, _ = _manifest_for(proj, service, manifest)
+    svc = proj.services[service]
+    result = launch.launch(data, probe.probe().platform, svc.port, f"orch-{proj.name}-{service}",
+                           override=backend, host_port=int(port), log=log)
+    for a, b in zip(result.attempts, result.attempts[1:]):
+        log(f"{b.backend} started {b.started_at - a.ended_at:.2f} s after {a.backend} ended ({a.outcome})")
+    log(f"{service} serving on {result.backend} at {result.url} (container {result.container}; "
+        f"stop with: docker rm -f {result.container})")
+
+
 @task(name="up", help={"project": PROJECT_HELP})
 @friendly
 def engine_up(c, project=DEFAULT_PROJECT):
@@ -119,7 +202,7 @@ def engine_up(c, project=DEFAULT_PROJECT):
     log(f"registry: {engine.ensure_registry(proj.registry)}")
     if "linux/arm64" in proj.platforms:
         log(f"binfmt:   {engine.ensure_binfmt()}")
-    for platform in proj.platforms:
+    for platform in engine.base_platforms(proj):
         log(f"base:     {engine.ensure_base(proj, platform)}")
 
 
@@ -140,4 +223,4 @@ def engine_down(c):
 
 
 engine_ns = Collection("engine", engine_up, engine_status, engine_down)
-ns = Collection(lock, render, build, smoke, engine_ns)
+ns = Collection(lock, render, build, publish, smoke, select_, run_, engine_ns)

@@ -2,9 +2,10 @@
 # image: 127.0.0.1:5000/morgan/cuda-libs  backend: cuda  cuda: 12.4  torch: 2.5.1
 # layers, rarest change first: base -> cuda-libs
 ARG BASE_IMAGE
+ARG BUILD_BASE_IMAGE
 ARG SOURCE_DATE_EPOCH=0
 
-FROM --platform=$BUILDPLATFORM ${BASE_IMAGE} AS cuda-libs
+FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS cuda-libs
 ARG SOURCE_DATE_EPOCH
 ARG TARGETARCH
 ARG PIP_SOURCES

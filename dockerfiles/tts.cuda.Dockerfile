@@ -2,10 +2,11 @@
 # image: 127.0.0.1:5000/morgan/tts  backend: cuda  cuda: 12.4  torch: 2.5.1
 # layers, rarest change first: base -> cuda-libs -> torch -> shared -> service-tts -> app
 ARG BASE_IMAGE
+ARG BUILD_BASE_IMAGE
 ARG CUDA_LIBS_IMAGE
 ARG SOURCE_DATE_EPOCH=0
 
-FROM --platform=$BUILDPLATFORM ${BASE_IMAGE} AS torch
+FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS torch
 ARG SOURCE_DATE_EPOCH
 ARG TARGETARCH
 ARG PIP_SOURCES
@@ -25,7 +26,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
-FROM --platform=$BUILDPLATFORM ${BASE_IMAGE} AS shared
+FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS shared
 ARG SOURCE_DATE_EPOCH
 ARG TARGETARCH
 ARG PIP_SOURCES
@@ -45,7 +46,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
-FROM --platform=$BUILDPLATFORM ${BASE_IMAGE} AS service-tts
+FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS service-tts
 ARG SOURCE_DATE_EPOCH
 ARG TARGETARCH
 ARG PIP_SOURCES
@@ -65,7 +66,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
-FROM --platform=$BUILDPLATFORM ${BASE_IMAGE} AS app
+FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS app
 ARG SOURCE_DATE_EPOCH
 COPY app /out/opt/app
 COPY runtime /out/opt/runtime
@@ -80,6 +81,7 @@ RUN mkdir -p /out/etc /out/home/app \
 
 FROM ${CUDA_LIBS_IMAGE}
 ARG BASE_IMAGE
+ARG TORCH_VERSION=none
 COPY --from=torch /out/ /
 COPY --from=shared /out/ /
 COPY --from=service-tts /out/ /
@@ -107,7 +109,7 @@ LABEL org.opencontainers.image.title="morgan/tts" \
     org.opencontainers.image.version="0.1.0" \
     io.orchestrator.service="tts" \
     io.orchestrator.backend="cuda" \
-    io.orchestrator.torch="2.5.1" \
+    io.orchestrator.torch="${TORCH_VERSION}" \
     io.orchestrator.cuda="12.4" \
     io.orchestrator.min-driver="525.60.13" \
     io.orchestrator.cuda-libs="cu124-v1" \

@@ -9,6 +9,7 @@ tags untouched.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from . import engine, lock as lock_mod
 from .errors import EnvironmentProblem, UserError
 from .plan import BuildPlan, ImagePlan, content_tag, make_plan, tree_digest
-from .registry import Registry, split_ref
+from .registry import OCI_INDEX, Registry, split_ref
 from .render import render_all
 from .spec import Project
 
@@ -144,7 +145,7 @@ def run_build(image: ImagePlan, ctx: Path, ref: str, build_args: dict[str, str],
 
 def build(project: Project, backends: list[str] | None = None, services: list[str] | None = None,
           platforms: list[str] | None = None, log=print, force: bool = False,
-          no_cache: bool = False) -> list[BuildResult]:
+          no_cache: bool = False, stats: dict | None = None) -> list[BuildResult]:
     for b in backends or []:
         if b not in project.backends:
             raise UserError(f"unknown backend {b!r}; {project.file.name} defines {sorted(project.backends)}")
@@ -167,11 +168,13 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     libs: dict[str, BuildResult] = {}  # platform -> cuda-libs result
     for image in plan.images:
         base = engine.base_ref(project, image.platform)
+        build_base = engine.base_ref(project, engine.host_platform())
         if image.from_image == "cuda-libs":
             parent_result = libs[image.platform]
             parent = parent_result.content_tag
         else:
             parent = base.split("@")[-1]
+        parent += " " + build_base.split("@")[-1]  # pip runs in the build base
         ctx, ctx_digest = stage_context(project, image, texts[image.dockerfile])
         tag = content_tag(image, texts[image.dockerfile], ctx_digest, parent)
         _, name, _ = split_ref(image.ref(tag))
@@ -182,7 +185,9 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
             result = BuildResult(image, tag, existing.digest, built=False)
         else:
             log(f"{image.key}/{image.backend.name} {image.platform}: building {image.ref(tag)}")
-            args = {"BASE_IMAGE": base, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PIP_SOURCES": _pip_sources(image)}
+            args = {"BASE_IMAGE": base, "BUILD_BASE_IMAGE": build_base,
+                    "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PIP_SOURCES": _pip_sources(image),
+                    "TORCH_VERSION": image.backend.torch_for(image.platform) or "none"}
             if image.from_image == "cuda-libs":
                 args["CUDA_LIBS_IMAGE"] = parent_result.ref
             run_build(image, ctx, image.ref(tag), args, log, no_cache=no_cache)
@@ -197,14 +202,31 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
         results.append(result)
         if image.kind == "cuda-libs":
             libs[image.platform] = result
-    # Only now, with everything pushed, move the human tags.
+    # Only now, with everything pushed, move the human tags: each names an
+    # OCI image index over the platforms built for that image and backend.
+    groups: dict[tuple[str, str], list[BuildResult]] = {}
     for r in results:
-        _, name, _ = split_ref(r.image.ref(r.content_tag))
-        for human in r.image.human_tags:
-            if len(plan.project.platforms) > 1 and len({i.platform for i in plan.images if i.key == r.image.key
-                                                       and i.backend.name == r.image.backend.name}) > 1:
-                # Multi-platform human tags are indexes, assembled by `invoke publish`.
-                continue
-            reg.retag(name, r.content_tag, human)
-            log(f"tagged {r.image.repository}:{human} -> {r.digest}")
+        groups.setdefault((r.image.key, r.image.backend.name), []).append(r)
+    for members in groups.values():
+        image = members[0].image
+        _, name, _ = split_ref(image.ref("x"))
+        body = image_index(reg, name, members)
+        for human in image.human_tags:
+            digest, sent = reg.put_manifest_if_changed(name, human, body, OCI_INDEX)
+            if stats is not None:
+                stats["index_bytes"] = stats.get("index_bytes", 0) + sent
+            log(f"{image.repository}:{human} -> index {digest[:19]} "
+                f"({', '.join(m.image.platform for m in members)})" + ("" if sent else ", unchanged"))
     return results
+
+
+def image_index(reg: Registry, name: str, members: list[BuildResult]) -> bytes:
+    """An OCI image index over per-platform manifests, in canonical JSON."""
+    manifests = []
+    for r in sorted(members, key=lambda m: m.image.platform):
+        m = reg.get_manifest(name, r.digest)
+        os_, arch = r.image.platform.split("/")
+        manifests.append({"mediaType": m.media_type, "digest": m.digest, "size": len(m.body),
+                          "platform": {"architecture": arch, "os": os_}})
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+    return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()

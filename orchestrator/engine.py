@@ -288,6 +288,15 @@ def _host_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
 
 
+def host_platform() -> str:
+    return f"linux/{_host_arch()}"
+
+
+def base_platforms(project: Project) -> list[str]:
+    """The project's platforms plus this machine's: pip stages run on the build platform."""
+    return list(dict.fromkeys([*project.platforms, host_platform()]))
+
+
 def ensure_base(project: Project, platform: str) -> str:
     data = read_base_lock()
     key = _base_key(project, platform)

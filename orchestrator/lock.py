@@ -123,14 +123,15 @@ def layer_inputs(project: Project, backend: Backend, platform: str) -> list[Laye
     """The layers of one (backend, platform), bottom-up."""
     out: list[LayerInput] = []
     compat = compat_mod.load()
-    if backend.torch is not None:
+    torch = backend.torch_for(platform)
+    if torch is not None:
         extra = ()
         if backend.is_cuda:
-            pins = compat.cuda_pins(backend.torch, backend.cuda) or {}
+            pins = compat.cuda_pins(torch, backend.cuda) or {}
             extra = tuple(f"{k}=={v}" for k, v in sorted(pins.items()))
         # The torch resolution is split into cuda-libs and torch below; the
         # compat pins are part of its inputs so a data change re-locks.
-        out.append(LayerInput(backend.name, platform, "torch", (f"torch=={backend.torch}",) + extra, None))
+        out.append(LayerInput(backend.name, platform, "torch", (f"torch=={torch}",) + extra, None))
     elif backend.is_cuda:
         # Bare names get the version the compatibility data pins for this CUDA.
         known = compat.cuda_release_pins(backend.cuda)
@@ -146,12 +147,12 @@ def layer_inputs(project: Project, backend: Backend, platform: str) -> list[Laye
     return out
 
 
-def expected_layers(project: Project, backend: Backend) -> list[str]:
-    """Lock names on disk for a backend, in install order."""
+def expected_layers(project: Project, backend: Backend, platform: str) -> list[str]:
+    """Lock names on disk for a backend on a platform, in install order."""
     names = []
     if backend.is_cuda:
         names.append("cuda-libs")
-    if backend.torch is not None:
+    if backend.torch_for(platform) is not None:
         names.append("torch")
     names += list(project.layers)
     names += [f"service-{s.name}" for s in project.services.values()
@@ -232,9 +233,9 @@ def resolve_backend(project: Project, backend: Backend, platform: str) -> list[L
             libs = tuple(p for p in pins if compat.is_cuda_libs_package(p.name)) if backend.is_cuda else ()
             rest = tuple(p for p in pins if p not in libs)
             if backend.is_cuda:
-                missing = set(compat.cuda_pins(backend.torch, backend.cuda) or {}) - {p.name for p in libs}
+                missing = set(compat.cuda_pins(backend.torch_for(platform), backend.cuda) or {}) - {p.name for p in libs}
                 if missing and platform == "linux/amd64":
-                    raise UserError(f"torch {backend.torch} resolved without {sorted(missing)} on {platform}",
+                    raise UserError(f"torch {backend.torch_for(platform)} resolved without {sorted(missing)} on {platform}",
                                     "the index served a torch build that does not match the compatibility data")
                 locks.append(Lock(backend.name, platform, "cuda-libs", inputs_hash(project, backend, inp, []), libs))
             locks.append(Lock(backend.name, platform, "torch", inputs_hash(project, backend, inp, locks), rest))
@@ -278,7 +279,7 @@ def targets(project: Project) -> list[tuple[Backend, str]]:
 def load_locks(project: Project, backend: Backend, platform: str) -> list[Lock]:
     """Locks of one (backend, platform) in install order; raises if any is missing."""
     out = []
-    for layer in expected_layers(project, backend):
+    for layer in expected_layers(project, backend, platform):
         path = lock_path(project.root, backend.name, platform, layer)
         lk = read_lock(path)
         if lk is None:
@@ -293,14 +294,14 @@ def check(project: Project) -> list[Stale]:
     for backend, platform in targets(project):
         inputs = {i.layer: i for i in layer_inputs(project, backend, platform)}
         lower: list[Lock] = []
-        for layer in expected_layers(project, backend):
+        for layer in expected_layers(project, backend, platform):
             path = lock_path(project.root, backend.name, platform, layer)
             lk = read_lock(path)
             rel = Path(os.path.relpath(path, project.root))
             if lk is None:
                 stale.append(Stale(rel, "missing"))
                 continue
-            if layer == "cuda-libs" and backend.torch is not None:
+            if layer == "cuda-libs" and backend.torch_for(platform) is not None:
                 want = inputs_hash(project, backend, inputs["torch"], [])
             elif layer == "torch":
                 want = inputs_hash(project, backend, inputs["torch"], lower)
@@ -310,12 +311,10 @@ def check(project: Project) -> list[Stale]:
                 stale.append(Stale(rel, "inputs changed since it was locked"))
             lower.append(lk)
     # Locks on disk that no longer belong to any target.
-    wanted = {lock_path(project.root, b.name, p, layer) for b, p in targets(project) for layer in expected_layers(project, b)}
+    wanted = {lock_path(project.root, b.name, p, layer) for b, p in targets(project)
+              for layer in expected_layers(project, b, p)}
     for path in sorted((project.root / LOCK_DIR).glob("*/*.txt")):
         if path not in wanted:
             stale.append(Stale(Path(os.path.relpath(path, project.root)), "no longer used by the project file"))
     return stale
 
-
-def python_executable() -> str:
-    return sys.executable

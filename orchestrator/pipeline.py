@@ -31,7 +31,7 @@ def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Pa
     stale_paths = {s.path for s in lock_mod.check(project)}
     for backend, platform in lock_mod.targets(project):
         paths = {Path(os.path.relpath(lock_mod.lock_path(project.root, backend.name, platform, layer), project.root))
-                 for layer in lock_mod.expected_layers(project, backend)}
+                 for layer in lock_mod.expected_layers(project, backend, platform)}
         if not upgrade and not (paths & stale_paths):
             log(f"{backend.name} for {platform}: locks are up to date")
             continue

@@ -130,7 +130,8 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
         ("org.opencontainers.image.version", svc.version),
         (f"{LABEL_PREFIX}.service", svc.name),
         (f"{LABEL_PREFIX}.backend", backend.name),
-        (f"{LABEL_PREFIX}.torch", backend.torch or "none"),
+        # Per platform, so it comes in as a build argument (see render).
+        (f"{LABEL_PREFIX}.torch", "${TORCH_VERSION}"),
     ]
     if backend.is_cuda:
         rel = compat.cuda(backend.cuda)

@@ -41,7 +41,7 @@ def _json_array(items) -> str:
 
 def _layer_stage(stage: LayerStage) -> str:
     return (
-        f"FROM --platform=$BUILDPLATFORM ${{BASE_IMAGE}} AS {stage.name}\n"
+        f"FROM --platform=$BUILDPLATFORM ${{BUILD_BASE_IMAGE}} AS {stage.name}\n"
         "ARG SOURCE_DATE_EPOCH\n"
         "ARG TARGETARCH\n"
         "ARG PIP_SOURCES\n"
@@ -74,12 +74,14 @@ def render_image(image: ImagePlan, project_file: str) -> str:
     out = [HEADER.format(project=project_file)]
     out.append(f"# image: {image.repository}  backend: {image.backend.name}"
                + (f"  cuda: {image.backend.cuda}" if image.backend.is_cuda else "")
-               + f"  torch: {image.backend.torch or 'none'}\n")
+               + f"  torch: {image.backend.torch_summary()}\n")
     order = ["base"] + (["cuda-libs"] if image.from_image == "cuda-libs" else []) + [s.name for s in image.layers]
     if image.kind == "service":
         order.append("app")
     out.append("# layers, rarest change first: " + " -> ".join(order) + "\n")
-    out.append("ARG BASE_IMAGE\n")
+    # BASE_IMAGE is the target platform's base; BUILD_BASE_IMAGE the build
+    # machine's, for the stages that run pip (both pinned by digest).
+    out.append("ARG BASE_IMAGE\nARG BUILD_BASE_IMAGE\n")
     if image.from_image == "cuda-libs":
         out.append("ARG CUDA_LIBS_IMAGE\n")
     out.append("ARG SOURCE_DATE_EPOCH=0\n\n")
@@ -90,7 +92,7 @@ def render_image(image: ImagePlan, project_file: str) -> str:
     if image.kind == "service":
         svc = image.service
         out.append(
-            "FROM --platform=$BUILDPLATFORM ${BASE_IMAGE} AS app\n"
+            "FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS app\n"
             "ARG SOURCE_DATE_EPOCH\n"
             f"COPY app /out{APP_DIR}\n"
             f"COPY runtime /out{RUNTIME_DIR}\n"
@@ -105,7 +107,7 @@ def render_image(image: ImagePlan, project_file: str) -> str:
             f"{NORMALIZE}\n\n"
         )
         out.append("FROM ${CUDA_LIBS_IMAGE}\n" if image.from_image == "cuda-libs" else "FROM ${BASE_IMAGE}\n")
-        out.append("ARG BASE_IMAGE\n")
+        out.append("ARG BASE_IMAGE\nARG TORCH_VERSION=none\n")
         for stage in image.layers:
             out.append(f"COPY --from={stage.name} /out/ /\n")
         out.append("COPY --from=app /out/ /\n")

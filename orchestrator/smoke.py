@@ -102,7 +102,7 @@ def variants(project: Project, services=None, backends=None, platforms=None) -> 
                     if digest is None:
                         continue
                 out.append(Variant(svc.name, bname, platform, f"{project.repository(svc.name)}@{digest}",
-                                   svc.port, svc.version, backend.torch, backend.cuda))
+                                   svc.port, svc.version, backend.torch_for(platform), backend.cuda))
     return out
 
 

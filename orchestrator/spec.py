@@ -56,7 +56,7 @@ class Sources:
 @dataclass(frozen=True)
 class Backend:
     name: str
-    torch: str | None  # None: no torch layer
+    torch_by_platform: tuple[tuple[str, str | None], ...]  # None: no torch layer
     cuda: str | None  # None for cpu
     sources: Sources
     platforms: tuple[str, ...]
@@ -64,6 +64,19 @@ class Backend:
     @property
     def is_cuda(self) -> bool:
         return self.cuda is not None
+
+    def torch_for(self, platform: str) -> str | None:
+        return dict(self.torch_by_platform).get(platform)
+
+    @property
+    def has_torch(self) -> bool:
+        return any(t is not None for _, t in self.torch_by_platform)
+
+    def torch_summary(self) -> str:
+        versions = {t for _, t in self.torch_by_platform}
+        if len(versions) == 1:
+            return next(iter(versions)) or "none"
+        return ", ".join(f"{t or 'none'} ({p})" for p, t in self.torch_by_platform)
 
 
 @dataclass(frozen=True)
@@ -274,15 +287,29 @@ def _build(path: Path, data: dict) -> Project:
         key = f"backends.{name}"
         if name not in KNOWN_BACKENDS:
             raise SpecError(file, key, f"unknown backend {name!r}; expected one of {list(KNOWN_BACKENDS)}")
-        torch = b.get("torch")
-        if torch is not None:
+        raw_torch = b.get("torch")
+        if isinstance(raw_torch, dict):
+            # Per-platform torch: e.g. the x86_64 CPU build is 2.13.0+cpu from a
+            # wheelhouse while PyPI's aarch64 CPU build is 2.9.1.
+            for i, (p, _) in enumerate(raw_torch.items()):
+                if p not in platforms:
+                    raise SpecError(file, f"{key}.torch.{p}", f"{p!r} is not one of the project's platforms {list(platforms)}")
+            torch_map = {p: raw_torch.get(p) for p in platforms}
+        else:
+            torch_map = {p: raw_torch for p in platforms}
+        for p, torch in torch_map.items():
+            tkey = f"{key}.torch.{p}" if isinstance(raw_torch, dict) else f"{key}.torch"
+            if torch is None:
+                continue
             try:
                 Version(torch)
             except InvalidVersion:
-                raise SpecError(file, f"{key}.torch", f"expected a torch version such as '2.5.1', found {torch!r}") from None
+                raise SpecError(file, tkey, f"expected a torch version such as '2.5.1', found {torch!r}") from None
             if Version(torch).public not in compat.torch_versions():
-                raise SpecError(file, f"{key}.torch", f"torch {torch} is not in the compatibility data; "
+                raise SpecError(file, tkey, f"torch {torch} is not in the compatibility data; "
                                 f"known: {compat.torch_versions()}")
+        # The single value used for messages and cross-checks below.
+        torch = next((t for t in torch_map.values() if t is not None), None) if isinstance(raw_torch, dict) else raw_torch
         cuda = b.get("cuda")
         if name == "cuda":
             if cuda is None:
@@ -309,7 +336,8 @@ def _build(path: Path, data: dict) -> Project:
                                 "list the nvidia-*-cu12 wheels your services need")
         elif cuda is not None:
             raise SpecError(file, f"{key}.cuda", f"the {name} backend takes no CUDA version, found {cuda!r}")
-        buildable = compat.platforms_for(name, torch, cuda)
+        buildable = [p for p in compat.platforms() if p in compat.platforms_for(name, torch_map.get(p, torch), cuda)
+                     and (not isinstance(raw_torch, dict) or p in raw_torch)]
         if "platforms" in b:
             bplats = tuple(b["platforms"])
             for i, p in enumerate(bplats):
@@ -331,7 +359,7 @@ def _build(path: Path, data: dict) -> Project:
                                 f"platforms {list(platforms)}: the compatibility data lists wheels for {buildable} only",
                                 f"add one of {buildable} to platforms, or remove backends.{name}")
         sources = Sources(b.get("index_url"), tuple(b.get("extra_index_urls", ())), tuple(b.get("find_links", ())))
-        backends[name] = Backend(name, torch, cuda, sources, bplats)
+        backends[name] = Backend(name, tuple((p, torch_map.get(p)) for p in bplats), cuda, sources, bplats)
 
     # cuda_libs.packages must be a subset of what CUDA release pins
     if cuda_libs is not None and cuda_libs.packages is not None:

@@ -64,7 +64,7 @@ def mini_project(engine_ready, tmp_path_factory):
     name = f"orch-test-{uuid.uuid4().hex[:8]}"
     path = copy_fixture("mini", tmp_path_factory.mktemp("proj"), name)
     project = spec.load(path)
-    for platform in project.platforms:
+    for platform in engine.base_platforms(project):
         engine.ensure_base(project, platform)
     pipeline.lock(project, log=lambda *_: None)
     yield project

@@ -75,7 +75,7 @@ def test_editing_a_layer_input_makes_that_lock_stale_for_every_backend(mini_copy
     (mini_copy / "requirements" / "shared.in").write_text("idna==3.9\n")
     stale = {str(s.path) for s in lock.check(spec.load(mini_copy / "project.yaml"))}
     # Layers above hash the pins below them, so `invoke lock` re-resolves them too.
-    assert stale == {"locks/cuda-amd64/shared.txt", "locks/cpu-amd64/shared.txt"}
+    assert stale == {"locks/cuda-amd64/shared.txt", "locks/cpu-amd64/shared.txt", "locks/cpu-arm64/shared.txt"}
 
 
 def test_a_hand_edited_lower_lock_makes_the_locks_above_it_stale(mini_copy):
@@ -96,8 +96,9 @@ def test_a_missing_lock_and_an_orphaned_lock_are_both_named(mini_copy):
 def test_plan_builds_cuda_libs_first_and_tags_each_image_by_content():
     project = spec.load(FIXTURES / "mini" / "project.yaml")
     plan = make_plan(project, load_all_locks(project))
-    assert [(i.key, i.backend.name) for i in plan.images] == [("cuda-libs", "cuda"), ("echo", "cuda"), ("echo", "cpu")]
-    libs, echo_cuda, echo_cpu = plan.images
+    assert [(i.key, i.backend.name, i.arch) for i in plan.images] == [
+        ("cuda-libs", "cuda", "amd64"), ("echo", "cuda", "amd64"), ("echo", "cpu", "amd64"), ("echo", "cpu", "arm64")]
+    libs, echo_cuda, echo_cpu, _ = plan.images
     assert libs.human_tags == ("cu124-v1",) and libs.repository.endswith("/orch-mini/cuda-libs")
     assert echo_cuda.from_image == "cuda-libs" and echo_cpu.from_image == "base"
     assert echo_cuda.human_tags == ("0.1.0-cuda",)

@@ -76,7 +76,7 @@ def test_service_images_run_as_non_root_with_healthcheck_env_and_labels(example)
     for env in ('PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"', 'PYTORCH_ALLOC_CONF="expandable_segments:True"',
                 'SERVICE_BACKEND="cuda"', 'CUDA_MIN_DRIVER="525.60.13"'):
         assert env in text
-    for label in ('io.orchestrator.backend="cuda"', 'io.orchestrator.cuda="12.4"', 'io.orchestrator.torch="2.5.1"',
+    for label in ('io.orchestrator.backend="cuda"', 'io.orchestrator.cuda="12.4"', 'io.orchestrator.torch="${TORCH_VERSION}"',
                   'org.opencontainers.image.version="0.1.0"', 'org.opencontainers.image.base.name="${BASE_IMAGE}"'):
         assert label in text
     assert 'ENTRYPOINT ["python3", "/opt/runtime/entrypoint.py"]' in text

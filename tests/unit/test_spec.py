@@ -238,15 +238,24 @@ def test_registry_can_be_overridden_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_unlisted_backend_platforms_are_those_the_compat_data_can_build(tmp_path):
+    # cu124 torch is x86_64-only; torch 2.13.0+cpu is an x86_64 build (PyPI's aarch64 2.13.0 is CUDA 13).
     p = spec.load(write_project(tmp_path, set_("platforms", [AMD, ARM])))
     assert p.backends["cuda"].platforms == (AMD,)
+    assert p.backends["cpu"].platforms == (AMD,)
+
+
+def test_torch_can_differ_per_platform(tmp_path):
+    p = spec.load(write_project(tmp_path, both(set_("platforms", [AMD, ARM]),
+                                               set_("backends.cpu.torch", {AMD: "2.13.0+cpu", ARM: "2.9.1"}))))
     assert p.backends["cpu"].platforms == (AMD, ARM)
+    assert (p.backends["cpu"].torch_for(AMD), p.backends["cpu"].torch_for(ARM)) == ("2.13.0+cpu", "2.9.1")
+    assert p.backends["cpu"].torch_summary() == "2.13.0+cpu (linux/amd64), 2.9.1 (linux/arm64)"
 
 
 def test_cuda_backend_without_torch_lists_its_cuda_libs(tmp_path):
     p = spec.load(write_project(tmp_path, both(drop("backends.cuda.torch"),
                                                set_("cuda_libs.packages", ["nvidia-cublas-cu12==12.4.5.8"]))))
-    assert p.backends["cuda"].torch is None and p.backends["cuda"].platforms == (AMD,)
+    assert p.backends["cuda"].torch_for(AMD) is None and p.backends["cuda"].platforms == (AMD,)
     assert p.cuda_libs.packages == ("nvidia-cublas-cu12==12.4.5.8",)
 
 
@@ -254,7 +263,7 @@ def test_example_project_at_repo_root_loads():
     p = spec.load(REPO / "project.yaml")
     assert set(p.services) == {"tts", "stt"}
     assert set(p.backends) == {"cuda", "cpu"}
-    assert (p.backends["cuda"].torch, p.backends["cuda"].cuda) == ("2.5.1", "12.4")
+    assert (p.backends["cuda"].torch_for("linux/amd64"), p.backends["cuda"].cuda) == ("2.5.1", "12.4")
     assert p.backends["cpu"].cuda is None and not p.backends["cpu"].is_cuda
     assert p.cuda_libs.tag == "cu124"
 

@@ -1,0 +1,137 @@
+"""Publishing, selection and the launcher against the real registry and engine.
+
+The mini fixture publishes a cpu index for linux/amd64 + linux/arm64 and a
+cuda index for linux/amd64, then one backend manifest per service.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from orchestrator import build, engine, launch, probe, publish, select
+from orchestrator.errors import EnvironmentProblem, UserError
+from orchestrator.registry import OCI_INDEX, Registry
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def published(mini_project, first_build):
+    return publish.publish(mini_project, log=lambda *_: None)
+
+
+def test_the_registry_holds_a_cpu_index_for_both_platforms_and_a_cuda_index_for_amd64(mini_project, published):
+    reg = Registry(mini_project.registry)
+    name = f"{mini_project.name}/echo"
+    platforms = {}
+    for backend in ("cpu", "cuda"):
+        m = reg.get_manifest(name, f"0.1.0-{backend}")
+        assert m.media_type == OCI_INDEX
+        platforms[backend] = sorted(f"{d['platform']['os']}/{d['platform']['architecture']}" for d in m.json["manifests"])
+    assert platforms == {"cpu": ["linux/amd64", "linux/arm64"], "cuda": ["linux/amd64"]}
+
+
+def test_the_backend_manifest_is_an_artifact_naming_only_digests_that_exist(mini_project, published):
+    reg = Registry(mini_project.registry)
+    name = f"{mini_project.name}/echo"
+    artifact = reg.get_manifest(name, "0.1.0-backends").json
+    assert artifact["artifactType"] == publish.ARTIFACT_TYPE
+    assert artifact["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+    manifest = publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    on_disk = json.loads(published.manifests["echo"].read_text())
+    assert manifest == on_disk
+    amd64 = manifest["platforms"]["linux/amd64"]
+    assert amd64["default"] == "cuda" and amd64["fallback"] == ["cuda", "cpu"]
+    assert amd64["backends"]["cuda"]["requires"] == {"cuda": "12.4", "driver": ">=525.60.13"}
+    assert manifest["platforms"]["linux/arm64"]["fallback"] == ["cpu"]
+    for entry in manifest["platforms"].values():
+        for spec in entry["backends"].values():
+            for ref in (spec["image"], spec["index"]):
+                repo, digest = ref.split("@")
+                assert reg.has_manifest(repo.split("/", 1)[1], digest), ref
+            if "cuda_libs" in spec:
+                assert reg.has_manifest(f"{mini_project.name}/cuda-libs", spec["cuda_libs"]["digest"])
+
+
+def test_a_second_publish_with_nothing_changed_uploads_zero_bytes(mini_project, published):
+    again = publish.publish(mini_project, log=lambda *_: None)
+    assert again.uploaded_bytes == 0
+    assert again.artifacts == published.artifacts
+
+
+def test_select_on_this_gpu_less_host_picks_cpu_by_digest_and_says_why(mini_project, published, tmp_path):
+    manifest = publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    choice = select.select(manifest, probe.probe(tmp_path, machine="x86_64"))
+    assert choice.backend == "cpu" and "@sha256:" in choice.image
+    assert choice.image == manifest["platforms"]["linux/amd64"]["backends"]["cpu"]["image"]
+    assert choice.reasons[0].startswith("cuda: skipped, no NVIDIA driver")
+    arm = select.select(manifest, probe.probe(tmp_path, machine="aarch64"))
+    assert arm.platform == "linux/arm64" and arm.backend == "cpu"
+
+
+def test_run_moves_from_cuda_to_cpu_right_after_the_78(mini_project, published):
+    if smoke_host_has_gpu():
+        pytest.skip("this host has a GPU: cuda would serve")
+    manifest = publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    name = f"orch-test-run-{uuid.uuid4().hex[:6]}"
+    try:
+        result = launch.launch(manifest, "linux/amd64", 8080, name, log=lambda *_: None)
+        first, second = result.attempts
+        assert (first.backend, first.outcome) == ("cuda", "exit 78")
+        assert "libcuda.so.1 not found" in first.detail
+        assert (second.backend, second.outcome, result.backend) == ("cpu", "serving", "cpu")
+        assert second.started_at - first.ended_at < 5
+    finally:
+        try:
+            engine.docker_client().containers.get(name).remove(force=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def smoke_host_has_gpu() -> bool:
+    from orchestrator import smoke
+
+    return smoke.host_has_gpu()
+
+
+def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_project, published, monkeypatch):
+    reg = Registry(mini_project.registry)
+    name = f"{mini_project.name}/echo"
+    before = {t: reg.get_manifest(name, t).digest for t in ("0.1.0-backends", "0.1.0-cpu", "0.1.0-cuda")}
+    app = mini_project.services["echo"].path / "app.py"
+    original = app.read_text()
+    app.write_text(original + f"\n# release {uuid.uuid4()}\n")
+    real = build.run_build
+
+    def fail_on_arm64(image, *args, **kwargs):
+        if image.platform == "linux/arm64":
+            raise EnvironmentProblem("simulated failure: the arm64 builder died")
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(build, "run_build", fail_on_arm64)
+    try:
+        with pytest.raises(EnvironmentProblem, match="arm64 builder died"):
+            publish.publish(mini_project, log=lambda *_: None)
+    finally:
+        app.write_text(original)
+    after = {t: reg.get_manifest(name, t).digest for t in before}
+    assert after == before
+
+
+def test_a_tampered_backend_manifest_is_refused(mini_project, published):
+    storage = engine.state_dir() / "registry" / "data"
+    reg = Registry(mini_project.registry)
+    layer = reg.get_manifest(f"{mini_project.name}/echo", "0.1.0-backends").json["layers"][0]["digest"]
+    blob = storage / "docker/registry/v2/blobs/sha256" / layer[7:9] / layer[7:] / "data"
+    if not blob.exists():
+        pytest.skip("registry storage is not ours to tamper with")
+    original = blob.read_bytes()
+    try:
+        blob.write_bytes(original.replace(b'"cuda"', b'"cudb"', 1))
+        with pytest.raises(UserError, match="does not match its digest"):
+            publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    finally:
+        blob.write_bytes(original)

@@ -1,0 +1,281 @@
+"""Host probe over fake host roots, and backend selection from a manifest.
+
+Each fake root is a directory laid out like `/` on some machine: a driver
+version file, libcuda.so.1 somewhere a distribution puts it, /dev/nvidia*.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import probe
+from orchestrator.errors import UserError
+from orchestrator.probe import Host
+from orchestrator.select import select, walk_order
+
+PROPRIETARY = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  {v}  Thu Feb 22 01:44:30 UTC 2024\n"
+               "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+OPEN = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {v}  Release Build  "
+        "(dvs-builder@U16-I3-B03-4-3)  Thu Aug 24 21:09:50 UTC 2023\n"
+        "GCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n")
+
+CUDA_IMAGE = "127.0.0.1:5000/morgan/tts@sha256:" + "a" * 64
+CPU_IMAGE = "127.0.0.1:5000/morgan/tts@sha256:" + "b" * 64
+ARM_IMAGE = "127.0.0.1:5000/morgan/tts@sha256:" + "c" * 64
+
+
+def manifest(fallback=("cuda", "cpu"), default="cuda") -> dict:
+    return {
+        "schemaVersion": 1, "service": "tts", "version": "0.1.0",
+        "platforms": {
+            "linux/amd64": {
+                "default": default, "fallback": list(fallback),
+                "backends": {
+                    "cuda": {"image": CUDA_IMAGE, "size": 1, "torch": "2.5.1",
+                             "requires": {"cuda": "12.4", "driver": ">=525.60.13"},
+                             "cuda_libs": {"tag": "cu124-v1", "digest": "sha256:" + "d" * 64}},
+                    "cpu": {"image": CPU_IMAGE, "size": 1, "torch": "2.13.0+cpu"},
+                },
+            },
+            "linux/arm64": {"default": "cpu", "fallback": ["cpu"],
+                            "backends": {"cpu": {"image": ARM_IMAGE, "size": 1, "torch": "2.9.1"}}},
+        },
+    }
+
+
+@pytest.fixture
+def make_root(tmp_path):
+    """Build a fake host root: make_root(driver="550.54.14", libdir=..., devices=True)."""
+    counter = iter(range(1000))
+
+    def build(driver: str | None = None, libdir: str | None = "usr/lib/x86_64-linux-gnu",
+              devices: bool = True, template: str = PROPRIETARY):
+        root = tmp_path / f"host{next(counter)}"
+        root.mkdir()
+        if driver:
+            f = root / "proc/driver/nvidia/version"
+            f.parent.mkdir(parents=True)
+            f.write_text(template.format(v=driver))
+        if driver and libdir:
+            lib = root / libdir / "libcuda.so.1"
+            lib.parent.mkdir(parents=True)
+            lib.write_bytes(b"\x7fELF")
+        if driver and devices:
+            (root / "dev").mkdir()
+            for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
+                (root / "dev" / name).touch()
+        return root
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def no_real_host_queries(monkeypatch):
+    """A fake root must never ask NVML or ldconfig about the machine running the tests."""
+    def forbidden():
+        raise AssertionError("real-host query made while probing a fake root")
+
+    monkeypatch.setattr(probe, "_ldconfig_libcuda", forbidden)
+    monkeypatch.setattr(probe, "_nvml_driver", forbidden)
+
+
+def choose(root, machine="x86_64", override=None, m=None):
+    return select(m or manifest(), probe.probe(root, machine=machine), override=override)
+
+
+# --- probe ----------------------------------------------------------------
+
+def test_empty_root_is_a_host_without_gpu(make_root):
+    host = probe.probe(make_root(), machine="x86_64")
+    assert host == Host("linux/amd64")
+    assert host.arch == "amd64"
+    assert host.as_json() == {"platform": "linux/amd64", "driver_version": None, "driver_source": None,
+                              "libcuda": None, "devices": []}
+
+
+def test_gpu_host_reports_driver_libcuda_and_devices(make_root):
+    host = probe.probe(make_root("550.54.14"), machine="x86_64")
+    assert host.driver_version == "550.54.14"
+    assert host.driver_source == "/proc/driver/nvidia/version"
+    assert host.libcuda == "/usr/lib/x86_64-linux-gnu/libcuda.so.1"
+    assert host.devices == ("/dev/nvidia0",)  # nvidiactl and nvidia-uvm are not GPUs
+    assert host.notes == ()
+
+
+@pytest.mark.parametrize("libdir", [
+    "usr/lib64",  # Fedora, RHEL
+    "usr/lib",  # Arch
+    "run/opengl-driver/lib",  # NixOS
+    "usr/lib/wsl/lib",  # WSL2
+    "usr/local/nvidia/lib64",  # GKE
+])
+def test_libcuda_is_found_in_each_distribution_layout(make_root, libdir):
+    host = probe.probe(make_root("550.54.14", libdir=libdir), machine="x86_64")
+    assert host.libcuda == f"/{libdir}/libcuda.so.1"
+    assert choose(make_root("550.54.14", libdir=libdir)).backend == "cuda"
+
+
+def test_libcuda_without_driver_version_is_noted(make_root):
+    root = make_root("550.54.14")
+    (root / "proc/driver/nvidia/version").unlink()
+    host = probe.probe(root, machine="x86_64")
+    assert host.driver_version is None and host.driver_source is None
+    assert "no driver version" in host.notes[0]
+
+
+@pytest.mark.parametrize("machine, platform", [
+    ("x86_64", "linux/amd64"), ("amd64", "linux/amd64"), ("aarch64", "linux/arm64"), ("arm64", "linux/arm64"),
+])
+def test_machine_names_map_to_platforms(make_root, machine, platform):
+    assert probe.probe(make_root(), machine=machine).platform == platform
+
+
+@pytest.mark.parametrize("template, version", [
+    (PROPRIETARY, "550.54.14"),
+    (OPEN, "535.104.05"),
+    (OPEN.replace("x86_64", "aarch64"), "535.104.05"),
+])
+def test_parse_driver_version_reads_both_kernel_module_strings(template, version):
+    assert probe.parse_driver_version(template.format(v=version)) == version
+
+
+def test_parse_driver_version_of_garbage_is_none():
+    assert probe.parse_driver_version("") is None
+    assert probe.parse_driver_version("GCC version:  gcc version 12.2.0") is None
+
+
+# --- selection from a probed host ------------------------------------------
+
+def test_no_gpu_selects_cpu_because_libcuda_is_missing(make_root):
+    c = choose(make_root())
+    assert (c.backend, c.image, c.platform) == ("cpu", CPU_IMAGE, "linux/amd64")
+    assert c.reasons[0].startswith("cuda: skipped, ")
+    assert "libcuda.so.1 not found" in c.reasons[0]
+    assert c.reasons[1] == "cpu: next in the fallback list"
+
+
+@pytest.mark.parametrize("template", [PROPRIETARY, OPEN])
+def test_old_driver_selects_cpu_and_says_which_driver(make_root, template):
+    c = choose(make_root("515.65.01", template=template))
+    assert c.backend == "cpu"
+    assert "driver 515.65.01 < 525.60.13" in c.reasons[0]
+    assert c.reasons[0] == "cuda: skipped, driver 515.65.01 < 525.60.13"
+
+
+@pytest.mark.parametrize("template, driver", [(PROPRIETARY, "550.54.14"), (OPEN, "535.104.05")])
+def test_new_enough_driver_selects_cuda_by_digest(make_root, template, driver):
+    c = choose(make_root(driver, template=template))
+    assert (c.backend, c.image) == ("cuda", CUDA_IMAGE)
+    assert "@sha256:" in c.image
+    assert c.reasons == ("cuda: default, requirements met",)
+    assert c.candidates == ("cuda", "cpu")
+
+
+def test_fedora_layout_selects_cuda_and_reports_usr_lib64(make_root):
+    root = make_root("550.54.14", libdir="usr/lib64")
+    assert probe.probe(root, machine="x86_64").libcuda == "/usr/lib64/libcuda.so.1"
+    c = choose(root)
+    assert (c.backend, c.image) == ("cuda", CUDA_IMAGE)
+
+
+def test_arm64_host_selects_the_arm64_cpu_image(make_root):
+    c = choose(make_root(), machine="aarch64")
+    assert (c.platform, c.backend, c.image) == ("linux/arm64", "cpu", ARM_IMAGE)
+    assert c.reasons == ("cpu: default",)
+
+
+def test_libcuda_without_device_nodes_selects_cpu(make_root):
+    c = choose(make_root("550.54.14", devices=False))
+    assert c.backend == "cpu"
+    assert c.reasons[0] == "cuda: skipped, no /dev/nvidia* device"
+
+
+def test_unknown_driver_version_skips_cuda(make_root):
+    root = make_root("550.54.14")
+    (root / "proc/driver/nvidia/version").unlink()
+    c = choose(root)
+    assert c.backend == "cpu"
+    assert "driver version unknown" in c.reasons[0]
+
+
+# --- overrides ---------------------------------------------------------------
+
+def test_cpu_override_on_a_gpu_host_is_honoured(make_root):
+    c = choose(make_root("550.54.14"), override="cpu")
+    assert (c.backend, c.image) == ("cpu", CPU_IMAGE)
+    assert c.reasons == ("cpu: asked for (override)",)
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({}, "libcuda.so.1 not found"),
+    ({"driver": "515.65.01"}, "driver 515.65.01 < 525.60.13"),
+    ({"driver": "550.54.14", "devices": False}, "no /dev/nvidia* device"),
+])
+def test_cuda_override_on_a_host_that_cannot_run_it_is_a_user_error(make_root, kw, why):
+    with pytest.raises(UserError) as e:
+        choose(make_root(**kw), override="cuda")
+    assert e.value.exit_code == 2
+    assert "'cuda' was asked for" in e.value.message and why in e.value.message
+    assert e.value.hint
+
+
+def test_override_of_an_unpublished_backend_is_a_user_error(make_root):
+    with pytest.raises(UserError) as e:
+        choose(make_root("550.54.14"), override="rocm")
+    assert e.value.exit_code == 2
+    assert "'rocm' is not published for linux/amd64" in e.value.message
+    assert "['cpu', 'cuda']" in e.value.message
+    with pytest.raises(UserError, match="'cuda' is not published for linux/arm64"):
+        choose(make_root("550.54.14"), machine="aarch64", override="cuda")
+
+
+# --- manifest shape ----------------------------------------------------------
+
+def test_manifest_without_the_host_platform_is_a_user_error(make_root):
+    m = manifest()
+    del m["platforms"]["linux/arm64"]
+    with pytest.raises(UserError) as e:
+        choose(make_root(), machine="aarch64", m=m)
+    assert e.value.exit_code == 2
+    assert "linux/arm64" in e.value.message and "['linux/amd64']" in e.value.message
+
+
+def test_no_runnable_backend_is_a_user_error(make_root):
+    m = manifest(fallback=["cuda"])
+    with pytest.raises(UserError, match="no backend .* can run on this host: cuda: skipped, driver 515.65.01"):
+        choose(make_root("515.65.01"), m=m)
+
+
+@pytest.mark.parametrize("fallback, default, order", [
+    (["cuda", "cpu"], "cuda", ["cuda", "cpu"]),
+    (["cpu", "cuda"], "cuda", ["cuda", "cpu"]),  # default in the middle: rotate to start there
+    (["a", "cuda", "cpu"], "cuda", ["cuda", "cpu", "a"]),
+    (["cpu"], "cuda", ["cuda", "cpu"]),  # default missing from the list goes first
+    (["cuda", "cpu", "gone"], None, ["cuda", "cpu"]),  # unpublished names are dropped
+])
+def test_walk_order_starts_at_the_default(fallback, default, order):
+    backends = {"cuda": {}, "cpu": {}, "a": {}}
+    assert walk_order({"default": default, "fallback": fallback, "backends": backends}) == order
+
+
+def test_rotated_order_is_what_selection_walks(make_root):
+    c = choose(make_root(), m=manifest(fallback=["cpu", "cuda"], default="cuda"))
+    assert c.candidates == ("cuda", "cpu")
+    assert c.backend == "cpu" and c.reasons[0].startswith("cuda: skipped")
+
+
+def test_choice_as_json(make_root):
+    j = choose(make_root("550.54.14")).as_json()
+    assert j["backend"] == "cuda"
+    assert "@sha256:" in j["image"]
+    assert j["platform"] == "linux/amd64"
+    assert j["reasons"] == ["cuda: default, requirements met"]
+    assert j["candidates"] == ["cuda", "cpu"]
+
+
+def test_fake_root_never_queries_nvml_or_ldconfig(make_root):
+    # The autouse fixture makes both real-host queries raise; the probe still works.
+    host = probe.probe(make_root("550.54.14", libdir="usr/lib64"), machine="x86_64")
+    assert (host.driver_version, host.libcuda) == ("550.54.14", "/usr/lib64/libcuda.so.1")
+    with pytest.raises(AssertionError):
+        probe._nvml_driver()
