@@ -71,8 +71,8 @@ def mini_project(engine_ready, tmp_path_factory):
     cleanup_namespace(project)
 
 
-def by_key(results):
-    return {(r.image.key, r.image.backend.name): r for r in results}
+def by_key(results, platform: str = "linux/amd64"):
+    return {(r.image.key, r.image.backend.name): r for r in results if r.image.platform == platform}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,165 @@
+"""Bytes a client must pull after a change: this tool vs a monolithic image.
+
+Method: copy the example project to a scratch directory under its own
+registry namespace, build the cuda `tts` image, apply a change, rebuild, and
+count the compressed bytes of the layers (plus config) the new image has
+that the old one does not: what `docker pull` downloads on a host that has
+the old image. The monolithic image installs the same hashed wheels with one
+`RUN pip install` on the same base (the style of seeds/001), with the
+requirements copied before the app so Docker's cache helps it as much as it
+can.
+
+Changes: (a) app-only (a line in services/tts/app.py), (b) a small
+dependency bump (soundfile 0.14.0 -> 0.13.1 in the tts service layer).
+Also times the no-op and app-only rebuilds and `uv pip compile` vs
+`pip-compile` for the torch layer.
+
+Usage: .venv/bin/python bench/pull_bytes.py [--skip-monolith] > bench/out/pull_bytes.json
+Needs `invoke engine.up` first. Takes 10-20 minutes (the monolith pushes ~3 GB twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orchestrator import build, engine, lock, pipeline, spec  # noqa: E402
+from orchestrator.registry import Registry, split_ref  # noqa: E402
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def pull_bytes(reg: Registry, old_ref: str, new_ref: str) -> int:
+    """Compressed bytes of layers in new that old lacks, plus the new config."""
+    _, old_name, old_d = split_ref(old_ref)
+    _, new_name, new_d = split_ref(new_ref)
+    old = reg.get_manifest(old_name, old_d).json
+    new = reg.get_manifest(new_name, new_d).json
+    have = {layer["digest"] for layer in old["layers"]}
+    return new["config"]["size"] + sum(layer["size"] for layer in new["layers"] if layer["digest"] not in have)
+
+
+def build_tts(project) -> tuple[str, float]:
+    started = time.monotonic()
+    results = build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
+    r = next(r for r in results if r.image.key == "tts")
+    return r.ref, time.monotonic() - started
+
+
+MONOLITH = """ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+COPY requirements.txt /tmp/requirements.txt
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \\
+    --mount=type=cache,target=/root/.cache/pip,sharing=locked \\
+    python3 -m pip install --break-system-packages --no-compile --no-deps --require-hashes \\
+      --find-links /tmp -r /tmp/requirements.txt
+COPY app /opt/app
+ENV PYTHONPATH=/opt/app:/opt/runtime
+COPY runtime /opt/runtime
+CMD ["python3", "-m", "uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]
+"""
+
+
+def build_monolith(project, ctx: Path, ref: str) -> str:
+    """One RUN pip install of the same locks, on the same base; returns repo@digest."""
+    if ctx.exists():
+        shutil.rmtree(ctx)
+    ctx.mkdir(parents=True)
+    backend = project.backends["cuda"]
+    locks = lock.load_locks(project, backend, "linux/amd64")
+    wanted = [lk for lk in locks if not lk.layer.startswith("service-") or lk.layer == "service-tts"]
+    (ctx / "requirements.txt").write_text("".join(p.block for lk in wanted for p in lk.pins))
+    shutil.copytree(project.services["tts"].path, ctx / "app")
+    shutil.copytree(ROOT / "orchestrator" / "runtime", ctx / "runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (ctx / "Dockerfile").write_text(MONOLITH)
+    client = engine.build_client()
+    env = dict(os.environ, **dict(client.env))
+    cmd = [*client.argv, "--progress=plain", "-t", ref, "--secret", f"id=ca,src={engine.ca_bundle()}",
+           "--build-arg", f"BASE_IMAGE={engine.base_ref(project, 'linux/amd64')}", str(ctx)]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"{ref.rsplit(':', 1)[0]}@{engine.push(ref)['digest']}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-monolith", action="store_true")
+    args = ap.parse_args()
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {os.uname().machine}"}
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+        work = Path(tmp) / "project"
+        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", ".build", "tests", "bench"))
+        pf = work / "project.yaml"
+        pf.write_text(pf.read_text().replace("project: morgan", "project: bench"))
+        project = spec.load(pf)
+        reg = Registry(project.registry)
+        app = project.services["tts"].path / "app.py"
+        tts_in = work / "requirements" / "tts.in"
+
+        say("baseline build of tts (cuda)")
+        base_ref, _ = build_tts(project)
+        _, noop = build_tts(project)
+        out["noop_rebuild_seconds"] = round(noop, 1)
+
+        say("(a) app-only change")
+        app.write_text(app.read_text() + "\n# bench: app-only change\n")
+        app_ref, app_secs = build_tts(project)
+        out["app_only"] = {"tool_pull_bytes": pull_bytes(reg, base_ref, app_ref), "tool_rebuild_seconds": round(app_secs, 1)}
+
+        say("(b) small dependency bump")
+        tts_in.write_text("soundfile==0.13.1\n")
+        t = time.monotonic()
+        pipeline.lock(project, log=lambda *_: None)
+        out["lock_seconds_uv_incremental"] = round(time.monotonic() - t, 1)
+        dep_ref, dep_secs = build_tts(project)
+        out["dep_bump"] = {"tool_pull_bytes": pull_bytes(reg, app_ref, dep_ref), "tool_rebuild_seconds": round(dep_secs, 1)}
+
+        if not args.skip_monolith:
+            say("monolith: baseline, app-only change, dependency bump (pushes ~3 GB each)")
+            tts_in.write_text("soundfile>=0.12,<1\n")
+            app.write_text(app.read_text().replace("\n# bench: app-only change\n", ""))
+            pipeline.lock(project, log=lambda *_: None)
+            ctx = Path(tmp) / "monolith"
+            repo = f"{project.registry}/bench/monolith"
+            m0 = build_monolith(project, ctx, f"{repo}:base")
+            app.write_text(app.read_text() + "\n# bench: app-only change\n")
+            m1 = build_monolith(project, ctx, f"{repo}:app")
+            tts_in.write_text("soundfile==0.13.1\n")
+            pipeline.lock(project, log=lambda *_: None)
+            m2 = build_monolith(project, ctx, f"{repo}:dep")
+            out["app_only"]["monolith_pull_bytes"] = pull_bytes(reg, m0, m1)
+            out["dep_bump"]["monolith_pull_bytes"] = pull_bytes(reg, m1, m2)
+            out["monolith_image_bytes"] = pull_bytes(reg, m0, m0) and sum(
+                layer["size"] for layer in reg.get_manifest("bench/monolith", m0.split("@")[1]).json["layers"])
+
+        say("lock timing: uv vs pip-compile for torch==2.5.1 with hashes")
+        req = Path(tmp) / "torch.in"
+        req.write_text("torch==2.5.1\n")
+        t = time.monotonic()
+        subprocess.run([lock._uv(), "pip", "compile", str(req), "--generate-hashes", "--no-cache", "-q",
+                        "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"],
+                       check=True, stdout=subprocess.DEVNULL)
+        out["lock_seconds_uv_torch_cold"] = round(time.monotonic() - t, 1)
+        if shutil.which("pip-compile") or (ROOT / ".venv/bin/pip-compile").exists():
+            t = time.monotonic()
+            subprocess.run([str(ROOT / ".venv/bin/pip-compile"), str(req), "--generate-hashes", "-q",
+                            "--output-file", str(Path(tmp) / "torch.txt")], check=True, stdout=subprocess.DEVNULL)
+            out["lock_seconds_pip_compile_torch"] = round(time.monotonic() - t, 1)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
