@@ -7,7 +7,6 @@ NVML and `ldconfig -p` are only asked on the real root.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import subprocess
@@ -48,16 +47,10 @@ class Host:
 
 
 def _nvml_driver() -> str | None:
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-        if nvml.nvmlInit_v2() != 0:
-            return None
-        buf = ctypes.create_string_buffer(96)
-        ok = nvml.nvmlSystemGetDriverVersion(buf, 96) == 0
-        nvml.nvmlShutdown()
-        return buf.value.decode() if ok else None
-    except (OSError, AttributeError):
-        return None
+    # The in-image entrypoint asks NVML the same way; it is stdlib-only, so share it.
+    from .runtime.entrypoint import _nvml_driver_version
+
+    return _nvml_driver_version()
 
 
 def _ldconfig_libcuda() -> str | None:

@@ -39,6 +39,23 @@ class Contract:
 
         threading.Thread(target=run, name="model-loader", daemon=True).start()
 
+    def load_torch_model(self, build, on_loaded):
+        """Build a torch module in the background (seeded, on the effective device, eval mode).
+
+        on_loaded(model) receives it; /ready turns 200 afterwards.
+        """
+
+        def loader():
+            import torch
+
+            torch.manual_seed(0)
+            model = build().to(self.device()).eval()
+            on_loaded(model)
+            return {"name": type(model).__name__, "device": self.device(),
+                    "parameters": sum(p.numel() for p in model.parameters())}
+
+        self.load_in_background(loader)
+
     def info(self):
         out = {"service": self.name, "version": self.version, "backend_requested": self.requested,
                "backend_effective": self.effective, "ready": self.ready.is_set(),

@@ -29,15 +29,12 @@ class TinyRecognizer(torch.nn.Module):
         return self.head(out)
 
 
-def load():
+def _loaded(m):
     global model
-    torch.manual_seed(0)
-    model = TinyRecognizer().to(contract.device()).eval()
-    return {"name": "TinyRecognizer", "parameters": sum(p.numel() for p in model.parameters()),
-            "device": contract.device()}
+    model = m
 
 
-contract.load_in_background(load)
+contract.load_torch_model(TinyRecognizer, _loaded)
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
 
 

@@ -32,15 +32,12 @@ class TinyVocoder(torch.nn.Module):
         return torch.tanh(self.out(torch.relu(self.conv(x)))).squeeze(1)
 
 
-def load():
+def _loaded(m):
     global model
-    torch.manual_seed(0)
-    model = TinyVocoder().to(contract.device()).eval()
-    return {"name": "TinyVocoder", "parameters": sum(p.numel() for p in model.parameters()),
-            "device": contract.device()}
+    model = m
 
 
-contract.load_in_background(load)
+contract.load_torch_model(TinyVocoder, _loaded)
 
 
 class Text(BaseModel):
