@@ -70,6 +70,9 @@
                 invoke lock [--check]             hashed requirement locks under locks/
                 invoke render [--check]           Dockerfiles under dockerfiles/
                 invoke build --backend cuda|cpu|all   build and push the images
+                invoke publish                    indexes + backend manifests in the registry
+                invoke smoke                      launch every variant and check it
+                invoke select --service tts       which image this host should run, and why
                 pytest -q                         tests (engine tests need engine.up)
               EOF
             '';

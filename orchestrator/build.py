@@ -118,6 +118,20 @@ def _pip_sources(image: ImagePlan) -> str:
     return " ".join(parts)
 
 
+def _push_progress(image: ImagePlan, log, every: float = 10.0):
+    """Log upload progress of large layers every few seconds (docker push is the slow part)."""
+    last = {"t": time.monotonic()}
+
+    def on_event(ev: dict) -> None:
+        detail = ev.get("progressDetail") or {}
+        if ev.get("status") == "Pushing" and detail.get("total") and time.monotonic() - last["t"] >= every:
+            last["t"] = time.monotonic()
+            log(f"  {image.key}/{image.backend.name}: pushing layer {ev.get('id')} "
+                f"{detail['current'] / 1e6:,.0f}/{detail['total'] / 1e6:,.0f} MB (uncompressed)")
+
+    return on_event
+
+
 def run_build(image: ImagePlan, ctx: Path, ref: str, build_args: dict[str, str], log=print,
               no_cache: bool = False) -> None:
     client = engine.build_client()
@@ -192,7 +206,7 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
                 args["CUDA_LIBS_IMAGE"] = parent_result.ref
             run_build(image, ctx, image.ref(tag), args, log, no_cache=no_cache)
             log(f"{image.key}/{image.backend.name}: pushing {image.ref(tag)}")
-            pushed = engine.push(image.ref(tag))
+            pushed = engine.push(image.ref(tag), on_event=_push_progress(image, log))
             result = BuildResult(image, tag, pushed["digest"], True, pushed["uploaded_bytes"],
                                  pushed["pushed_layers"], pushed["reused_layers"])
             log(f"{image.key}/{image.backend.name}: registry received {pushed['uploaded_bytes']:,} bytes "
