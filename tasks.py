@@ -157,7 +157,7 @@ def select_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, ro
     from orchestrator import probe, select as select_mod
 
     proj = pipeline.load_project(project)
-    pipeline.parse_list(service, proj.services, "service", proj.file.name)
+    pipeline.one(service, proj.services, "service", proj.file.name)
     data, source = _manifest_for(proj, service, manifest)
     host = probe.probe(root)
     choice = select_mod.select(data, host, backend or os.environ.get("ORCH_BACKEND") or None, source)
@@ -182,7 +182,7 @@ def run_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, port=
     from orchestrator import launch, probe
 
     proj = pipeline.load_project(project)
-    pipeline.parse_list(service, proj.services, "service", proj.file.name)
+    pipeline.one(service, proj.services, "service", proj.file.name)
     data, _ = _manifest_for(proj, service, manifest)
     svc = proj.services[service]
     result = launch.launch(data, probe.probe().platform, svc.port, f"orch-{proj.name}-{service}",

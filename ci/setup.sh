@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io docker-registry mmdebstrap qemu-user-static binfmt-support uidmap)
+packages=(python3 python3-venv python3-pip ca-certificates docker.io docker-registry mmdebstrap qemu-user-static binfmt-support uidmap)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -21,7 +21,12 @@ stamp=.venv/.orchestrator-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the orchestrator package into .venv"
-  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  .venv/bin/python -c "import orchestrator, invoke, docker, testcontainers" || { echo "setup: install failed" >&2; exit 1; }
+  # pip's own configuration (find-links, indexes) is honoured; only its
+  # noise about file:// index entries that lack a package is filtered out.
+  set +o pipefail
+  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
+  status=${PIPESTATUS[0]}
+  set -o pipefail
+  [ "$status" = 0 ] || { echo "setup: pip install -e '.[test]' failed ($status)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

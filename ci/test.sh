@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+# The Ryuk reaper image cannot be pulled offline; tests remove what they start.
+export TESTCONTAINERS_RYUK_DISABLED=true
 invoke engine.up
 invoke lock --check
 invoke render --check

@@ -102,7 +102,7 @@ def stage_context(project: Project, image: ImagePlan, dockerfile: str) -> tuple[
         for f in resources.files("orchestrator").joinpath("runtime").iterdir():
             if f.name.endswith(".py"):
                 (runtime / f.name).write_bytes(f.read_bytes())
-    digest = tree_digest(ctx)
+    digest = tree_digest(ctx, skip=("wheelhouse",))
     (ctx / "Dockerfile").write_text(dockerfile)
     (ctx / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
     return ctx, digest
@@ -167,7 +167,8 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
         if s not in project.services:
             raise UserError(f"unknown service {s!r}; {project.file.name} defines {sorted(project.services)}")
     for p in platforms or []:
-        for b in backends or project.backends:
+        # Named backends must build there; "all" means those that do.
+        for b in backends or []:
             if p not in project.backends[b].platforms:
                 raise UserError(f"backend {b} is not built for {p}: the compatibility data or backends.{b}.platforms "
                                 f"allow {list(project.backends[b].platforms)}",
@@ -229,18 +230,32 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
             digest, sent = reg.put_manifest_if_changed(name, human, body, OCI_INDEX)
             if stats is not None:
                 stats["index_bytes"] = stats.get("index_bytes", 0) + sent
-            log(f"{image.repository}:{human} -> index {digest[:19]} "
-                f"({', '.join(m.image.platform for m in members)})" + ("" if sent else ", unchanged"))
+            platforms = ", ".join(f"{d['platform']['os']}/{d['platform']['architecture']}"
+                                  for d in json.loads(body)["manifests"])
+            log(f"{image.repository}:{human} -> index {digest[:19]} ({platforms})" + ("" if sent else ", unchanged"))
     return results
 
 
 def image_index(reg: Registry, name: str, members: list[BuildResult]) -> bytes:
-    """An OCI image index over per-platform manifests, in canonical JSON."""
-    manifests = []
-    for r in sorted(members, key=lambda m: m.image.platform):
+    """An OCI image index over per-platform manifests, in canonical JSON.
+
+    Platforms not built in this run keep their entry from the index the
+    human tag names now (if the project still builds them), so
+    `build --platform linux/amd64` does not drop linux/arm64.
+    """
+    image = members[0].image
+    wanted = set(image.backend.platforms)
+    entries: dict[str, dict] = {}
+    current = reg.get_manifest(name, image.human_tags[0])
+    for d in (current.json.get("manifests", []) if current else []):
+        plat = f"{d.get('platform', {}).get('os')}/{d.get('platform', {}).get('architecture')}"
+        if plat in wanted and reg.has_manifest(name, d["digest"]):
+            entries[plat] = d
+    for r in members:
         m = reg.get_manifest(name, r.digest)
         os_, arch = r.image.platform.split("/")
-        manifests.append({"mediaType": m.media_type, "digest": m.digest, "size": len(m.body),
-                          "platform": {"architecture": arch, "os": os_}})
+        entries[r.image.platform] = {"mediaType": m.media_type, "digest": m.digest, "size": len(m.body),
+                                     "platform": {"architecture": arch, "os": os_}}
+    manifests = [entries[p] for p in sorted(entries)]
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
     return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()

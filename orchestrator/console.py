@@ -9,6 +9,7 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import OrchestratorError
 
@@ -26,9 +27,10 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except OrchestratorError as e:
-            err_console.print(f"[bold red]error:[/] {e.message}", markup=True)
+            # Messages quote build output and paths like "[app 2/3]": never markup.
+            err_console.print(Text("error: ", style="bold red") + Text(e.message))
             if e.hint:
-                err_console.print(f"  [dim]hint:[/] {e.hint}", markup=True)
+                err_console.print(Text("  hint: ", style="dim") + Text(e.hint))
             raise Exit(code=e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -42,7 +44,7 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[Text(str(x)) for x in r])
     console.print(t)
 
 

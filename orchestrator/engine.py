@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EnvironmentProblem
+from .files import atomic_write, exclusive
 from .registry import Registry, split_ref
 from .spec import Project
 
@@ -209,14 +210,22 @@ def _base_key(project: Project, platform: str) -> str:
 
 def read_base_lock() -> dict:
     path = _base_lock_file()
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise EnvironmentProblem(f"{path} is unreadable ({e})",
+                                 "delete it and run `invoke engine.up` to pin the bases again") from None
+    if not isinstance(data, dict):
+        raise EnvironmentProblem(f"{path} is not a JSON object", "delete it and run `invoke engine.up`")
+    return data
 
 
-def _write_base_lock(data: dict) -> None:
+def _record_base(key: str, entry: dict) -> None:
     path = _base_lock_file()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with exclusive(path):  # engine.up and test runs may pin bases at the same time
+        data = read_base_lock()
+        data[key] = entry
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def base_ref(project: Project, platform: str) -> str:
@@ -298,20 +307,20 @@ def base_platforms(project: Project) -> list[str]:
 
 
 def ensure_base(project: Project, platform: str) -> str:
-    data = read_base_lock()
     key = _base_key(project, platform)
-    entry = data.get(key)
+    entry = read_base_lock().get(key)
     if entry and _ref_available(entry["ref"]):
         return f"{platform}: {entry['ref']} ({entry['source']}, pinned)"
-    pulled = _try_pull(project.base.image, platform)
+    # The pinned digest first: re-pulling the tag could silently move the pin.
+    pulled = (_try_pull(entry["ref"], platform) if entry and entry["source"] == "pulled" else None) \
+        or _try_pull(project.base.image, platform)
     if pulled:
         ref, source = pulled, "pulled"
     else:
         _say(f"{project.base.image} cannot be pulled; bootstrapping a base instead")
         ref, source = bootstrap_base(project, platform), "mmdebstrap"
-    data[key] = {"ref": ref, "source": source, "configured": project.base.image, "platform": platform,
-                 "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_base_lock(data)
+    _record_base(key, {"ref": ref, "source": source, "configured": project.base.image, "platform": platform,
+                       "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return f"{platform}: {ref} ({source}, newly pinned)"
 
 

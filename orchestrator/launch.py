@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import docker
 import requests
 
 from . import engine
-from .errors import EnvironmentProblem
+from .errors import EnvironmentProblem, UserError
 from .select import walk_order
 
 EX_CONFIG = 78
@@ -48,6 +49,9 @@ def launch(manifest: dict, platform: str, port: int, name: str, override: str | 
     entry = manifest["platforms"].get(platform)
     if entry is None:
         raise EnvironmentProblem(f"the backend manifest has no images for {platform}")
+    if override and override not in entry["backends"]:
+        raise UserError(f"backend {override!r} is not published for {platform} (available: {sorted(entry['backends'])})",
+                        "drop --backend to walk the fallback list")
     order = [override] if override else walk_order(entry)
     client = engine.docker_client()
     try:  # a previous run of the same service: replace it
@@ -59,8 +63,13 @@ def launch(manifest: dict, platform: str, port: int, name: str, override: str | 
         image = entry["backends"][backend]["image"]
         started = time.monotonic()
         log(f"starting {backend}: {image}")
-        container = client.containers.run(image, name=name, detach=True, environment={"BACKEND_POLICY": "strict"},
-                                           ports={f"{port}/tcp": ("127.0.0.1", host_port or None)})
+        try:
+            container = client.containers.run(image, name=name, detach=True,
+                                               environment={"BACKEND_POLICY": "strict"},
+                                               ports={f"{port}/tcp": ("127.0.0.1", host_port or None)})
+        except docker.errors.APIError as e:
+            raise EnvironmentProblem(f"could not start {image}: {e.explanation or e}",
+                                     "is the port in use, or the image missing from the registry?") from None
         outcome = None
         while time.monotonic() - started < timeout:
             container.reload()

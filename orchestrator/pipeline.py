@@ -11,6 +11,7 @@ from . import lock as lock_mod
 from . import spec as spec_mod
 from .build import load_all_locks
 from .errors import UserError
+from .files import atomic_write
 from .plan import make_plan
 from .render import HEADER, render_all
 
@@ -36,7 +37,10 @@ def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Pa
             log(f"{backend.name} for {platform}: locks are up to date")
             continue
         log(f"locking {backend.name} for {platform}")
-        locks = lock_mod.resolve_backend(project, backend, platform)
+        previous = {} if upgrade else {
+            layer: lock_mod.read_pins(lock_mod.lock_path(project.root, backend.name, platform, layer))
+            for layer in lock_mod.expected_layers(project, backend, platform)}
+        locks = lock_mod.resolve_backend(project, backend, platform, previous)
         for lk in locks:
             log(f"  {lk.layer:<16} {len(lk.pins):>3} packages")
         changed += lock_mod.write_locks(project, locks)
@@ -67,10 +71,7 @@ def render(project: spec_mod.Project, check: bool = False) -> list[str]:
         if not path.exists() or path.read_text() != text:
             differ.append(name)
             if not check:
-                out_dir.mkdir(exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, path)
+                atomic_write(path, text)
     for path in _generated(out_dir) if out_dir.exists() else []:
         if path.name not in files:
             differ.append(path.name)
@@ -89,3 +90,11 @@ def parse_list(value: str | None, known, what: str, file: str) -> list[str] | No
             raise UserError(f"unknown {what} {item!r}; {file} defines {sorted(known)}",
                             f"pick one of {sorted(known)} or 'all'")
     return items
+
+
+def one(value: str | None, known, what: str, file: str) -> str:
+    """Exactly one known name (select and run act on a single service)."""
+    if not value or value not in known:
+        raise UserError(f"{what} {value!r} is not one of {sorted(known)} in {file}",
+                        f"pass exactly one, e.g. --{what} {sorted(known)[0]}")
+    return value

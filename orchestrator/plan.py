@@ -176,11 +176,15 @@ def content_tag(image: ImagePlan, dockerfile_text: str, context_digest: str, par
     return f"{image.content_prefix}-{h.hexdigest()[:12]}"
 
 
-def tree_digest(path: Path) -> str:
-    """Hash of a directory's relative paths, modes and contents (mtimes ignored)."""
+def tree_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """Hash of a directory's relative paths, modes and contents (mtimes ignored).
+
+    skip: top-level entries left out (the wheelhouse: its wheels are pinned
+    by hash in the locks, whatever else the find-links directory holds).
+    """
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
-        if "__pycache__" in p.parts or p.suffix == ".pyc":
+        if "__pycache__" in p.parts or p.suffix == ".pyc" or p.relative_to(path).parts[0] in skip:
             continue
         rel = p.relative_to(path).as_posix()
         h.update(rel.encode() + b"\0")

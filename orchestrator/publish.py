@@ -11,9 +11,9 @@ nothing changed uploads 0 bytes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -21,11 +21,12 @@ import jsonschema
 from . import build as build_mod
 from . import compat as compat_mod
 from .errors import EnvironmentProblem, UserError
+from .files import atomic_write
 from .registry import EMPTY_JSON, OCI_EMPTY, OCI_MANIFEST, Registry, sha256_digest, split_ref
 from .spec import Project
 
 ARTIFACT_TYPE = "application/vnd.orchestrator.backends.v1+json"
-SCHEMA_FILE = "manifests/backend-manifest.schema.json"
+SCHEMA_FILE = "manifests/backend-manifest.schema.json"  # a link to the packaged copy
 # Preference when a platform offers several backends: the default is the first.
 BACKEND_PREFERENCE = ("cuda", "cpu")
 
@@ -40,8 +41,7 @@ class PublishReport:
 
 @lru_cache(maxsize=1)
 def _schema() -> dict:
-    here = Path(__file__).resolve().parent.parent / SCHEMA_FILE
-    return json.loads(here.read_text())
+    return json.loads(resources.files("orchestrator").joinpath("data/backend-manifest.schema.json").read_text())
 
 
 def validate(manifest: dict, source: str) -> None:
@@ -77,6 +77,9 @@ def backend_manifest(project: Project, service: str, results: list) -> dict:
                 raise EnvironmentProblem(f"{service}/{bname} for {platform} was not built in this run")
             _, name, _ = split_ref(r.image.ref("x"))
             index = reg.get_manifest(name, r.image.human_tags[0])
+            if index is None:
+                raise EnvironmentProblem(f"{r.image.repository}:{r.image.human_tags[0]} vanished from the registry "
+                                         "while publishing", "re-run `invoke publish`")
             spec = {"image": f"{r.image.repository}@{r.digest}", "index": f"{r.image.repository}@{index.digest}",
                     "size": _image_size(reg, name, r.digest), "torch": backend.torch_for(platform)}
             if backend.is_cuda:
@@ -97,10 +100,7 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 def write_manifest(project: Project, manifest: dict) -> Path:
     path = project.root / "manifests" / f"{manifest['service']}-{manifest['version']}.backends.json"
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(manifest_bytes(manifest))
-    os.replace(tmp, path)
+    atomic_write(path, manifest_bytes(manifest))
     return path
 
 
@@ -161,10 +161,12 @@ def publish(project: Project, services: list[str] | None = None, log=print) -> P
     # Backend manifests last: everything they name now exists.
     for service in services or list(project.services):
         manifest = backend_manifest(project, service, report.builds)
-        report.manifests[service] = write_manifest(project, manifest)
         _, name, _ = split_ref(project.repository(service) + ":x")
         tag = artifact_tag(manifest["version"])
-        digest, sent = push_artifact(reg, name, tag, manifest_bytes(manifest), report.manifests[service].name)
+        title = f"{manifest['service']}-{manifest['version']}.backends.json"
+        digest, sent = push_artifact(reg, name, tag, manifest_bytes(manifest), title)
+        # Written locally only once it is in the registry.
+        report.manifests[service] = write_manifest(project, manifest)
         report.uploaded_bytes += sent
         report.artifacts[service] = f"{project.repository(service)}:{tag}@{digest}"
         log(f"{project.repository(service)}:{tag} -> {digest[:19]}" + ("" if sent else " (unchanged)"))

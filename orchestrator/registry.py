@@ -49,7 +49,10 @@ def credentials_for(host: str, docker_config: Path | None = None) -> tuple[str, 
     for key in (host, f"https://{host}", f"http://{host}"):
         entry = auths.get(key) or {}
         if entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                continue  # a broken entry is as good as none; the registry will say 401
             return user, password
     return None
 
@@ -139,7 +142,7 @@ class Registry:
                 if resp.status_code == 401:
                     raise UserError(f"registry {self.host} refused {method} {path} (401 unauthorized)",
                                     "set REGISTRY_USERNAME/REGISTRY_PASSWORD or `docker login` for this registry")
-            except requests.ConnectionError as e:
+            except requests.RequestException as e:
                 if attempt == self.retries:
                     raise EnvironmentProblem(
                         f"registry {self.host} is unreachable ({type(e).__name__})",

@@ -14,8 +14,9 @@ no RUN ever executes under emulation.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
+
+from .errors import UserError
 
 from .plan import APP_DIR, APP_UID, RUNTIME_DIR, BuildPlan, ImagePlan, LayerStage
 
@@ -72,7 +73,8 @@ def _env(pairs) -> str:
 
 def render_image(image: ImagePlan, project_file: str) -> str:
     out = [HEADER.format(project=project_file)]
-    out.append(f"# image: {image.repository}  backend: {image.backend.name}"
+    # No registry here: the same project renders the same text wherever it publishes.
+    out.append(f"# image: {image.repository.split('/', 1)[1]}  backend: {image.backend.name}"
                + (f"  cuda: {image.backend.cuda}" if image.backend.is_cuda else "")
                + f"  torch: {image.backend.torch_summary()}\n")
     order = ["base"] + (["cuda-libs"] if image.from_image == "cuda-libs" else []) + [s.name for s in image.layers]
@@ -141,10 +143,10 @@ def render_all(plan: BuildPlan) -> dict[str, str]:
         if prev is not None and prev != text:
             # Platforms whose locks differ in which layers are empty would
             # need different files; say so rather than pick one silently.
-            raise ValueError(f"{image.dockerfile} renders differently for {image.platform}")
+            layers = ", ".join(s.name for s in image.layers)
+            raise UserError(f"{image.dockerfile}: the layers of {image.key}/{image.backend.name} differ between "
+                            f"platforms (on {image.platform}: {layers}); one Dockerfile serves every platform",
+                            "give every platform at least one package in each layer, or split the backend")
         files[image.dockerfile] = text
     return files
 
-
-def shell_join(args) -> str:
-    return " ".join(shlex.quote(a) for a in args)

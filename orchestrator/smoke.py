@@ -100,7 +100,9 @@ def variants(project: Project, services=None, backends=None, platforms=None) -> 
                     digest = next((m["digest"] for m in manifest.json["manifests"]
                                    if m.get("platform", {}).get("architecture") == arch), None)
                     if digest is None:
-                        continue
+                        raise UserError(f"{project.repository(svc.name)}:{tag} has no {platform} image, but the "
+                                        f"project builds {bname} for {platform}",
+                                        f"build it: invoke build --backend {bname} --platform {platform}")
                 out.append(Variant(svc.name, bname, platform, f"{project.repository(svc.name)}@{digest}",
                                    svc.port, svc.version, backend.torch_for(platform), backend.cuda))
     return out
@@ -204,7 +206,11 @@ def check_variant(variant: Variant, gpu: bool, ready_timeout: float = 180.0, sta
     try:
         client.images.get(variant.image)
     except Exception:  # noqa: BLE001 - not local yet
-        client.images.pull(variant.image, platform=variant.platform)
+        try:
+            client.images.pull(variant.image, platform=variant.platform)
+        except Exception as e:  # noqa: BLE001 - no such image, registry down: this variant fails
+            result.checks.append(Check("pull", False, f"cannot pull {variant.image}: {str(e)[:200]}"))
+            return result
     _check_image_config(variant, result)
     container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, gpu)
     container = container.waiting_for(HttpWaitStrategy(variant.port, "/health").for_status_code(200)
@@ -221,7 +227,12 @@ def check_variant(variant: Variant, gpu: bool, ready_timeout: float = 180.0, sta
         ok, detail = _wait_ready(base, ready_timeout)
         result.checks.append(Check("/ready", ok, detail))
         if ok:
-            _check_info(variant, gpu, requests.get(f"{base}/info", timeout=10).json(), result)
+            try:
+                info = requests.get(f"{base}/info", timeout=10).json()
+            except (requests.RequestException, ValueError) as e:
+                result.checks.append(Check("/info", False, f"no JSON from /info: {e}"))
+            else:
+                _check_info(variant, gpu, info, result)
         _check_inside(variant, gpu, container, result)
         if not result.ok:
             result.logs = _logs_tail(container)
@@ -285,6 +296,8 @@ def _check_strict_exit(variant: Variant) -> Check:
         code = container.wait(timeout=60)["StatusCode"]
         elapsed = time.monotonic() - started
         err = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()
+    except requests.RequestException:
+        return Check("strict exits 78", False, "still running after 60 s with BACKEND_POLICY=strict on a host without a GPU")
     finally:
         container.remove(force=True)
     lines = err.splitlines()

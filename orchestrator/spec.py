@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jsonschema
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from . import compat as compat_mod
@@ -191,7 +193,7 @@ def _keypath(parts) -> str:
 def _describe(value) -> str:
     if value is None:
         return "nothing (null)"
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return f"{type(value).__name__} {text[:60]}"
 
 
@@ -230,6 +232,8 @@ def _expect_file(file: str, key: str, root: Path, rel: str, what: str) -> Path:
     if not path.exists():
         raise SpecError(file, key, f"{what} {rel!r} does not exist (looked at {path})",
                         "create it or fix the path, which is relative to the project file")
+    if what.endswith("file") and not path.is_file():
+        raise SpecError(file, key, f"expected a file, found a directory: {rel!r}")
     return path
 
 
@@ -240,6 +244,8 @@ def load(path: str | os.PathLike) -> Project:
         raise SpecError(file, "", "project file not found", "pass --project PATH or run from the project root")
     try:
         data = _parse_yaml(file, path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(file, "", f"cannot read the project file ({e})", "it must be a readable UTF-8 YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
@@ -331,7 +337,7 @@ def _build(path: Path, data: dict) -> Project:
                 raise SpecError(file, "cuda_libs.packages",
                                 f"must not be set when backends.{name} has torch: the CUDA-libs set is derived from "
                                 f"torch {torch}'s pins for CUDA {cuda}", "remove the `packages:` key from cuda_libs")
-            if torch is None and cuda_libs.packages is None:
+            if any(t is None for t in torch_map.values()) and cuda_libs.packages is None:
                 raise SpecError(file, "cuda_libs.packages", "is required when the cuda backend has no torch",
                                 "list the nvidia-*-cu12 wheels your services need")
         elif cuda is not None:
@@ -367,7 +373,14 @@ def _build(path: Path, data: dict) -> Project:
         for t in compat.torch_versions():
             allowed.update(compat.cuda_pins(t, cuda_libs.cuda) or {})
         for i, req in enumerate(cuda_libs.packages):
-            pname = re.split(r"[=<>!~ \[]", req, maxsplit=1)[0]
+            try:
+                parsed = Requirement(req)
+            except InvalidRequirement:
+                raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a requirement such as "
+                                f"'nvidia-cuda-runtime-cu12' or 'nvidia-cuda-runtime-cu12==12.4.127', found {req!r}") from None
+            pname = canonicalize_name(parsed.name)
+            if parsed.extras or parsed.marker or parsed.url:
+                raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a plain name or name==version, found {req!r}")
             if pname not in allowed:
                 raise SpecError(file, f"cuda_libs.packages[{i}]",
                                 f"{pname!r} is not a CUDA {cuda_libs.cuda} library wheel in the compatibility data",

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
+# The Ryuk reaper image cannot be pulled offline; tests remove what they start.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
-def _unavailable(reason: str):
+def unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: engine-dependent tests must run, not skip)", pytrace=False)
     pytest.skip(reason)
@@ -30,14 +33,14 @@ def engine_ready():
     from orchestrator.spec import DEFAULT_REGISTRY
 
     if not engine.engine_running():
-        _unavailable("no Docker Engine (run `invoke engine.up`)")
+        unavailable("no Docker Engine (run `invoke engine.up`)")
     try:
         engine.build_client()
     except EnvironmentProblem as e:
-        _unavailable(str(e))
+        unavailable(str(e))
     registry = os.environ.get("ORCH_REGISTRY", DEFAULT_REGISTRY)
     if not Registry(registry, retries=0, timeout=5).ping():
-        _unavailable(f"registry {registry} is not answering (run `invoke engine.up`)")
+        unavailable(f"registry {registry} is not answering (run `invoke engine.up`)")
     return registry
 
 

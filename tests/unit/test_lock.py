@@ -78,11 +78,24 @@ def test_editing_a_layer_input_makes_that_lock_stale_for_every_backend(mini_copy
     assert stale == {"locks/cuda-amd64/shared.txt", "locks/cpu-amd64/shared.txt", "locks/cpu-arm64/shared.txt"}
 
 
-def test_a_hand_edited_lower_lock_makes_the_locks_above_it_stale(mini_copy):
+def test_a_hand_edited_lock_is_named_and_so_are_the_locks_above_it(mini_copy):
     path = mini_copy / "locks" / "cpu-amd64" / "shared.txt"
     path.write_text(path.read_text().replace("idna==3.10", "idna==3.9"))
-    stale = {str(s.path) for s in lock.check(spec.load(mini_copy / "project.yaml"))}
-    assert stale == {"locks/cpu-amd64/service-echo.txt"}
+    stale = {str(s.path): s.reason for s in lock.check(spec.load(mini_copy / "project.yaml"))}
+    assert set(stale) == {"locks/cpu-amd64/shared.txt", "locks/cpu-amd64/service-echo.txt"}
+    assert "edited by hand" in stale["locks/cpu-amd64/shared.txt"]
+
+
+def test_service_layers_are_locked_independently_of_each_other():
+    # Each service image carries only its own layer, so a package two services
+    # need must be in both service locks, not only in the first one's.
+    project = spec.load(ROOT / "project.yaml")
+    for backend, platform in lock.targets(project):
+        locks = {lk.layer: lk for lk in lock.load_locks(project, backend, platform)}
+        base = set().union(*(lk.names() for name, lk in locks.items() if not name.startswith("service-")))
+        for name, lk in locks.items():
+            if name.startswith("service-"):
+                assert not (lk.names() & base), (backend.name, platform, name)
 
 
 def test_a_missing_lock_and_an_orphaned_lock_are_both_named(mini_copy):
