@@ -23,10 +23,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the orchestrator package into .venv"
   # pip's own configuration (find-links, indexes) is honoured; only its
   # noise about file:// index entries that lack a package is filtered out.
-  set +o pipefail
-  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
-  status=${PIPESTATUS[0]}
-  set -o pipefail
-  [ "$status" = 0 ] || { echo "setup: pip install -e '.[test]' failed ($status)" >&2; exit 1; }
+  log=$(mktemp)
+  if ! .venv/bin/pip install -q -e '.[test]' >"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+    echo "setup: pip install -e '.[test]' failed" >&2
+    exit 1
+  fi
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
   echo "$want" > "$stamp"
 fi
