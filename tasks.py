@@ -152,7 +152,7 @@ def _manifest_for(proj, service, manifest):
     "json": "print backend, image, platform, reasons and host as JSON",
 })
 @friendly
-def select_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, root="/", json=False):
+def select_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, root="/", json=False):
     """Say which image this host should run for a service, and why (walks the fallback list)."""
     from orchestrator import probe, select as select_mod
 
@@ -177,7 +177,7 @@ def select_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, ro
     "port": "host port on 127.0.0.1 (default: a free one)",
 })
 @friendly
-def run_(c, service, project=DEFAULT_PROJECT, backend=None, manifest=None, port=0):
+def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, port=0):
     """Start a service from its default backend; on exit 78 start the next backend at once."""
     from orchestrator import launch, probe
 

@@ -94,7 +94,10 @@ def parse_list(value: str | None, known, what: str, file: str) -> list[str] | No
 
 def one(value: str | None, known, what: str, file: str) -> str:
     """Exactly one known name (select and run act on a single service)."""
-    if not value or value not in known:
+    if not value:
+        raise UserError(f"--{what} is required; {file} defines {sorted(known)}",
+                        f"pass exactly one, e.g. --{what} {sorted(known)[0]}")
+    if value not in known:
         raise UserError(f"{what} {value!r} is not one of {sorted(known)} in {file}",
                         f"pass exactly one, e.g. --{what} {sorted(known)[0]}")
     return value

@@ -5,6 +5,7 @@ service that never becomes ready) failing for the right reason."""
 from __future__ import annotations
 
 import io
+import os
 import time
 
 import pytest
@@ -74,3 +75,16 @@ def test_a_service_that_never_becomes_ready_fails_the_smoke_with_its_logs(mini_v
     assert not r.ok
     failed = {c.name: c.detail for c in r.failures()}
     assert failed["/ready"].startswith("/ready did not turn 200 within 5 s (last answer: 503)")
+
+
+@pytest.mark.skipif(os.environ.get("ORCH_SMOKE_EXAMPLE") != "1",
+                    reason="opt-in (ORCH_SMOKE_EXAMPLE=1): needs the example project published (bash ci/main.sh)")
+def test_the_example_project_passes_the_smoke_on_every_variant(engine_ready):
+    from orchestrator import spec
+
+    from ..conftest import ROOT
+
+    results = smoke.run(spec.load(ROOT / "project.yaml"), log=lambda *_: None)
+    assert len(results) == 6  # tts, stt x cuda amd64, cpu amd64, cpu arm64
+    for r in results:
+        assert r.ok, (r.variant, [(c.name, c.detail) for c in r.failures()], r.logs)
