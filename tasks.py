@@ -222,5 +222,13 @@ def engine_down(c):
         log(line)
 
 
-engine_ns = Collection("engine", engine_up, engine_status, engine_down)
+@task(name="gc", help={"project": PROJECT_HELP})
+@friendly
+def engine_gc(c, project=DEFAULT_PROJECT):
+    """Free registry disk: delete blobs no manifest references (briefly stops the embedded registry)."""
+    proj = pipeline.load_project(project)
+    log(engine.gc(proj.registry))
+
+
+engine_ns = Collection("engine", engine_up, engine_status, engine_down, engine_gc)
 ns = Collection(lock, render, build, publish, smoke, select_, run_, engine_ns)

@@ -361,6 +361,25 @@ def push(ref: str, on_event=None) -> dict:
             "pushed_layers": len(pushed), "reused_layers": len(layers) - len(pushed)}
 
 
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def gc(host: str) -> str:
+    """Free blobs no manifest references (tests and re-builds leave them) in the embedded registry."""
+    config = state_dir() / "registry.yml"
+    data = state_dir() / "registry" / "data"
+    if not config.exists() or not data.exists():
+        return "the registry is not the embedded one; nothing to do (use your registry's own GC)"
+    before = _tree_bytes(data)
+    down()  # garbage-collect needs the registry stopped
+    proc = subprocess.run(["docker-registry", "garbage-collect", str(config)], capture_output=True, text=True)
+    ensure_registry(host)
+    if proc.returncode != 0:
+        raise EnvironmentProblem("docker-registry garbage-collect failed:\n" + proc.stderr[-1000:])
+    return f"freed {(before - _tree_bytes(data)) / 1e6:,.0f} MB in {data}"
+
+
 def status(project: Project) -> list[tuple[str, str]]:
     rows = []
     if engine_running():
