@@ -10,12 +10,13 @@ requirements copied before the app so Docker's cache helps it as much as it
 can.
 
 Changes: (a) app-only (a line in services/tts/app.py), (b) a small
-dependency bump (soundfile 0.14.0 -> 0.13.1 in the tts service layer).
+dependency bump (soundfile 0.14.0 -> 0.13.1 in the tts service layer),
+(c) a torch patch change (2.5.1 -> 2.5.0, the same nvidia-* pins).
 Also times the no-op and app-only rebuilds and `uv pip compile` vs
 `pip-compile` for the torch layer.
 
-Usage: .venv/bin/python bench/pull_bytes.py [--skip-monolith] > bench/out/pull_bytes.json
-Needs `invoke engine.up` first. Takes 10-20 minutes (the monolith pushes ~3 GB twice).
+Usage: .venv/bin/python bench/pull_bytes.py [--skip-monolith] [--only a,b,c] > bench/out/pull_bytes.json
+Needs `invoke engine.up` first. Takes 10-25 minutes (the monolith pushes ~3 GB per change that moves it).
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def build_monolith(project, ctx: Path, ref: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-monolith", action="store_true")
+    ap.add_argument("--only", default="a,b,c,lock", help="which to measure: a, b, c, lock (uv vs pip-compile)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {os.uname().machine}"}
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         work = Path(tmp) / "project"
@@ -113,37 +116,48 @@ def main() -> int:
         _, noop = build_tts(project)
         out["noop_rebuild_seconds"] = round(noop, 1)
 
-        say("(a) app-only change")
-        app.write_text(app.read_text() + "\n# bench: app-only change\n")
-        app_ref, app_secs = build_tts(project)
-        out["app_only"] = {"tool_pull_bytes": pull_bytes(reg, base_ref, app_ref), "tool_rebuild_seconds": round(app_secs, 1)}
+        repo = f"{project.registry}/bench/monolith"
+        ctx = Path(tmp) / "monolith"
+        monolith = not args.skip_monolith
+        m_prev = build_monolith(project, ctx, f"{repo}:base") if monolith else None
+        prev = base_ref
 
-        say("(b) small dependency bump")
-        tts_in.write_text("soundfile==0.13.1\n")
-        t = time.monotonic()
-        pipeline.lock(project, log=lambda *_: None)
-        out["lock_seconds_uv_incremental"] = round(time.monotonic() - t, 1)
-        dep_ref, dep_secs = build_tts(project)
-        out["dep_bump"] = {"tool_pull_bytes": pull_bytes(reg, app_ref, dep_ref), "tool_rebuild_seconds": round(dep_secs, 1)}
-
-        if not args.skip_monolith:
-            say("monolith: baseline, app-only change, dependency bump (pushes ~3 GB each)")
-            tts_in.write_text("soundfile>=0.12,<1\n")
-            app.write_text(app.read_text().replace("\n# bench: app-only change\n", ""))
+        def measure(key: str, label: str, change) -> None:
+            nonlocal prev, m_prev, project
+            say(f"({key}) {label}")
+            change()
+            project = spec.load(pf)
+            t = time.monotonic()
             pipeline.lock(project, log=lambda *_: None)
-            ctx = Path(tmp) / "monolith"
-            repo = f"{project.registry}/bench/monolith"
-            m0 = build_monolith(project, ctx, f"{repo}:base")
-            app.write_text(app.read_text() + "\n# bench: app-only change\n")
-            m1 = build_monolith(project, ctx, f"{repo}:app")
-            tts_in.write_text("soundfile==0.13.1\n")
-            pipeline.lock(project, log=lambda *_: None)
-            m2 = build_monolith(project, ctx, f"{repo}:dep")
-            out["app_only"]["monolith_pull_bytes"] = pull_bytes(reg, m0, m1)
-            out["dep_bump"]["monolith_pull_bytes"] = pull_bytes(reg, m1, m2)
-            out["monolith_image_bytes"] = pull_bytes(reg, m0, m0) and sum(
-                layer["size"] for layer in reg.get_manifest("bench/monolith", m0.split("@")[1]).json["layers"])
+            lock_secs = time.monotonic() - t
+            ref, secs = build_tts(project)
+            out[label] = {"tool_pull_bytes": pull_bytes(reg, prev, ref), "tool_rebuild_seconds": round(secs, 1),
+                          "lock_seconds": round(lock_secs, 1)}
+            prev = ref
+            if monolith:
+                m = build_monolith(project, ctx, f"{repo}:{key}")
+                out[label]["monolith_pull_bytes"] = pull_bytes(reg, m_prev, m)
+                m_prev = m
 
+        if monolith:
+            _, mono_name, mono_digest = split_ref(m_prev)
+            out["monolith_image_bytes"] = sum(
+                layer["size"] for layer in reg.get_manifest(mono_name, mono_digest).json["layers"])
+        if "a" in only:
+            measure("a", "app_only", lambda: app.write_text(app.read_text() + "\n# bench: app-only change\n"))
+        if "b" in only:
+            measure("b", "dep_bump", lambda: tts_in.write_text("soundfile==0.13.1\n"))
+        if "c" in only:
+            measure("c", "torch_patch", lambda: pf.write_text(pf.read_text().replace('torch: "2.5.1"', 'torch: "2.5.0"')))
+
+    if "lock" in only:
+        lock_timing(out)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def lock_timing(out: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         say("lock timing: uv vs pip-compile for torch==2.5.1 with hashes")
         req = Path(tmp) / "torch.in"
         req.write_text("torch==2.5.1\n")
@@ -157,8 +171,6 @@ def main() -> int:
             subprocess.run([str(ROOT / ".venv/bin/pip-compile"), str(req), "--generate-hashes", "-q",
                             "--output-file", str(Path(tmp) / "torch.txt")], check=True, stdout=subprocess.DEVNULL)
             out["lock_seconds_pip_compile_torch"] = round(time.monotonic() - t, 1)
-    print(json.dumps(out, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

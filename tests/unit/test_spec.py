@@ -124,7 +124,7 @@ MALFORMED = [
     case("unknown-backend-rocm", "backends.rocm", "unknown backend 'rocm'", "expected one of ['cuda', 'cpu']",
          edit=set_("backends.rocm", {"torch": "2.5.1"})),
     case("torch-cuda-pair-unknown", "backends.cuda.torch", "torch 2.13.0 is not built for CUDA 12.4",
-         "use torch ['2.5.1']", edit=set_("backends.cuda.torch", "2.13.0")),
+         "use torch ['2.5.0', '2.5.1']", edit=set_("backends.cuda.torch", "2.13.0")),
     case("torch-not-in-compat", "backends.cuda.torch", "torch 9.9.9 is not in the compatibility data", "known:",
          edit=set_("backends.cuda.torch", "9.9.9")),
     case("torch-not-a-version", "backends.cpu.torch", "expected a torch version", "found 'latest'",
