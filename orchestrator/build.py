@@ -154,7 +154,14 @@ def run_build(image: ImagePlan, ctx: Path, ref: str, build_args: dict[str, str],
                 or "CACHED" in line or "ERROR" in line:
             log(f"  {image.key}/{image.backend.name} {time.monotonic() - started:6.0f}s {line[:150]}")
     if proc.wait() != 0:
-        raise EnvironmentProblem(f"build of {ref} failed:\n" + "\n".join("    " + t for t in tail))
+        text = "\n".join(tail)
+        hint = None
+        if "failed to prepare" in text and "no such file or directory" in text:
+            # Seen after `docker image prune`: BuildKit records point at removed layers.
+            hint = "BuildKit's cache refers to layers that were pruned; run `docker builder prune -af` and retry"
+        elif "pip install" in text and ("HTTPSConnection" in text or "SSLError" in text):
+            hint = "pip could not reach the index from the build; check the proxy and the CA bundle (SSL_CERT_FILE)"
+        raise EnvironmentProblem(f"build of {ref} failed:\n" + "\n".join("    " + t for t in tail), hint)
 
 
 def build(project: Project, backends: list[str] | None = None, services: list[str] | None = None,
