@@ -254,7 +254,8 @@ def _try_pull(image: str, platform: str) -> str | None:
         img = client.images.pull(image, platform=platform)
     except Exception:  # noqa: BLE001 - no route, no such image, no auth: all mean "bootstrap"
         return None
-    repo = image.split("@")[0].rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image.split("@")[0]
+    host, name, _ = split_ref(image)
+    repo = f"{host}/{name}"
     for rd in img.attrs.get("RepoDigests", []):
         if rd.split("@")[0] in (repo, repo.removeprefix("docker.io/library/"), repo.removeprefix("docker.io/")):
             return f"{repo}@{rd.split('@')[1]}"

@@ -67,9 +67,6 @@ class BuildPlan:
     project: Project
     images: tuple[ImagePlan, ...] = field(default_factory=tuple)
 
-    def for_backend(self, backend: str) -> "BuildPlan":
-        return BuildPlan(self.project, tuple(i for i in self.images if i.backend.name == backend))
-
 
 def _alloc_env() -> tuple[tuple[str, str], ...]:
     # Newer torch reads PYTORCH_ALLOC_CONF and warns on the old name; older

@@ -193,12 +193,6 @@ class Registry:
                                      f"{resp.text[:300]}")
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def retag(self, name: str, source: str, tag: str) -> str:
-        m = self.get_manifest(name, source)
-        if m is None:
-            raise EnvironmentProblem(f"registry {self.host}: {name}:{source} vanished while tagging")
-        return self.put_manifest_if_changed(name, tag, m.body, m.media_type)[0]
-
     def delete_manifest(self, name: str, digest: str) -> None:
         self._request("DELETE", f"/{name}/manifests/{digest}")
 
@@ -286,7 +280,3 @@ class Registry:
             return digest, 0
         return self.put_manifest(name, reference, body, media_type), len(body)
 
-
-def for_ref(ref: str) -> tuple[Registry, str, str]:
-    host, name, reference = split_ref(ref)
-    return Registry(host), name, reference

@@ -70,10 +70,6 @@ class Backend:
     def torch_for(self, platform: str) -> str | None:
         return dict(self.torch_by_platform).get(platform)
 
-    @property
-    def has_torch(self) -> bool:
-        return any(t is not None for _, t in self.torch_by_platform)
-
     def torch_summary(self) -> str:
         versions = {t for _, t in self.torch_by_platform}
         if len(versions) == 1:

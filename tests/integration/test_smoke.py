@@ -5,7 +5,6 @@ service that never becomes ready) failing for the right reason."""
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import pytest
@@ -29,11 +28,15 @@ def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, first_build
     assert {"/health", "/ready", "/info", "non-root user", "labels", "env defaults"} <= names
 
 
-def test_without_a_gpu_the_cuda_image_falls_back_to_cpu_and_strict_exits_78(mini_variants):
-    if smoke.host_has_gpu():
-        pytest.skip("this host hands GPUs to containers")
-    r = smoke.check_variant(mini_variants[("echo", "cuda")], gpu=False, ready_timeout=60)
+def test_the_cuda_image_serves_on_the_backend_this_host_can_run(mini_variants):
+    gpu = smoke.host_has_gpu()
+    r = smoke.check_variant(mini_variants[("echo", "cuda")], gpu=gpu, ready_timeout=60)
     checks = {c.name: c for c in r.checks}
+    assert r.ok, [(c.name, c.detail) for c in r.failures()]
+    if gpu:  # a GPU host serves cuda; strict has nothing to refuse
+        assert "backend_effective='cuda'" in checks["/info"].detail
+        assert "strict exits 78" not in checks
+        return
     assert "backend_effective='cpu'" in checks["/info"].detail
     assert checks["strict exits 78"].ok, checks["strict exits 78"].detail
     seconds = float(checks["strict exits 78"].detail.split(" after ")[1].split(" s")[0])
@@ -76,15 +79,3 @@ def test_a_service_that_never_becomes_ready_fails_the_smoke_with_its_logs(mini_v
     failed = {c.name: c.detail for c in r.failures()}
     assert failed["/ready"].startswith("/ready did not turn 200 within 5 s (last answer: 503)")
 
-
-@pytest.mark.skipif(os.environ.get("ORCH_SMOKE_EXAMPLE") != "1",
-                    reason="opt-in (ORCH_SMOKE_EXAMPLE=1): needs the example project published (bash ci/main.sh)")
-def test_the_example_project_passes_the_smoke_on_every_variant(engine_ready):
-    from orchestrator import spec
-
-    from ..conftest import ROOT
-
-    results = smoke.run(spec.load(ROOT / "project.yaml"), log=lambda *_: None)
-    assert len(results) == 6  # tts, stt x cuda amd64, cpu amd64, cpu arm64
-    for r in results:
-        assert r.ok, (r.variant, [(c.name, c.detail) for c in r.failures()], r.logs)

