@@ -6,7 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3 python3-venv python3-pip ca-certificates docker.io docker-registry mmdebstrap qemu-user-static binfmt-support uidmap)
+# Every package a code path calls. --no-install-recommends is deliberate, so
+# anything a tool only "recommends" but we need is listed by name: arch-test
+# (mmdebstrap's foreign-architecture check), nix-bin (the flake checks).
+packages=(python3 python3-venv python3-pip ca-certificates openssl docker.io docker-registry
+          mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

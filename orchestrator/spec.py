@@ -102,6 +102,7 @@ class Base:
     image: str
     suite: str
     include: tuple[str, ...]
+    bootstrap_when: str = "offline"  # always | offline (only when image's registry cannot be reached)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Project:
     backends: dict[str, Backend]
     layers: dict[str, Path]
     services: dict[str, Service] = field(default_factory=dict)
+    compression: str = "gzip"  # gzip | zstd (see orchestrator/layers.py)
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
@@ -414,8 +416,8 @@ def _build(path: Path, data: dict) -> Project:
     bdata = data.get("base") or {}
     boot = bdata.get("bootstrap") or {}
     base = Base(bdata.get("image", DEFAULT_BASE_IMAGE), boot.get("suite", "bookworm"),
-                tuple(boot.get("include", DEFAULT_BOOTSTRAP_INCLUDE)))
+                tuple(boot.get("include", DEFAULT_BOOTSTRAP_INCLUDE)), boot.get("when", "offline"))
 
     registry = os.environ.get("ORCH_REGISTRY") or data.get("registry", DEFAULT_REGISTRY)
     return Project(path.resolve(), root, data["project"], default_version, registry, python,
-                   platforms, base, cuda_libs, backends, layers, services)
+                   platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"))
