@@ -1,28 +1,29 @@
 {
-  description = "orchestrator: one project.yaml -> CUDA 12.4 and CPU images in an OCI registry (dev shell)";
+  description = "orchestrator: one project.yaml -> CUDA 12.4 and CPU images in an OCI registry";
 
   # nixos-24.05: its default python3 is 3.11, so every python311Packages entry
   # below comes from the binary cache instead of being built locally.
-  # `nix develop` writes flake.lock on first use; commit it to pin the revision.
+  # flake.lock pins the revision; `nix flake update` moves it.
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
 
   outputs = { self, nixpkgs }:
     let
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
-    in
-    {
-      devShells = forAllSystems (pkgs:
+
+      # Everything the outputs share, for one system's package set.
+      toolsFor = pkgs:
         let
           inherit (pkgs) lib;
           # Attributes not every nixpkgs revision has. Whatever is missing (or
-          # older than pyproject.toml asks) is pip-installed into .venv below.
+          # older than pyproject.toml asks) is pip-installed into .venv by the
+          # dev shell, and relaxed or dropped by the package below.
           maybe = set: name: lib.optional (builtins.hasAttr name set) set.${name};
 
-          python = pkgs.python311.withPackages (ps:
-            (with ps; [ pip invoke docker pyyaml packaging requests jsonschema rich pytest ])
-            ++ maybe ps "testcontainers"
-            ++ maybe ps "check-jsonschema");
+          python = pkgs.python311;
+          # pyproject.toml's [project.dependencies], from nixpkgs.
+          runtimeDeps = ps: (with ps; [ invoke docker pyyaml packaging requests jsonschema rich isal zstandard ]) ++ maybe ps "uv";
+          testDeps = ps: [ ps.pytest ] ++ maybe ps "testcontainers" ++ maybe ps "check-jsonschema";
 
           # `invoke engine.up` starts the embedded registry as `docker-registry
           # serve CONFIG` (Debian's name); nixpkgs ships the same program as
@@ -30,16 +31,139 @@
           docker-registry = pkgs.writeShellScriptBin "docker-registry" ''
             exec ${pkgs.distribution}/bin/registry "$@"
           '';
+
+          # User-mode emulators: arm64 bases are bootstrapped, and arm64
+          # containers run, under QEMU. A static build is what binfmt_misc's F
+          # flag needs inside containers; older revisions have only `qemu`.
+          qemu-user = pkgs.pkgsStatic.qemu-user or (pkgs.qemu-user or pkgs.qemu);
+          # Debian's names for them, which engine.up and mmdebstrap look for.
+          qemu-static = arch: pkgs.writeShellScriptBin "qemu-${arch}-static" ''
+            exec ${qemu-user}/bin/qemu-${arch} "$@"
+          '';
+
+          # binfmt_misc registration is host configuration (on NixOS:
+          # boot.binfmt.emulatedSystems). Elsewhere engine.up calls Debian's
+          # `update-binfmts --enable qemu-ARCH`; this does the same with the
+          # kernel interface, with the F flag so containers find the emulator.
+          update-binfmts = pkgs.writeShellScriptBin "update-binfmts" ''
+            set -eu
+            [ "''${1:-}" = "--enable" ] && [ -n "''${2:-}" ] || { echo "usage: update-binfmts --enable qemu-aarch64|qemu-x86_64" >&2; exit 2; }
+            dir=/proc/sys/fs/binfmt_misc
+            [ -e "$dir/register" ] || mount -t binfmt_misc binfmt_misc "$dir"
+            [ -e "$dir/$2" ] && exit 0
+            case "$2" in
+              qemu-aarch64) rule=':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:${qemu-user}/bin/qemu-aarch64:FP' ;;
+              qemu-x86_64) rule=':qemu-x86_64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00:\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:${qemu-user}/bin/qemu-x86_64:FP' ;;
+              *) echo "update-binfmts: unknown format $2" >&2; exit 2 ;;
+            esac
+            printf '%s' "$rule" > "$dir/register"
+          '';
+
+          # arch-test (mmdebstrap's check that a foreign architecture runs) is
+          # not in nixpkgs. Debian's package is architecture-independent: a
+          # shell script, a Perl script and tiny static ELF helpers.
+          arch-test = pkgs.stdenv.mkDerivation {
+            pname = "arch-test";
+            version = "0.20-1";
+            src = pkgs.fetchurl {
+              url = "mirror://debian/pool/main/a/arch-test/arch-test_0.20-1_all.deb";
+              hash = "sha256-+LRln+7yMJXjyfZ41WB/NPPbaXKuZhnFP/myjckgpy4=";
+            };
+            nativeBuildInputs = [ pkgs.dpkg ];
+            buildInputs = [ pkgs.perl pkgs.bash ];
+            unpackPhase = "dpkg-deb -x $src .";
+            dontBuild = true;
+            installPhase = ''
+              mkdir -p $out
+              cp -r usr/bin usr/lib usr/share $out/
+              substituteInPlace $out/bin/arch-test --replace /usr/lib/arch-test/ $out/lib/arch-test/
+            '';
+            dontStrip = true; # the helpers are hand-made ELF files for other architectures
+            meta = {
+              description = "Detect architectures this machine can run (Debian's arch-test)";
+              mainProgram = "arch-test";
+              platforms = lib.platforms.linux;
+            };
+          };
+
+          # nixpkgs wraps mmdebstrap with a fixed PATH; engine.up needs it to
+          # see arch-test and the QEMU emulators from the shell's PATH too.
+          mmdebstrap = pkgs.mmdebstrap.overrideAttrs (old: {
+            installPhase = builtins.replaceStrings [ "--set PATH " ] [ "--prefix PATH : " ] (old.installPhase or "");
+          });
+
+          orchestrator = python.pkgs.buildPythonApplication {
+            pname = "orchestrator";
+            version = "0.1.0";
+            format = "pyproject";
+            src = self;
+            nativeBuildInputs = [ python.pkgs.setuptools pkgs.makeWrapper ]
+              ++ maybe python.pkgs "pythonRelaxDepsHook";
+            propagatedBuildInputs = runtimeDeps python.pkgs;
+            # Minimum versions are the ones pyproject.toml was tested with;
+            # nixpkgs' pinned ones are what this package is built and checked
+            # against. uv comes from pkgs.uv when no python package wraps it.
+            pythonRelaxDeps = true;
+            pythonRemoveDeps = lib.optional (!(builtins.hasAttr "uv" python.pkgs)) "uv";
+            makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ pkgs.uv ]) ];
+            # The tasks are the user interface: `orchestrator lock`, `orchestrator doctor`, ...
+            # run invoke over the packaged tasks.py in the current project directory.
+            postInstall = ''
+              install -Dm644 tasks.py $out/share/orchestrator/tasks.py
+              mkdir -p $out/bin
+              cat > $out/bin/orchestrator <<EOF
+              #!${python.interpreter}
+              import sys
+              from invoke.main import program
+              program.run([sys.argv[0], "--search-root", "$out/share/orchestrator", *sys.argv[1:]])
+              EOF
+              chmod +x $out/bin/orchestrator
+            '';
+            doCheck = false; # checks.unit runs the unit tests
+            pythonImportsCheck = [ "orchestrator" ];
+            meta = {
+              description = "One project.yaml to reproducible CUDA/CPU service images in an OCI registry";
+              mainProgram = "orchestrator";
+              platforms = lib.platforms.linux;
+            };
+          };
+
+          # Every external command the tasks call (tests/unit/test_flake.py keeps
+          # the list and checks it against orchestrator/).
+          tools = [
+            pkgs.uv # the CLI; .venv gets uv>=0.4 from PyPI and comes first on PATH
+            pkgs.docker # the CLI with the buildx plugin, and dockerd for `engine.up` as root
+            docker-registry
+            pkgs.skopeo # inspecting and copying images in registries by hand
+            qemu-user
+            (qemu-static "aarch64")
+            (qemu-static "x86_64")
+            update-binfmts
+            mmdebstrap # bootstraps a base when none can be pulled
+            arch-test
+            pkgs.util-linux # mount (binfmt_misc)
+            pkgs.procps # pkill (engine.down)
+            pkgs.hadolint # tests: lint of the generated Dockerfiles
+          ];
+        in
+        { inherit python runtimeDeps testDeps orchestrator tools arch-test update-binfmts; };
+    in
+    {
+      packages = forAllSystems (pkgs:
+        let t = toolsFor pkgs; in {
+          default = t.orchestrator;
+          orchestrator = t.orchestrator;
+          arch-test = t.arch-test;
+        });
+
+      devShells = forAllSystems (pkgs:
+        let
+          t = toolsFor pkgs;
+          python = t.python.withPackages (ps: [ ps.pip ] ++ t.runtimeDeps ps ++ t.testDeps ps);
         in
         {
           default = pkgs.mkShell {
-            packages = [
-              python
-              pkgs.uv # the CLI; .venv gets uv>=0.4 from PyPI and comes first on PATH
-              pkgs.docker # CLI with the buildx plugin, and dockerd for `engine.up` as root
-              docker-registry
-              (pkgs.qemu-user or pkgs.qemu) # arm64 builds; binfmt itself is host config
-            ] ++ maybe pkgs "mmdebstrap"; # bootstraps a base when none can be pulled
+            packages = [ python ] ++ t.tools;
 
             shellHook = ''
               # `nix develop` points SSL_CERT_FILE at a file that does not exist;
@@ -65,7 +189,8 @@
               fi
 
               cat >&2 <<'EOF'
-              orchestrator dev shell (python 3.11, docker, uv, qemu, mmdebstrap)
+              orchestrator dev shell (python 3.11, docker, uv, skopeo, qemu, mmdebstrap, arch-test)
+                invoke doctor                     what this machine lacks, and how to fix it
                 invoke engine.up                  Docker Engine + registry on 127.0.0.1:5000 + pinned base (root)
                 invoke lock [--check]             hashed requirement locks under locks/
                 invoke render [--check]           Dockerfiles under dockerfiles/
@@ -77,6 +202,25 @@
               EOF
             '';
           };
+        });
+
+      # `nix flake check`: the unit tests (no engine, no network) over the source.
+      checks = forAllSystems (pkgs:
+        let
+          t = toolsFor pkgs;
+          python = t.python.withPackages (ps: t.runtimeDeps ps ++ t.testDeps ps);
+        in
+        {
+          unit = pkgs.runCommand "orchestrator-unit-tests"
+            { nativeBuildInputs = [ python pkgs.uv pkgs.hadolint ]; } ''
+            cp -r ${self} src
+            chmod -R u+w src
+            cd src
+            export HOME=$TMPDIR
+            python -m pytest -q -p no:cacheprovider tests/unit
+            touch $out
+          '';
+          package = t.orchestrator;
         });
     };
 }

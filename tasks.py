@@ -25,10 +25,15 @@ def lock(c, project=DEFAULT_PROJECT, check=False, upgrade=False):
     if check:
         from orchestrator import lock as lock_mod
 
+        from orchestrator import base, engine as engine_mod
+
         stale = lock_mod.check(proj)
         for s in stale:
             log(f"stale: {s.path}: {s.reason}")
-        if stale:
+        base_stale = base.stale(proj, engine_mod.base_platforms(proj))
+        for s in base_stale:
+            log(f"stale: {s}")
+        if stale or base_stale:
             raise Exit("locks are stale; run `invoke lock`", code=1)
         log("locks are up to date")
         return
@@ -59,7 +64,7 @@ def render(c, project=DEFAULT_PROJECT, check=False):
 })
 @friendly
 def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="all", force=False, json=False):
-    """Build the CUDA-libs image, then the service images, and push them to the registry."""
+    """Build the CUDA-libs image, then the service images, and push them by content tag (no human tags)."""
     proj = pipeline.load_project(project)
     backends = pipeline.parse_list(backend, proj.backends, "backend", proj.file.name)
     services = pipeline.parse_list(service, proj.services, "service", proj.file.name)
@@ -68,12 +73,13 @@ def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="al
     results = build_mod.build(proj, backends, services, platforms, log=log, force=force)
     if json:
         print_json([{"image": r.image.key, "backend": r.image.backend.name, "platform": r.image.platform,
-                     "ref": r.ref, "content_tag": r.content_tag, "tags": list(r.image.human_tags),
-                     "built": r.built, "uploaded_bytes": r.uploaded_bytes} for r in results])
+                     "ref": r.ref, "content_tag": r.content_tag, "built": r.built,
+                     "uploaded_bytes": r.uploaded_bytes} for r in results])
         return
-    table("build", ["image", "backend", "platform", "tags", "digest", "built", "uploaded"],
-          [[r.image.key, r.image.backend.name, r.image.platform, ", ".join((r.content_tag,) + r.image.human_tags),
+    table("build", ["image", "backend", "platform", "content tag", "digest", "built", "uploaded"],
+          [[r.image.key, r.image.backend.name, r.image.platform, r.content_tag,
             r.digest[:19], "yes" if r.built else "cached", human_bytes(r.uploaded_bytes)] for r in results])
+    log("pushed by content tag; `invoke publish` smoke-tests them and moves the human tags")
 
 
 @task(help={
@@ -113,17 +119,18 @@ def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="al
 @task(help={
     "project": PROJECT_HELP,
     "service": "a service name, a comma list, or all (default)",
+    "no_smoke": "promote without smoke tests (recorded in the backend manifest as smoke.ran = false)",
     "json": "print the result as JSON",
 })
 @friendly
-def publish(c, project=DEFAULT_PROJECT, service="all", json=False):
-    """Build what is missing, assemble multi-arch indexes, then push each service's backend manifest (last)."""
+def publish(c, project=DEFAULT_PROJECT, service="all", no_smoke=False, json=False):
+    """Build what is missing, smoke-test exactly those digests, then promote: indexes, human tags, backend manifests."""
     from orchestrator import publish as publish_mod
 
     proj = pipeline.load_project(project)
     services = pipeline.parse_list(service, proj.services, "service", proj.file.name)
     pipeline.render(proj)
-    report = publish_mod.publish(proj, services, log=(lambda *_: None) if json else log)
+    report = publish_mod.publish(proj, services, log=(lambda *_: None) if json else log, smoke=not no_smoke)
     if json:
         print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts,
                     "manifests": {k: str(v) for k, v in report.manifests.items()}})
@@ -197,13 +204,17 @@ def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, 
 @friendly
 def engine_up(c, project=DEFAULT_PROJECT):
     """Start what is missing: Docker Engine, the local registry, arm64 emulation, a pinned base image."""
+    from orchestrator import base, preflight
+
     proj = pipeline.load_project(project)
+    preflight.ensure(proj, install=True)  # every tool named up front, installed or refused before work starts
     log(f"engine:   {engine.ensure_engine()}")
     log(f"registry: {engine.ensure_registry(proj.registry)}")
     if "linux/arm64" in proj.platforms:
         log(f"binfmt:   {engine.ensure_binfmt()}")
     for platform in engine.base_platforms(proj):
-        log(f"base:     {engine.ensure_base(proj, platform)}")
+        found, how = base.ensure(proj, platform, log=log)
+        log(f"base:     {platform}: {found.ref} ({how})")
 
 
 @task(name="status", help={"project": PROJECT_HELP})
@@ -230,5 +241,29 @@ def engine_gc(c, project=DEFAULT_PROJECT):
     log(engine.gc(proj.registry))
 
 
+@task(help={"project": PROJECT_HELP, "json": "print the findings and an overall \"ok\" as JSON"})
+@friendly
+def doctor(c, project=DEFAULT_PROJECT, json=False):
+    """Check the engine, BuildKit, the registry (a real write), binfmt, disk, CA bundle, GPU; print fixes."""
+    from orchestrator import doctor as doctor_mod
+    from orchestrator.errors import OrchestratorError
+
+    try:
+        proj, problem = pipeline.load_project(project), None
+    except OrchestratorError as e:
+        proj, problem = None, e
+    findings = doctor_mod.run(proj, problem)
+    if json:
+        print_json(doctor_mod.report(findings))
+    else:
+        table("doctor", ["check", "status", "detail"], doctor_mod.rows(findings))
+        for name, fix in doctor_mod.fixes(findings):
+            log(f"fix {name}: {fix}")
+        failed = doctor_mod.failed_required(findings)
+        log(f"{len(failed)} required check(s) failed" if failed else "all required checks pass")
+    if doctor_mod.exit_code(findings):
+        raise Exit(code=doctor_mod.exit_code(findings))
+
+
 engine_ns = Collection("engine", engine_up, engine_status, engine_down, engine_gc)
-ns = Collection(lock, render, build, publish, smoke, select_, run_, engine_ns)
+ns = Collection(lock, render, build, publish, smoke, select_, run_, doctor, engine_ns)

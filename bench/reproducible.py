@@ -1,26 +1,81 @@
-"""Is a layer a function of its lock alone? Build, prune BuildKit's cache, rebuild, compare.
+"""Are image digests a function of the inputs alone? Two cold builds, two registries, two bootstraps.
 
 Usage: .venv/bin/python bench/reproducible.py [--project project.yaml] [--backend cuda] [--service tts]
-Warning: `docker builder prune -af` empties the whole BuildKit cache (pip's
-download cache mount included), so the next builds download again.
+                                               [--bootstraps linux/amd64] [--out bench/out/reproducible.json]
+
+Cold build 1: its own empty blob cache, BuildKit cache pruned, pushed to the
+project registry. Cold build 2: another empty blob cache, BuildKit cache
+pruned again, pushed to a second, fresh registry (a docker-registry this
+script starts on 127.0.0.1:5055 with empty storage; the base is copied there,
+not bootstrapped). Then the base is bootstrapped twice from scratch with
+mmdebstrap. Every layer, config, manifest and index digest is compared.
+Warning: `docker builder prune -af` empties the whole BuildKit cache, pip's
+download cache mount included, so the builds download their wheels again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import build, engine, spec  # noqa: E402
+from orchestrator import base, build, image, layers, spec  # noqa: E402
+from orchestrator.registry import Registry  # noqa: E402
+
+SECOND = "127.0.0.1:5055"
 
 
-def layers(ref: str) -> list[str]:
-    return engine.docker_client().images.get(ref).attrs["RootFS"]["Layers"]
+def start_registry(root: Path) -> subprocess.Popen:
+    cfg = root / "config.yml"
+    cfg.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+                   f"http:\n  addr: {SECOND}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(60):
+        if Registry(SECOND, retries=0, timeout=2).ping():
+            return proc
+        time.sleep(0.5)
+    raise SystemExit("second registry did not start")
+
+
+def cold_build(project_file: str, registry: str, backend: str, service: str) -> dict:
+    subprocess.run(["docker", "builder", "prune", "-af"], check=True, stdout=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory(prefix="orch-cold-cache-") as cache:
+        os.environ["ORCH_CACHE_DIR"] = cache
+        os.environ["ORCH_REGISTRY"] = registry
+        project = spec.load(project_file)
+        started = time.monotonic()
+        results = build.build(project, [backend], [service], ["linux/amd64"], log=lambda *_: None, force=True)
+        took = time.monotonic() - started
+    out = {"seconds": round(took), "registry": registry, "images": {}}
+    for r in results:
+        out["images"][r.image.key] = {"manifest": r.digest, "config": r.assembled.config_digest,
+                                      "layers": [x.digest for x in r.assembled.layers],
+                                      "diff_ids": [x.diff_id for x in r.assembled.layers]}
+    svc = [r for r in results if r.image.kind == "service"]
+    out["index"] = image.digest_of(image.index([(r.image.platform, r.assembled) for r in svc]))
+    return out
+
+
+def bootstraps(project_file: str, platforms: list[str]) -> dict:
+    project = spec.load(project_file)
+    out = {}
+    for platform in platforms:
+        runs = []
+        for _ in range(2):
+            with tempfile.TemporaryDirectory(prefix="orch-boot-cache-") as cache:
+                started = time.monotonic()
+                img, packages = base.bootstrap(project, platform, layers.BlobCache(Path(cache)), log=lambda *_: None)
+                runs.append({"seconds": round(time.monotonic() - started), "config": img.config_digest,
+                             "manifest": img.digest, "layer": img.layers[0].digest, "packages": len(packages)})
+        out[platform] = {"runs": runs, "identical": runs[0]["manifest"] == runs[1]["manifest"]}
+    return out
 
 
 def main() -> int:
@@ -28,19 +83,29 @@ def main() -> int:
     ap.add_argument("--project", default="project.yaml")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--service", default="tts")
+    ap.add_argument("--bootstraps", default="linux/amd64", help="comma list; arm64 takes minutes under QEMU")
+    ap.add_argument("--out", default="bench/out/reproducible.json")
     args = ap.parse_args()
-    project = spec.load(args.project)
-    quiet = lambda *_: None  # noqa: E731
-    first = build.build(project, [args.backend], [args.service], ["linux/amd64"], log=quiet)
-    before = {r.image.key: layers(r.image.ref(r.content_tag)) for r in first}
-    subprocess.run(["docker", "builder", "prune", "-af"], check=True, stdout=subprocess.DEVNULL)
-    started = time.monotonic()
-    second = build.build(project, [args.backend], [args.service], ["linux/amd64"], log=quiet, force=True)
-    after = {r.image.key: layers(r.image.ref(r.content_tag)) for r in second}
-    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cold_rebuild_seconds": round(time.monotonic() - started),
-                      "identical": before == after,
-                      "images": {k: {"before": before[k], "after": after[k]} for k in before}}, indent=2))
-    return 0 if before == after else 1
+    first_registry = spec.load(args.project).registry
+    with tempfile.TemporaryDirectory(prefix="orch-second-registry-") as tmp:
+        proc = start_registry(Path(tmp))
+        try:
+            one = cold_build(args.project, first_registry, args.backend, args.service)
+            two = cold_build(args.project, SECOND, args.backend, args.service)
+        finally:
+            proc.terminate()
+    os.environ.pop("ORCH_REGISTRY", None)
+    boots = bootstraps(args.project, [p for p in args.bootstraps.split(",") if p])
+    same = {k: one["images"][k] == two["images"][k] for k in one["images"]}
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": os.uname().machine, "cpus": os.cpu_count(),
+              "cold_builds": [one, two], "identical_images": same, "identical_index": one["index"] == two["index"],
+              "bootstraps": boots}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"identical_images": same, "identical_index": result["identical_index"],
+                      "cold_build_seconds": [one["seconds"], two["seconds"]],
+                      "bootstraps": {p: b["identical"] for p, b in boots.items()}}, indent=2))
+    ok = all(same.values()) and result["identical_index"] and all(b["identical"] for b in boots.values())
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

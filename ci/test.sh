@@ -2,6 +2,8 @@
 # The test command: install, start the engine and registry, check that locks
 # and Dockerfiles are current, then run the whole suite against the real
 # engine. With CI=true, engine-dependent tests fail instead of skipping.
+# The suite must write nothing into the checkout: a file that is not ignored
+# and was not there before the run fails the job, named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
@@ -11,4 +13,21 @@ export TESTCONTAINERS_RYUK_DISABLED=true
 invoke engine.up
 invoke lock --check
 invoke render --check
-python -m pytest -q -p no:cacheprovider "$@"
+
+leftovers() { git status --porcelain --untracked-files=all | LC_ALL=C sort; }
+before="$(mktemp)"
+after="$(mktemp)"
+trap 'rm -f "$before" "$after"' EXIT
+leftovers >"$before"
+
+status=0
+python -m pytest -q -p no:cacheprovider "$@" || status=$?
+
+leftovers >"$after"
+new="$(LC_ALL=C comm -13 "$before" "$after")"
+if [ -n "$new" ]; then
+    echo "error: the test suite left files in the checkout (tests must copy fixtures to a tmp dir):" >&2
+    printf '%s\n' "$new" | sed 's/^/  /' >&2
+    exit 1
+fi
+exit "$status"

@@ -25,6 +25,9 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
+FROM scratch AS cuda-libs-layer
+COPY --from=cuda-libs /out/ /
+
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 COPY --from=cuda-libs /out/ /

@@ -26,6 +26,9 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
+FROM scratch AS torch-layer
+COPY --from=torch /out/ /
+
 FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS shared
 ARG SOURCE_DATE_EPOCH
 ARG TARGETARCH
@@ -45,6 +48,9 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
       --target /out/opt/site/shared -r /tmp/lock.txt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
+
+FROM scratch AS shared-layer
+COPY --from=shared /out/ /
 
 FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS service-stt
 ARG SOURCE_DATE_EPOCH
@@ -66,6 +72,9 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
+FROM scratch AS service-stt-layer
+COPY --from=service-stt /out/ /
+
 FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS app
 ARG SOURCE_DATE_EPOCH
 COPY app /out/opt/app
@@ -78,6 +87,9 @@ RUN mkdir -p /out/etc /out/home/app \
  && chmod -R a+rX,go-w /out \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
  && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
+
+FROM scratch AS app-layer
+COPY --from=app /out/ /
 
 FROM ${CUDA_LIBS_IMAGE}
 ARG BASE_IMAGE

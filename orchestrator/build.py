@@ -1,18 +1,26 @@
-"""Stage 5: build the planned images with BuildKit and push them.
+"""Stage 5: build the planned images and push them by content tag.
 
-Order: CUDA-libs first, then the services FROM it (cuda) or FROM the base
-(cpu). An image whose content tag is already in the registry is not
-rebuilt. Human tags (`cu124-v1`, `0.1.0-cuda`) move only after every
-image of the run is built and pushed, so a failed run leaves the previous
-tags untouched.
+BuildKit runs each layer stage (pip into /out on the build platform) and
+exports just that stage's files as a tar stream (`--target <stage>-layer
+--output type=tar`); orchestrator.layers turns the stream into a normalized,
+compressed blob, cached by the stage's inputs, and orchestrator.image
+assembles config and manifest. So the same inputs give the same image
+digest on any engine, and a cached layer is neither rebuilt nor exported.
+
+Order: CUDA-libs first, then the services on it (cuda) or on the base (cpu).
+An image whose content tag is already in the registry is not rebuilt. Only
+content tags are written here: human tags, indexes and backend manifests
+are promoted by `publish` after smoke tests pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,14 +29,18 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from . import base as base_mod
 from . import engine, lock as lock_mod
+from . import image as image_mod
+from . import layers as layers_mod
 from .errors import EnvironmentProblem, UserError
-from .plan import BuildPlan, ImagePlan, content_tag, make_plan, tree_digest
-from .registry import OCI_INDEX, Registry, split_ref
-from .render import render_all
+from .plan import BuildPlan, ImagePlan, content_tag, make_plan, settings, tree_digest
+from .push import Uploader, push_image
+from .registry import Registry, split_ref
+from .render import app_stage_text, export_target, layer_stage_text, render_all
 from .spec import Project
 
-SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01: the earliest time zip (wheels) can hold
+SOURCE_DATE_EPOCH = str(layers_mod.SOURCE_DATE_EPOCH)
 
 
 @dataclass
@@ -41,6 +53,7 @@ class BuildResult:
     pushed_layers: int = 0
     reused_layers: int = 0
     seconds: float = 0.0
+    assembled: image_mod.Image | None = None  # layers and config, as pushed
 
     @property
     def ref(self) -> str:
@@ -85,8 +98,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def stage_context(project: Project, image: ImagePlan, dockerfile: str) -> tuple[Path, str]:
-    """Write the build context for one image; return (dir, digest of its inputs)."""
-    ctx = project.root / ".build" / "ctx" / f"{image.key}-{image.backend.name}-{image.arch}"
+    """Write the build context for one image; return (dir, digest of its inputs).
+
+    The directory is private to this process, so two builds in one checkout
+    do not delete each other's context; `build` removes it when done.
+    """
+    ctx = project.root / ".build" / "ctx" / f"{image.key}-{image.backend.name}-{image.arch}-{os.getpid()}"
     if ctx.exists():
         shutil.rmtree(ctx)
     (ctx / "locks").mkdir(parents=True)
@@ -115,53 +132,108 @@ def _pip_sources(image: ImagePlan) -> str:
         parts += ["--index-url", src.index_url]
     for u in src.extra_index_urls:
         parts += ["--extra-index-url", u]
+    # Remote find-links the lock used reach the build too (local ones are staged as the wheelhouse).
+    parts += [a for f in src.find_links if "://" in f and not f.startswith("file://") for a in ("--find-links", f)]
     return " ".join(parts)
 
 
-def _push_progress(image: ImagePlan, log, every: float = 10.0):
-    """Log upload progress of large layers every few seconds (docker push is the slow part)."""
-    last = {"t": time.monotonic()}
-
-    def on_event(ev: dict) -> None:
-        detail = ev.get("progressDetail") or {}
-        if ev.get("status") == "Pushing" and detail.get("total") and time.monotonic() - last["t"] >= every:
-            last["t"] = time.monotonic()
-            log(f"  {image.key}/{image.backend.name}: pushing layer {ev.get('id')} "
-                f"{detail['current'] / 1e6:,.0f}/{detail['total'] / 1e6:,.0f} MB (uncompressed)")
-
-    return on_event
+def _hint(text: str) -> str | None:
+    if "failed to prepare" in text and "no such file or directory" in text:
+        # Seen after `docker image prune`: BuildKit records point at removed layers.
+        return "BuildKit's cache refers to layers that were pruned; run `docker builder prune -af` and retry"
+    if "pip install" in text and ("HTTPSConnection" in text or "SSLError" in text):
+        return "pip could not reach the index from the build; check the proxy and the CA bundle (SSL_CERT_FILE)"
+    if "pull access denied" in text or "unauthorized" in text or "x509" in text:
+        return ("the engine could not pull the build base from the registry: see `invoke doctor` "
+                "(CA in /etc/docker/certs.d/<host>/ca.crt, credentials in REGISTRY_USERNAME/REGISTRY_PASSWORD)")
+    return None
 
 
-def run_build(image: ImagePlan, ctx: Path, ref: str, build_args: dict[str, str], log=print,
-              no_cache: bool = False) -> None:
+def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, str], cache: layers_mod.BlobCache,
+                 c: layers_mod.Codec, log=print, no_cache: bool = False, docker_config: str | None = None
+                 ) -> layers_mod.Layer:
+    """Run one layer stage with BuildKit and turn its exported files into a layer blob.
+
+    The tar streams from BuildKit straight into the normalizer and
+    compressor: nothing is unpacked into the engine's image store.
+    """
     client = engine.build_client()
-    cmd = [*client.argv, "--progress=plain", "--platform", image.platform, "-t", ref,
-           *(["--no-cache"] if no_cache else []),
-           "--secret", f"id=ca,src={engine.ca_bundle()}", "-f", str(ctx / "Dockerfile")]
-    for k, v in build_args.items():
-        cmd += ["--build-arg", f"{k}={v}"]
-    cmd.append(str(ctx))
-    env = dict(os.environ, **dict(client.env))
-    tail: deque[str] = deque(maxlen=40)
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail.append(line)
-        # Step starts and ends are progress enough; pip's chatter stays in the tail.
-        if (" [" in line and line.startswith("#")) or line.endswith(" DONE") or " DONE " in line \
-                or "CACHED" in line or "ERROR" in line:
-            log(f"  {image.key}/{image.backend.name} {time.monotonic() - started:6.0f}s {line[:150]}")
-    if proc.wait() != 0:
-        text = "\n".join(tail)
-        hint = None
-        if "failed to prepare" in text and "no such file or directory" in text:
-            # Seen after `docker image prune`: BuildKit records point at removed layers.
-            hint = "BuildKit's cache refers to layers that were pruned; run `docker builder prune -af` and retry"
-        elif "pip install" in text and ("HTTPSConnection" in text or "SSLError" in text):
-            hint = "pip could not reach the index from the build; check the proxy and the CA bundle (SSL_CERT_FILE)"
-        raise EnvironmentProblem(f"build of {ref} failed:\n" + "\n".join("    " + t for t in tail), hint)
+    with tempfile.TemporaryDirectory(prefix="orch-export-") as tmp:
+        out = Path(tmp) / "layer.tar"
+        cmd = [*[a for a in client.argv if a != "--load"], "--progress=plain", "--platform", image.platform,
+               "--target", export_target(stage), "--output", f"type=tar,dest={out}",
+               *(["--no-cache"] if no_cache else []),
+               "--secret", f"id=ca,src={engine.ca_bundle()}", "-f", str(ctx / "Dockerfile")]
+        for k, v in build_args.items():
+            cmd += ["--build-arg", f"{k}={v}"]
+        cmd.append(str(ctx))
+        env = dict(os.environ, **dict(client.env))
+        if docker_config:
+            env["DOCKER_CONFIG"] = docker_config
+        tail: deque[str] = deque(maxlen=40)
+        started = time.monotonic()
+        label = f"{image.key}/{image.backend.name} {image.arch} {stage}"
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            # Step starts and ends are progress enough; pip's chatter stays in the tail.
+            if (" [" in line and line.startswith("#")) or " DONE " in line or "ERROR" in line:
+                log(f"  {label} {time.monotonic() - started:6.0f}s {line[:140]}")
+        if proc.wait() != 0:
+            text = "\n".join(tail)
+            raise EnvironmentProblem(f"build of {label} failed:\n" + "\n".join("    " + t for t in tail), _hint(text))
+        built = time.monotonic() - started
+        rate = layers_mod.Rate(f"{label}: compressing", log)
+        layer = layers_mod.write_layer_from_file(out, cache, c, progress=rate)
+    log(f"  {label}: built in {built:.0f} s; layer {layer.size / 1e6:,.1f} MB -> {layer.blob_size / 1e6:,.1f} MB "
+        f"{c.name} in {time.monotonic() - started - built:.1f} s")
+    return layer
+
+
+def engine_docker_config(host: str) -> str | None:
+    """A private DOCKER_CONFIG for the build client holding the credentials our registry client uses.
+
+    BuildKit pulls the build base through the docker CLI's credentials, which
+    never see REGISTRY_USERNAME/REGISTRY_PASSWORD or a credential helper's
+    answer: one credential configuration for everything the tool sends.
+    None when there are no credentials (the CLI's own config is used).
+    """
+    import base64
+
+    from .registry import docker_auth_config, registry_host
+
+    auth = docker_auth_config(host)
+    if not auth:
+        return None
+    host = registry_host(host)
+    entry = ({"identitytoken": auth["identitytoken"]} if "identitytoken" in auth else
+             {"auth": base64.b64encode(f"{auth['username']}:{auth['password']}".encode()).decode()})
+    d = tempfile.mkdtemp(prefix="orch-docker-config-")
+    fd = os.open(os.path.join(d, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"auths": {host: entry}}, fh)
+    return d
+
+
+def stage_key(image: ImagePlan, stage: str, text: str, inputs: str, build_base: str, pip_sources: str,
+              c: layers_mod.Codec) -> str:
+    """A stage's identity: what it runs, on what, for which platform. Same key, same layer."""
+    h = hashlib.sha256()
+    for part in (stage, text, inputs, build_base, image.platform, SOURCE_DATE_EPOCH, pip_sources):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _existing(reg: Registry, name: str, image: ImagePlan, digest: str) -> image_mod.Image:
+    """An image already in the registry, as layers and config (its blobs stay there)."""
+    m = reg.get_manifest(name, digest).json
+    cfg = reg.get_blob(name, m["config"]["digest"])
+    diff_ids = json.loads(cfg)["rootfs"]["diff_ids"]
+    found = tuple(layers_mod.Layer(d, 0, lay["digest"], lay["size"], lay["mediaType"])
+                  for d, lay in zip(diff_ids, m["layers"]))
+    return image_mod.Image(image.platform, found, cfg)
 
 
 def build(project: Project, backends: list[str] | None = None, services: list[str] | None = None,
@@ -186,83 +258,87 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     locks = load_all_locks(project, backends, platforms)
     plan: BuildPlan = make_plan(project, locks, backends, services, platforms)
     texts = render_all(plan)
+    cache = layers_mod.default_cache()
+    c = layers_mod.codec(project.compression)
+    bases = {p: base_mod.ensure(project, p, reg, cache, log=log)[0]
+             for p in dict.fromkeys([*(i.platform for i in plan.images), engine.host_platform()])}
+    build_base = bases[engine.host_platform()]
+    uploader = Uploader(reg.host, log)
+    docker_config = engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
     results: list[BuildResult] = []
     libs: dict[str, BuildResult] = {}  # platform -> cuda-libs result
-    for image in plan.images:
-        base = engine.base_ref(project, image.platform)
-        build_base = engine.base_ref(project, engine.host_platform())
-        if image.from_image == "cuda-libs":
-            parent_result = libs[image.platform]
-            parent = parent_result.content_tag
-        else:
-            parent = base.split("@")[-1]
-        parent += " " + build_base.split("@")[-1]  # pip runs in the build base
-        ctx, ctx_digest = stage_context(project, image, texts[image.dockerfile])
-        tag = content_tag(image, texts[image.dockerfile], ctx_digest, parent)
-        _, name, _ = split_ref(image.ref(tag))
-        started = time.monotonic()
-        existing = None if force else reg.get_manifest(name, tag)
-        if existing is not None:
-            log(f"{image.key}/{image.backend.name} {image.platform}: {tag} is already in the registry; not rebuilt")
-            result = BuildResult(image, tag, existing.digest, built=False)
-        else:
-            log(f"{image.key}/{image.backend.name} {image.platform}: building {image.ref(tag)}")
-            args = {"BASE_IMAGE": base, "BUILD_BASE_IMAGE": build_base,
-                    "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "PIP_SOURCES": _pip_sources(image),
-                    "TORCH_VERSION": image.backend.torch_for(image.platform) or "none"}
-            if image.from_image == "cuda-libs":
-                args["CUDA_LIBS_IMAGE"] = parent_result.ref
-            run_build(image, ctx, image.ref(tag), args, log, no_cache=no_cache)
-            log(f"{image.key}/{image.backend.name}: pushing {image.ref(tag)}")
-            pushed = engine.push(image.ref(tag), on_event=_push_progress(image, log))
-            result = BuildResult(image, tag, pushed["digest"], True, pushed["uploaded_bytes"],
-                                 pushed["pushed_layers"], pushed["reused_layers"])
-            log(f"{image.key}/{image.backend.name}: registry received {pushed['uploaded_bytes']:,} bytes "
-                f"({pushed['pushed_layers']} new layer(s) + config + manifest); "
-                f"{pushed['reused_layers']} layer(s) already there")
-        result.seconds = time.monotonic() - started
-        results.append(result)
-        if image.kind == "cuda-libs":
-            libs[image.platform] = result
-    # Only now, with everything pushed, move the human tags: each names an
-    # OCI image index over the platforms built for that image and backend.
-    groups: dict[tuple[str, str], list[BuildResult]] = {}
-    for r in results:
-        groups.setdefault((r.image.key, r.image.backend.name), []).append(r)
-    for members in groups.values():
-        image = members[0].image
-        _, name, _ = split_ref(image.ref("x"))
-        body = image_index(reg, name, members)
-        for human in image.human_tags:
-            digest, sent = reg.put_manifest_if_changed(name, human, body, OCI_INDEX)
-            if stats is not None:
-                stats["index_bytes"] = stats.get("index_bytes", 0) + sent
-            platforms = ", ".join(f"{d['platform']['os']}/{d['platform']['architecture']}"
-                                  for d in json.loads(body)["manifests"])
-            log(f"{image.repository}:{human} -> index {digest[:19]} ({platforms})" + ("" if sent else ", unchanged"))
+    contexts: list[Path] = []
+    try:
+        for image in plan.images:
+            base = bases[image.platform]
+            parent = libs[image.platform] if image.from_image == "cuda-libs" else None
+            parent_img = parent.assembled if parent else base.image
+            ctx, ctx_digest = stage_context(project, image, texts[image.dockerfile])
+            contexts.append(ctx)
+            identity = f"{parent_img.config_digest} {build_base.image.config_digest} {c.key}"
+            tag = content_tag(image, texts[image.dockerfile], ctx_digest, identity)
+            _, name, _ = split_ref(image.ref(tag))
+            started = time.monotonic()
+            existing = None if force else reg.get_manifest(name, tag)
+            if existing is not None:
+                log(f"{image.key}/{image.backend.name} {image.platform}: {tag} is already in the registry; not rebuilt")
+                result = BuildResult(image, tag, existing.digest, built=False,
+                                     assembled=_existing(reg, name, image, existing.digest))
+            else:
+                result = _build_one(project, image, ctx, tag, name, base, build_base, parent_img, parent,
+                                    cache, c, uploader, reg, log, force or no_cache, no_cache, docker_config)
+            result.seconds = time.monotonic() - started
+            results.append(result)
+            if image.kind == "cuda-libs":
+                libs[image.platform] = result
+    finally:
+        uploader.close()
+        if docker_config:
+            shutil.rmtree(docker_config, ignore_errors=True)
+        for ctx in contexts:
+            shutil.rmtree(ctx, ignore_errors=True)
+    if stats is not None:
+        stats["uploaded_bytes"] = sum(r.uploaded_bytes for r in results)
     return results
 
 
-def image_index(reg: Registry, name: str, members: list[BuildResult]) -> bytes:
-    """An OCI image index over per-platform manifests, in canonical JSON.
-
-    Platforms not built in this run keep their entry from the index the
-    human tag names now (if the project still builds them), so
-    `build --platform linux/amd64` does not drop linux/arm64.
-    """
-    image = members[0].image
-    wanted = set(image.backend.platforms)
-    entries: dict[str, dict] = {}
-    current = reg.get_manifest(name, image.human_tags[0])
-    for d in (current.json.get("manifests", []) if current else []):
-        plat = f"{d.get('platform', {}).get('os')}/{d.get('platform', {}).get('architecture')}"
-        if plat in wanted and reg.has_manifest(name, d["digest"]):
-            entries[plat] = d
-    for r in members:
-        m = reg.get_manifest(name, r.digest)
-        os_, arch = r.image.platform.split("/")
-        entries[r.image.platform] = {"mediaType": m.media_type, "digest": m.digest, "size": len(m.body),
-                                     "platform": {"architecture": arch, "os": os_}}
-    manifests = [entries[p] for p in sorted(entries)]
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
-    return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, build_base, parent_img, parent,
+               cache, c, uploader: Uploader, reg: Registry, log, rebuild: bool, no_cache: bool,
+               docker_config: str | None) -> BuildResult:
+    log(f"{image.key}/{image.backend.name} {image.platform}: building {image.ref(tag)}")
+    pip_sources = _pip_sources(image)
+    # BuildKit parses every FROM even for one --target: name the final stage's parents too
+    # (the export targets never pull them).
+    args = {"BUILD_BASE_IMAGE": build_base.ref, "BASE_IMAGE": base.ref, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
+            "PIP_SOURCES": pip_sources}
+    if parent is not None:
+        args["CUDA_LIBS_IMAGE"] = parent.ref
+    stages = [(s.name, layer_stage_text(s), s.lock.text()) for s in image.layers]
+    if image.kind == "service":
+        stages.append(("app", app_stage_text(), tree_digest(ctx, skip=("wheelhouse", "locks", "Dockerfile",
+                                                                         ".dockerignore"))))
+    mount_from = [split_ref(base.ref)[1]] + ([split_ref(parent.image.ref("x"))[1]] if parent else [])
+    new_layers, history, pushed, reused = [], [], 0, 0
+    for stage, text, inputs in stages:
+        key = stage_key(image, stage, text, inputs, build_base.image.config_digest, pip_sources, c)
+        layer = None if rebuild else cache.recall(key, c)
+        if layer is None:
+            layer = export_stage(image, stage, ctx, args, cache, c, log, no_cache=no_cache, docker_config=docker_config)
+            cache.remember(key, layer)
+        else:
+            log(f"  {image.key}/{image.backend.name} {image.arch} {stage}: layer cached ({layer.digest[7:19]})")
+        if reg.has_blob(name, layer.digest):
+            reused += 1
+        else:
+            pushed += 1
+        uploader.submit(name, layer, mount_from)
+        new_layers.append(layer)
+        history.append(f"orchestrator: {stage} layer ({'lock ' + hashlib.sha256(inputs.encode()).hexdigest()[:12]})")
+    cfg = image_mod.config(json.loads(parent_img.config), image.platform, tuple(new_layers),
+                           settings(image, base.ref), tuple(history))
+    img = image_mod.Image(image.platform, parent_img.layers + tuple(new_layers), cfg)
+    log(f"{image.key}/{image.backend.name}: pushing {image.ref(tag)}")
+    sent = push_image(reg, name, img, tag, log=log, mount_from=mount_from, uploader=uploader)
+    log(f"{image.key}/{image.backend.name}: registry received {sent:,} bytes ({pushed} new layer(s) + config + "
+        f"manifest); {reused + len(parent_img.layers)} layer(s) already there")
+    return BuildResult(image, tag, img.digest, True, sent, pushed, reused + len(parent_img.layers), assembled=img)

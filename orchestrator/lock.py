@@ -189,14 +189,28 @@ def inputs_hash(project: Project, backend: Backend, inp: LayerInput, lower: list
         "platform": inp.platform,
         "layer": inp.layer,
         "requirements": inp.requirements,
+        # As written and as this machine expands them: ${VAR} in a source changes what uv sees.
         "sources": [backend.sources.index_url, list(backend.sources.extra_index_urls),
                     list(backend.sources.find_links)],
+        "expanded": [backend.sources.expanded().index_url, list(backend.sources.expanded().extra_index_urls),
+                     list(backend.sources.expanded().find_links)],
+        "resolver": UV_FLAGS,
         "lower": [hashlib.sha256("".join(p.block for p in lk.pins).encode()).hexdigest() for lk in lower],
     }, sort_keys=True).encode())
     return h.hexdigest()
 
 
 # --- resolving (effects: runs uv) ------------------------------------------
+
+# No uv.toml, pyproject [tool.uv] or UV_* from the machine: a lock depends only
+# on what its header hash covers (see uv_env). Changing these re-locks.
+UV_FLAGS = ("--no-config", "--generate-hashes")
+
+
+def uv_env() -> dict[str, str]:
+    """The environment uv runs in: this process's, less every UV_* setting."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
+
 
 def _uv() -> str:
     candidate = Path(sysconfig.get_path("scripts")) / "uv"
@@ -225,7 +239,7 @@ def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: d
     # their pins, so a bump in one layer does not move the others.
     out_file = work / f"{inp.layer}.out.txt"
     out_file.write_text("".join(p.block for p in preferences))
-    cmd = [_uv(), "pip", "compile", req_arg, "--generate-hashes", "--no-header", "--quiet",
+    cmd = [_uv(), "pip", "compile", req_arg, *UV_FLAGS, "--no-header", "--quiet",
            "--python-version", project.python, "--python-platform", compat.python_platform(inp.platform),
            "--output-file", os.path.relpath(out_file, project.root)]
     if constraints:
@@ -239,7 +253,7 @@ def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: d
         cmd += ["--extra-index-url", url]
     for fl in src.find_links:
         cmd += ["--find-links", fl]
-    proc = subprocess.run(cmd, cwd=project.root, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=project.root, capture_output=True, text=True, env=uv_env())
     if proc.returncode != 0:
         raise UserError(
             f"could not resolve layer {inp.layer!r} for backend {backend.name} on {inp.platform}:\n"

@@ -63,6 +63,20 @@ class ImagePlan:
 
 
 @dataclass(frozen=True)
+class Healthcheck:
+    test: tuple[str, ...]
+    interval: int
+    timeout: int
+    start_period: int
+    retries: int
+
+
+def healthcheck(port: int) -> Healthcheck:
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=3)"
+    return Healthcheck(("python3", "-c", probe), 15, 5, 120, 3)
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     project: Project
     images: tuple[ImagePlan, ...] = field(default_factory=tuple)
@@ -189,3 +203,20 @@ def tree_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
             h.update(b"x" if p.stat().st_mode & 0o111 else b"-")
             h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+def settings(image: ImagePlan, base_ref: str):
+    """What the image's config sets on top of its parent: the final stage of its Dockerfile, as data."""
+    from .image import Settings, healthcheck as hc_config
+
+    torch = image.backend.torch_for(image.platform) or "none"
+    labels = tuple((k, v.replace("${TORCH_VERSION}", torch)) for k, v in image.labels)
+    labels += (("org.opencontainers.image.base.name", base_ref),)
+    if image.kind != "service":
+        return Settings(env=image.env, labels=labels)
+    svc = image.service
+    hc = healthcheck(svc.port)
+    return Settings(env=image.env, labels=labels, user=f"{APP_UID}:{APP_UID}", workdir=APP_DIR,
+                    entrypoint=("python3", f"{RUNTIME_DIR}/entrypoint.py"), cmd=tuple(svc.command),
+                    exposed_ports=(f"{svc.port}/tcp",),
+                    healthcheck=hc_config(list(hc.test), hc.interval, hc.timeout, hc.start_period, hc.retries))

@@ -1,8 +1,13 @@
 """Host probe: what this machine can run (driver, libcuda, devices, CPU).
 
 Every file is read under an injectable root directory so tests can fake any
-host (no GPU, an old driver, a Fedora /usr/lib64 layout, an arm64 box).
-NVML and `ldconfig -p` are only asked on the real root.
+host (no GPU, an old driver, a Fedora /usr/lib64 layout, an arm64 box, WSL2).
+NVML and `ldconfig -p` are only asked on the real root; a test may pass its
+own `nvml` function to stand in for NVML on a fake root.
+
+WSL2 has no /dev/nvidia* and no /proc/driver/nvidia/version: the GPU is
+/dev/dxg, libcuda.so.1 lives in /usr/lib/wsl/lib and the driver version
+comes from NVML only.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,8 @@ LIBCUDA_DIRS = (
     "run/opengl-driver/lib",  # NixOS
 )
 ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+WSL_LIB_DIR = "usr/lib/wsl/lib"
+WSL_DEVICE = "dev/dxg"
 DRIVER_RE = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)")
 
 
@@ -34,8 +42,9 @@ class Host:
     driver_version: str | None = None
     driver_source: str | None = None  # nvml | /proc/driver/nvidia/version
     libcuda: str | None = None
-    devices: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()  # /dev/nvidia0.. or, on WSL2, /dev/dxg
     notes: tuple[str, ...] = field(default_factory=tuple)
+    wsl: bool = False  # WSL2: GPU through /dev/dxg, driver from NVML only
 
     @property
     def arch(self) -> str:
@@ -43,7 +52,7 @@ class Host:
 
     def as_json(self) -> dict:
         return {"platform": self.platform, "driver_version": self.driver_version,
-                "driver_source": self.driver_source, "libcuda": self.libcuda, "devices": list(self.devices)}
+                "driver_source": self.driver_source, "libcuda": self.libcuda, "devices": list(self.devices), "wsl": self.wsl}
 
 
 def _nvml_driver() -> str | None:
@@ -69,13 +78,19 @@ def parse_driver_version(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def probe(root: str | os.PathLike = "/", machine: str | None = None) -> Host:
+def probe(root: str | os.PathLike = "/", machine: str | None = None,
+          nvml: Callable[[], str | None] | None = None) -> Host:
+    """What the host at root offers. `nvml` answers the driver version in place of
+    NVML (default: the real NVML on the real root, none on a fake root)."""
     root = Path(root)
     real = root.resolve() == Path("/")
     arch = ARCHES.get(machine or os.uname().machine, machine or os.uname().machine)
     notes = []
+    wsl = (root / WSL_DEVICE).exists() or (root / WSL_LIB_DIR).is_dir()
 
-    driver, source = (_nvml_driver(), "nvml") if real else (None, None)
+    ask_nvml = nvml if nvml is not None else (_nvml_driver if real else None)
+    driver = ask_nvml() if ask_nvml else None
+    source = "nvml" if driver else None
     if driver is None:
         try:
             driver = parse_driver_version((root / "proc/driver/nvidia/version").read_text())
@@ -85,12 +100,19 @@ def probe(root: str | os.PathLike = "/", machine: str | None = None) -> Host:
 
     libcuda = _ldconfig_libcuda() if real else None
     if libcuda is None:
-        for d in LIBCUDA_DIRS:
+        # On WSL2 the Windows driver's libcuda comes first: a distribution's own
+        # libcuda.so.1 there cannot reach the GPU.
+        for d in ((WSL_LIB_DIR,) if wsl else ()) + LIBCUDA_DIRS:
             candidate = root / d / "libcuda.so.1"
             if candidate.exists():
                 libcuda = "/" + str(candidate.relative_to(root))
                 break
-    devices = tuple(sorted("/" + str(p.relative_to(root)) for p in (root / "dev").glob("nvidia[0-9]*")))
+    devices = sorted("/" + str(p.relative_to(root)) for p in (root / "dev").glob("nvidia[0-9]*"))
+    if (root / WSL_DEVICE).exists():
+        devices.append("/" + WSL_DEVICE)
     if libcuda and not driver:
-        notes.append("libcuda.so.1 found but no driver version (no NVML, no /proc/driver/nvidia/version)")
-    return Host(f"linux/{arch}", driver, source, libcuda, devices, tuple(notes))
+        notes.append("libcuda.so.1 found but no driver version ("
+                     + ("WSL2: NVML did not answer" if wsl else "no NVML, no /proc/driver/nvidia/version") + ")")
+    if wsl and not (root / WSL_DEVICE).exists():
+        notes.append("WSL2 without /dev/dxg: GPU paravirtualization is off (update WSL and the Windows driver)")
+    return Host(f"linux/{arch}", driver, source, libcuda, tuple(devices), tuple(notes), wsl)

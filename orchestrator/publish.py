@@ -1,11 +1,12 @@
 """Stage 6: publish. Images, then indexes, then the backend manifest last.
 
-Order: blobs -> per-arch manifests (both by `build`, which skips what the
-registry has) -> one OCI image index per (service, version, backend) ->
-the nested backend manifest, pushed as an OCI artifact under
-`<version>-backends` only after everything it names exists. A publish that
-fails midway leaves the previous backend manifest in place; a re-run with
-nothing changed uploads 0 bytes.
+Order: blobs -> per-arch manifests under content tags (both by `build`,
+which skips what the registry has) -> smoke tests of exactly those digests
+-> promotion: one OCI image index per (service, version, backend) under its
+human tags, then the nested backend manifest, pushed as an OCI artifact
+under `<version>-backends` only after everything it names exists. A
+publish that fails midway, or whose smoke fails, leaves the previous
+backend manifest in place; a re-run with nothing changed uploads 0 bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jsonschema
 
 from . import build as build_mod
 from . import compat as compat_mod
+from . import image as image_mod
 from .errors import EnvironmentProblem, UserError
 from .files import atomic_write
 from .registry import EMPTY_JSON, OCI_EMPTY, OCI_MANIFEST, Registry, sha256_digest, split_ref
@@ -34,6 +36,7 @@ BACKEND_PREFERENCE = ("cuda", "cpu")
 @dataclass
 class PublishReport:
     builds: list = field(default_factory=list)
+    smoke: list = field(default_factory=list)
     manifests: dict[str, Path] = field(default_factory=dict)  # service -> file written
     artifacts: dict[str, str] = field(default_factory=dict)  # service -> ref@digest
     uploaded_bytes: int = 0
@@ -53,16 +56,14 @@ def validate(manifest: dict, source: str) -> None:
                         f"it must match {SCHEMA_FILE}")
 
 
-def _image_size(reg: Registry, name: str, digest: str) -> int:
-    m = reg.get_manifest(name, digest).json
-    return m["config"]["size"] + sum(layer["size"] for layer in m["layers"])
+def backend_manifest(project: Project, service: str, results: list, indexes: dict, smoke_ran: bool,
+                     smoked: int = 0) -> dict:
+    """The nested manifest for one service from this run's build results.
 
-
-def backend_manifest(project: Project, service: str, results: list) -> dict:
-    """The nested manifest for one service from this run's build results."""
+    indexes: (key, backend) -> the index digest promoted for it.
+    """
     compat = compat_mod.load()
     svc = project.services[service]
-    reg = Registry(project.registry)
     by = {(r.image.key, r.image.backend.name, r.image.platform): r for r in results}
     platforms: dict[str, dict] = {}
     for platform in project.platforms:
@@ -75,13 +76,9 @@ def backend_manifest(project: Project, service: str, results: list) -> dict:
             r = by.get((service, bname, platform))
             if r is None:
                 raise EnvironmentProblem(f"{service}/{bname} for {platform} was not built in this run")
-            _, name, _ = split_ref(r.image.ref("x"))
-            index = reg.get_manifest(name, r.image.human_tags[0])
-            if index is None:
-                raise EnvironmentProblem(f"{r.image.repository}:{r.image.human_tags[0]} vanished from the registry "
-                                         "while publishing", "re-run `invoke publish`")
-            spec = {"image": f"{r.image.repository}@{r.digest}", "index": f"{r.image.repository}@{index.digest}",
-                    "size": _image_size(reg, name, r.digest), "torch": backend.torch_for(platform)}
+            spec = {"image": f"{r.image.repository}@{r.digest}",
+                    "index": f"{r.image.repository}@{indexes[(service, bname)]}",
+                    "size": r.assembled.size(), "torch": backend.torch_for(platform)}
             if backend.is_cuda:
                 libs = by[("cuda-libs", bname, platform)]
                 spec["requires"] = {"cuda": backend.cuda, "driver": ">=" + compat.cuda(backend.cuda).min_driver}
@@ -89,7 +86,7 @@ def backend_manifest(project: Project, service: str, results: list) -> dict:
             entry["backends"][bname] = spec
         platforms[platform] = entry
     manifest = {"schemaVersion": 1, "project": project.name, "service": service, "version": svc.version,
-                "platforms": platforms}
+                "platforms": platforms, "smoke": {"ran": smoke_ran, "variants": smoked}}
     validate(manifest, f"backend manifest for {service}")
     return manifest
 
@@ -152,15 +149,37 @@ def load_manifest_file(path: str) -> dict:
     return manifest
 
 
-def publish(project: Project, services: list[str] | None = None, log=print) -> PublishReport:
-    report = PublishReport()
-    stats = {"index_bytes": 0}
-    report.builds = build_mod.build(project, services=services, log=log, stats=stats)
-    report.uploaded_bytes = sum(r.uploaded_bytes for r in report.builds) + stats["index_bytes"]
+def promote(project: Project, results: list, services: list[str], smoke_ran: bool, smoked: int,
+            log=print) -> PublishReport:
+    """Point the human tags at this run's images, then push each backend manifest (last).
+
+    Per (image, backend): one OCI index over every platform built in this
+    run, under its human tags (`0.1.0-cuda`, `cu124-v1`). The run built every
+    platform, so an index never mixes revisions across platforms.
+    """
+    report = PublishReport(builds=results)
     reg = Registry(project.registry)
+    groups: dict[tuple[str, str], list] = {}
+    for r in results:
+        groups.setdefault((r.image.key, r.image.backend.name), []).append(r)
+    indexes: dict[tuple[str, str], str] = {}
+    for (key, bname), members in sorted(groups.items()):
+        first = members[0].image
+        missing = set(first.backend.platforms) - {m.image.platform for m in members}
+        if missing:
+            raise EnvironmentProblem(f"{key}/{bname} was not built for {sorted(missing)} in this run; an index "
+                                     "must not mix revisions across platforms", "run `invoke publish` for all platforms")
+        _, name, _ = split_ref(first.ref("x"))
+        body = image_mod.index([(m.image.platform, m.assembled) for m in members])
+        for human in first.human_tags:
+            digest, sent = reg.put_manifest_if_changed(name, human, body, image_mod.OCI_INDEX)
+            report.uploaded_bytes += sent
+            log(f"{first.repository}:{human} -> index {digest[:19]} ({', '.join(sorted(m.image.platform for m in members))})"
+                + ("" if sent else ", unchanged"))
+        indexes[(key, bname)] = image_mod.digest_of(body)
     # Backend manifests last: everything they name now exists.
-    for service in services or list(project.services):
-        manifest = backend_manifest(project, service, report.builds)
+    for service in services:
+        manifest = backend_manifest(project, service, results, indexes, smoke_ran, smoked)
         _, name, _ = split_ref(project.repository(service) + ":x")
         tag = artifact_tag(manifest["version"])
         title = f"{manifest['service']}-{manifest['version']}.backends.json"
@@ -171,3 +190,77 @@ def publish(project: Project, services: list[str] | None = None, log=print) -> P
         report.artifacts[service] = f"{project.repository(service)}:{tag}@{digest}"
         log(f"{project.repository(service)}:{tag} -> {digest[:19]}" + ("" if sent else " (unchanged)"))
     return report
+
+
+def publish(project: Project, services: list[str] | None = None, log=print, smoke: bool = True,
+            ready_timeout: float = 180.0) -> PublishReport:
+    """Build what is missing (pushed by content tag), smoke-test exactly those digests, then promote.
+
+    A smoke failure promotes nothing: human tags, indexes and backend
+    manifests keep naming the previous release.
+    """
+    services = services or list(project.services)
+    if smoke and project.compression == "zstd":
+        check_engine_pulls_zstd()
+    results = build_mod.build(project, services=services, log=log)
+    built_bytes = sum(r.uploaded_bytes for r in results)
+    smoked = 0
+    checked = []
+    if smoke:
+        from . import smoke as smoke_mod
+
+        chosen = smoke_mod.variants_from_builds(project, results)
+        passed = _promoted_and_smoked(project, services)
+        todo = [v for v in chosen if v.image not in passed]
+        if len(todo) < len(chosen):
+            log(f"smoke: {len(chosen) - len(todo)} image(s) already passed smoke in the promoted release; not re-run")
+        checked = smoke_mod.run(project, log=log, ready_timeout=ready_timeout, chosen=todo) if todo else []
+        failed = [r for r in checked if not r.ok]
+        if failed:
+            raise SmokeFailed(failed)
+        smoked = len(chosen)
+    else:
+        log("smoke tests skipped (--no-smoke): the backend manifest records smoke.ran = false")
+    report = promote(project, results, services, smoke, smoked, log)
+    report.uploaded_bytes += built_bytes
+    report.smoke = checked
+    return report
+
+
+def check_engine_pulls_zstd() -> None:
+    """Smoke tests pull what is promoted: refuse zstd where this engine cannot pull it."""
+    from . import engine
+
+    version = engine.docker_client().version().get("Version", "0")
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 23:
+        raise UserError(f"compression: zstd cannot be published from here: this Docker Engine ({version}) cannot pull "
+                        "zstd layers, so `invoke publish` could not smoke-test what it promotes",
+                        "use `compression: gzip` (every engine pulls it), publish from an engine that pulls zstd "
+                        "(Docker 23+, containerd 1.5+), or pass --no-smoke to publish untested zstd images")
+
+
+def _promoted_and_smoked(project: Project, services: list[str]) -> set[str]:
+    """Image digests the currently promoted backend manifests name and recorded as smoke-tested."""
+    out: set[str] = set()
+    for service in services:
+        ref = f"{project.repository(service)}:{artifact_tag(project.services[service].version)}"
+        try:
+            manifest = fetch_manifest(ref)
+        except (UserError, EnvironmentProblem):
+            continue  # none yet, or unreadable: smoke everything
+        if (manifest.get("smoke") or {}).get("ran"):
+            out |= {spec["image"] for entry in manifest["platforms"].values() for spec in entry["backends"].values()}
+    return out
+
+
+class SmokeFailed(EnvironmentProblem):
+    def __init__(self, failed):
+        self.failed = failed
+        names = ", ".join(f"{r.variant.service}/{r.variant.backend} {r.variant.platform}" for r in failed)
+        super().__init__(f"smoke failed for {names}; nothing was promoted (human tags and backend manifests "
+                         "still name the previous release)",
+                         "fix the image and re-run `invoke publish`; `invoke smoke` shows each check")

@@ -49,11 +49,13 @@ def unmet(backend: str, spec: dict, host: Host) -> str | None:
     if host.libcuda is None:
         return "no NVIDIA driver (libcuda.so.1 not found via ldconfig or the usual library paths)"
     if not host.devices:
-        return "no /dev/nvidia* device"
+        # WSL2 exposes the GPU as /dev/dxg, never /dev/nvidia*.
+        return "no /dev/dxg device (WSL2 GPU paravirtualization is off)" if host.wsl else "no /dev/nvidia* device"
     want = requires.get("driver")
     if want:
         if host.driver_version is None:
-            return "driver version unknown (no NVML, no /proc/driver/nvidia/version)"
+            return ("driver version unknown (NVML did not answer; WSL2 has no /proc/driver/nvidia/version)"
+                    if host.wsl else "driver version unknown (no NVML, no /proc/driver/nvidia/version)")
         try:
             spec = SpecifierSet(want)
         except InvalidSpecifier:

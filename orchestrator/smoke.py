@@ -74,37 +74,24 @@ class VariantResult:
 
 # --- which variants (registry reads only) -------------------------------
 
-def variants(project: Project, services=None, backends=None, platforms=None) -> list[Variant]:
-    """Every (service, backend, platform) the project builds, resolved to a digest."""
-    reg = Registry(project.registry)
+def variants(project: Project, services=None, backends=None, platforms=None, log=None) -> list[Variant]:
+    """The images of the project's current inputs, by digest: built and pushed by content tag
+    if missing (a no-op when they are there), never found again by a human tag."""
+    from . import build as build_mod
+
+    results = build_mod.build(project, backends, services, platforms, log=log or (lambda *_: None))
+    return variants_from_builds(project, results)
+
+
+def variants_from_builds(project: Project, results) -> list[Variant]:
+    """Exactly the per-platform digests a build made (service images only)."""
     out = []
-    for svc in project.services.values():
-        if services and svc.name not in services:
+    for r in results:
+        if r.image.kind != "service":
             continue
-        for bname in svc.backends:
-            if backends and bname not in backends:
-                continue
-            backend = project.backends[bname]
-            for platform in backend.platforms:
-                if platforms and platform not in platforms:
-                    continue
-                tag = f"{svc.version}-{bname}"
-                _, name, _ = split_ref(project.repository(svc.name) + ":" + tag)
-                manifest = reg.get_manifest(name, tag)
-                if manifest is None:
-                    raise UserError(f"{project.repository(svc.name)}:{tag} is not in the registry",
-                                    f"build it first: invoke build --backend {bname} --service {svc.name}")
-                digest = manifest.digest
-                if manifest.json.get("manifests"):  # an index: pick this platform's image
-                    os_, arch = platform.split("/")
-                    digest = next((m["digest"] for m in manifest.json["manifests"]
-                                   if m.get("platform", {}).get("architecture") == arch), None)
-                    if digest is None:
-                        raise UserError(f"{project.repository(svc.name)}:{tag} has no {platform} image, but the "
-                                        f"project builds {bname} for {platform}",
-                                        f"build it: invoke build --backend {bname} --platform {platform}")
-                out.append(Variant(svc.name, bname, platform, f"{project.repository(svc.name)}@{digest}",
-                                   svc.port, svc.version, backend.torch_for(platform), backend.cuda))
+        svc, backend = r.image.service, r.image.backend
+        out.append(Variant(svc.name, backend.name, r.image.platform, f"{r.image.repository}@{r.digest}",
+                           svc.port, svc.version, backend.torch_for(r.image.platform), backend.cuda))
     return out
 
 
@@ -306,11 +293,13 @@ def _check_strict_exit(variant: Variant) -> Check:
 
 
 def run(project: Project, services=None, backends=None, platforms=None, log=print,
-        ready_timeout: float = 180.0) -> list[VariantResult]:
+        ready_timeout: float = 180.0, chosen: list[Variant] | None = None) -> list[VariantResult]:
     gpu = host_has_gpu()
     log(f"host GPU for containers: {'yes' if gpu else 'no (cuda images must fall back to CPU)'}")
     results = []
-    for v in variants(project, services, backends, platforms):
+    if chosen is None:
+        chosen = variants(project, services, backends, platforms)
+    for v in chosen:
         log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
         r = check_variant(v, gpu, ready_timeout=ready_timeout)
         for c in r.checks:

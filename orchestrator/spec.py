@@ -35,6 +35,15 @@ NAME_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*$")
 PLATFORM_RE = re.compile(r"^linux/(amd64|arm64)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# The docker image reference grammar (github.com/distribution/reference):
+# [domain[:port]/]path[:tag][@sha256:hex], path components lower-case.
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+DOMAIN_RE = re.compile(rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::([0-9]+))?$")
+PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+PYTHON_TAG_RE = re.compile(r"^(\d+)\.(\d+)(?:$|[.-])")
+
 
 @dataclass(frozen=True)
 class Sources:
@@ -195,7 +204,46 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text[:60]}"
 
 
+# What to write instead, for keys whose schema pattern refused a value.
+PATTERN_HINTS = {
+    "project": "lower-case letters, digits and . _ - (it names registry repositories), e.g. project: demo",
+    "version": "a tag-safe version in quotes, e.g. version: \"0.1.0\" (letters, digits, . _ -)",
+    "registry": "host[:port][/path], e.g. registry: 127.0.0.1:5000 or registry: ghcr.io/acme",
+    "python": "major.minor in quotes, e.g. python: \"3.11\"",
+}
+
+
+def _schema_hint(err: jsonschema.ValidationError) -> str:
+    path = [p for p in err.absolute_path if not isinstance(p, int)]
+    last = str(path[-1]) if path else ""
+    v = err.validator
+    if v == "pattern":
+        return PATTERN_HINTS.get(last, f"write a value matching {err.validator_value}")
+    if v == "type":
+        want = err.validator_value
+        if want == "string" and isinstance(err.instance, (int, float)) and not isinstance(err.instance, bool):
+            return f"quote the value: {last}: \"{err.instance}\""
+        return f"write a {' or '.join(want) if isinstance(want, list) else want} at {_keypath(err.absolute_path)}"
+    if v in ("enum", "const"):
+        want = err.validator_value if v == "enum" else [err.validator_value]
+        return "use " + " or ".join(repr(w) for w in want)
+    if v in ("minItems", "minProperties"):
+        return "add at least one entry, or remove the key to get the default"
+    if v in ("minimum", "maximum"):
+        return f"use a value {'>=' if v == 'minimum' else '<='} {err.validator_value}"
+    if v == "minLength":
+        return "write a non-empty value, or remove the key to get the default"
+    return "see orchestrator/data/project.schema.json for the expected shape"
+
+
 def _schema_error(file: str, err: jsonschema.ValidationError) -> SpecError:
+    e = _schema_error_bare(file, err)
+    if e.hint is None:
+        e.hint = _schema_hint(err)
+    return e
+
+
+def _schema_error_bare(file: str, err: jsonschema.ValidationError) -> SpecError:
     key = _keypath(err.absolute_path)
     v = err.validator
     if v == "additionalProperties":
@@ -227,12 +275,180 @@ def _schema_error(file: str, err: jsonschema.ValidationError) -> SpecError:
 
 def _expect_file(file: str, key: str, root: Path, rel: str, what: str) -> Path:
     path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        lexical = Path(os.path.normpath(root / rel))
+        how = " through a symlink" if lexical.is_relative_to(root) else ""
+        raise SpecError(file, key, f"{what} {rel!r} is outside the project directory {root} "
+                        f"(it resolves{how} to {path})",
+                        "keep services and requirements inside the project directory: copy them in "
+                        "(a symlink must point inside too)")
     if not path.exists():
         raise SpecError(file, key, f"{what} {rel!r} does not exist (looked at {path})",
                         "create it or fix the path, which is relative to the project file")
     if what.endswith("file") and not path.is_file():
-        raise SpecError(file, key, f"expected a file, found a directory: {rel!r}")
+        raise SpecError(file, key, f"expected a file, found a directory: {rel!r}",
+                        "point it at a requirements file such as requirements/app.in")
     return path
+
+
+# --- references and requirement files ----------------------------------------
+
+def _domain_problem(domain: str) -> str | None:
+    m = DOMAIN_RE.match(domain)
+    if not m:
+        return f"{domain!r} is not a host name or address"
+    if m.group(1) is not None and not 0 < int(m.group(1)) <= 65535:
+        return f"port {m.group(1)} is out of range (1-65535)"
+    return None
+
+
+def _path_problem(path: str) -> str | None:
+    for comp in path.split("/"):
+        if not PATH_COMPONENT_RE.match(comp):
+            if comp.lower() != comp and PATH_COMPONENT_RE.match(comp.lower()):
+                return f"repository path component {comp!r} must be lower-case"
+            return (f"repository path component {comp!r} must be lower-case letters and digits "
+                    "separated by '.', '_', '__' or '-'")
+    return None
+
+
+def image_ref_problem(ref: str) -> str | None:
+    """Why ref is not a docker image reference ([host[:port]/]path[:tag][@sha256:hex]), or None."""
+    if not ref:
+        return "it is empty"
+    bad = sorted({c for c in ref if c.isspace() or c in ";|&$`'\"<>(){}*?!\\"})
+    if bad:
+        return f"it contains {', '.join(repr(c) for c in bad)}"
+    rest, digest = ref, None
+    if "@" in rest:
+        rest, digest = rest.split("@", 1)
+        if not DIGEST_RE.match(digest):
+            return f"the digest {digest!r} is not sha256: followed by 64 lower-case hex digits"
+    domain, path = "", rest
+    if "/" in rest:
+        first, tail = rest.split("/", 1)
+        # As docker reads it: the first component is a registry host only if it
+        # has a '.' or a ':', is localhost, or has upper-case letters.
+        if "." in first or ":" in first or first == "localhost" or first.lower() != first:
+            domain, path = first, tail
+    if domain and (why := _domain_problem(domain)):
+        return why
+    tag = None
+    if ":" in path:
+        path, tag = path.rsplit(":", 1)
+        if not TAG_RE.match(tag):
+            return f"the tag {tag!r} must be 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"
+    if not path:
+        return "the repository name is empty"
+    if why := _path_problem(path):
+        return why
+    if len(f"{domain}/{path}" if domain else path) > 255:
+        return "the repository name is longer than 255 characters"
+    return None
+
+
+def registry_problem(value: str) -> str | None:
+    """Why value is not a registry (host[:port][/path]) we can push to, or None."""
+    if not value:
+        return "it is empty"
+    domain, _, path = value.partition("/")
+    if why := _domain_problem(domain):
+        return why
+    if "." not in domain and ":" not in domain and domain != "localhost":
+        return (f"{domain!r} has no '.' and no ':port', so docker would read it as a Docker Hub "
+                "namespace, not a registry host")
+    if path and (why := _path_problem(path)):
+        return why
+    return None
+
+
+_SOURCE_OPTIONS = ("-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--no-index",
+                   "--trusted-host")
+_NESTED_OPTIONS = ("-r", "--requirement", "-c", "--constraint")
+
+
+def _logical_lines(text: str):
+    """(first line number, line) with backslash continuations joined and comments dropped (pip's rules)."""
+    number, parts = None, []
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+        if number is None:
+            number = i
+        if line.endswith("\\"):
+            parts.append(line[:-1])
+            continue
+        parts.append(line)
+        joined = " ".join(p.strip() for p in parts).strip()
+        if joined:
+            yield number, joined
+        number, parts = None, []
+    if parts and (joined := " ".join(p.strip() for p in parts).strip()):
+        yield number, joined
+
+
+def check_requirements_file(file: str, key: str, path: Path) -> None:
+    """Refuse what `invoke lock` cannot turn into a --require-hashes lock.
+
+    Locks are resolved by uv from an index or find-links and installed with
+    --require-hashes --no-deps; the file's text is the lock's input hash. So
+    URL, path and editable requirements, index options (they belong to the
+    backend's sources) and nested -r/-c files (outside the hash) are refused.
+    """
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path, Path(file).resolve().parent)
+    except ValueError:
+        rel = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(file, key, f"cannot read requirements file {rel!r} ({e.strerror})",
+                        "make it a readable file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SpecError(file, key, f"requirements file {rel!r} is not UTF-8 (byte {data[e.start]:#04x} on line {line})",
+                        "save it as UTF-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    for number, line in _logical_lines(text):
+        where = f"requirements file {rel!r} line {number}"
+        first = line.split()[0]
+        option = first.split("=", 1)[0]
+        if option in ("-e", "--editable") or first.startswith("-e"):
+            raise SpecError(file, key, f"{where}: editable requirement {line!r} cannot be locked",
+                            "drop -e: locks install pinned wheels with --require-hashes; the service's own code "
+                            "goes in services.<name>.path")
+        if option in _SOURCE_OPTIONS or any(first.startswith(o) for o in ("-i", "-f")):
+            raise SpecError(file, key, f"{where}: option {line!r} is not allowed in a requirements file",
+                            "set index_url, extra_index_urls or find_links on the backend in the project file")
+        if option in _NESTED_OPTIONS or any(first.startswith(o) for o in ("-r", "-c")):
+            raise SpecError(file, key, f"{where}: {line!r} includes another file, which would not be part of "
+                            "the lock's inputs", "copy its requirements into this file")
+        if first.startswith("-"):
+            raise SpecError(file, key, f"{where}: option {line!r} is not supported",
+                            "list requirements only (name, extras, version range, markers)")
+        req_text, _, opts = line.partition(" --")
+        if opts and not all(o.startswith("hash") for o in (" --" + opts).split(" --")[1:]):
+            raise SpecError(file, key, f"{where}: per-requirement option in {line!r} is not supported",
+                            "list requirements only (name, extras, version range, markers)")
+        try:
+            req = Requirement(req_text.strip())
+        except InvalidRequirement as e:
+            if "://" in req_text or req_text.startswith((".", "/", "~")) or \
+                    req_text.strip().endswith((".whl", ".tar.gz", ".zip")):
+                raise SpecError(file, key, f"{where}: URL or path requirement {line!r} cannot be locked "
+                                "with --require-hashes",
+                                "publish the package to an index or a find-links directory and require it by "
+                                "name (name==x.y)") from None
+            raise SpecError(file, key, f"{where}: {line!r} is not a requirement ({str(e).splitlines()[0]})",
+                            "write name[extras]<version range>, e.g. numpy>=1.26,<3") from None
+        if req.url:
+            raise SpecError(file, key, f"{where}: URL requirement {line!r} cannot be locked with --require-hashes",
+                            f"publish {req.name} to an index or a find-links directory and require it by name "
+                            f"({req.name}==x.y)")
+
 
 
 def load(path: str | os.PathLike) -> Project:
@@ -247,15 +463,45 @@ def load(path: str | os.PathLike) -> Project:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise SpecError(file, "", f"not valid YAML at {where}: {getattr(e, 'problem', e)}") from None
+        raise SpecError(file, "", f"not valid YAML at {where}: {getattr(e, 'problem', e)}",
+                        "fix the YAML there: check the indentation, and quote values that contain ': ' or '#'") from None
     if not isinstance(data, dict):
-        raise SpecError(file, "", f"expected a mapping at the top level, found {_describe(data)}")
+        raise SpecError(file, "", f"expected a mapping at the top level, found {_describe(data)}",
+                        "start with keys such as `schema: 1`, `project: NAME`, `backends:` and `services:`")
 
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise _schema_error(file, errors[0])
     return _build(path, data)
+
+
+def _check_python(file: str, python: str, base: Base, suite_given: bool, compat) -> None:
+    """The locks are resolved for `python`; the base's interpreter must be that version."""
+    image = base.image.split("@")[0]
+    repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    m = PYTHON_TAG_RE.match(tag)
+    if repo.rsplit("/", 1)[-1] == "python" and m:
+        tagged = f"{m.group(1)}.{m.group(2)}"
+        if tagged != python:
+            raise SpecError(file, "python", f"python {python} differs from base.image {base.image!r}, whose tag is "
+                            f"python {tagged}: locks for {python} would not install into its interpreter",
+                            f"set python: \"{tagged}\", or base.image: python:{python}-slim-{base.suite}")
+    debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
+    suite_python = debian.get(base.suite)
+    if suite_python is None:
+        raise SpecError(file, "base.bootstrap.suite", f"unknown Debian suite {base.suite!r}; the compatibility data "
+                        f"knows {sorted(debian)}",
+                        "use one of them, or add the suite's python3 version under debian_python in "
+                        "orchestrator/data/compat.yaml")
+    if suite_python != python:
+        same = sorted(s for s, v in debian.items() if v == python)
+        raise SpecError(file, "python", f"python {python} differs from base.bootstrap.suite {base.suite}"
+                        f"{'' if suite_given else ' (the default)'}, whose python3 is {suite_python}: a base "
+                        f"bootstrapped from {base.suite} could not run locks resolved for {python}",
+                        f"set python: \"{suite_python}\""
+                        + (f", or base.bootstrap.suite: {same[0]}" if same else
+                           f" (no Debian suite in the compatibility data ships python {python})"))
 
 
 def _build(path: Path, data: dict) -> Project:
@@ -266,7 +512,8 @@ def _build(path: Path, data: dict) -> Project:
     platforms = tuple(data.get("platforms", ["linux/amd64"]))
     for i, p in enumerate(platforms):
         if not PLATFORM_RE.match(p):
-            raise SpecError(file, f"platforms[{i}]", f"expected linux/amd64 or linux/arm64, found {p!r}")
+            raise SpecError(file, f"platforms[{i}]", f"expected linux/amd64 or linux/arm64, found {p!r}",
+                            "use linux/amd64 and/or linux/arm64")
     for i, p in enumerate(platforms):
         if p in platforms[:i]:
             raise SpecError(file, f"platforms[{i}]", f"{p!r} is listed twice (first at platforms[{platforms.index(p)}])",
@@ -281,7 +528,8 @@ def _build(path: Path, data: dict) -> Project:
         rel = compat.cuda(cl["cuda"])
         if rel is None:
             raise SpecError(file, "cuda_libs.cuda", f"unknown CUDA version {cl['cuda']!r}; "
-                            f"the compatibility data knows {compat.cuda_versions()}")
+                            f"the compatibility data knows {compat.cuda_versions()}",
+                            "use one of them, or add the release to orchestrator/data/compat.yaml")
         cuda_libs = CudaLibs(cl["cuda"], rel.tag, cl.get("revision", 1),
                              tuple(cl["packages"]) if "packages" in cl else None)
 
@@ -290,14 +538,16 @@ def _build(path: Path, data: dict) -> Project:
     for name, b in data["backends"].items():
         key = f"backends.{name}"
         if name not in KNOWN_BACKENDS:
-            raise SpecError(file, key, f"unknown backend {name!r}; expected one of {list(KNOWN_BACKENDS)}")
+            raise SpecError(file, key, f"unknown backend {name!r}; expected one of {list(KNOWN_BACKENDS)}",
+                            "rename it to cuda or cpu")
         raw_torch = b.get("torch")
         if isinstance(raw_torch, dict):
             # Per-platform torch: e.g. the x86_64 CPU build is 2.13.0+cpu from a
             # wheelhouse while PyPI's aarch64 CPU build is 2.9.1.
             for i, (p, _) in enumerate(raw_torch.items()):
                 if p not in platforms:
-                    raise SpecError(file, f"{key}.torch.{p}", f"{p!r} is not one of the project's platforms {list(platforms)}")
+                    raise SpecError(file, f"{key}.torch.{p}", f"{p!r} is not one of the project's platforms {list(platforms)}",
+                                    f"add {p} to platforms, or remove {key}.torch.{p}")
             torch_map = {p: raw_torch.get(p) for p in platforms}
         else:
             torch_map = {p: raw_torch for p in platforms}
@@ -308,10 +558,12 @@ def _build(path: Path, data: dict) -> Project:
             try:
                 Version(torch)
             except InvalidVersion:
-                raise SpecError(file, tkey, f"expected a torch version such as '2.5.1', found {torch!r}") from None
+                raise SpecError(file, tkey, f"expected a torch version such as '2.5.1', found {torch!r}",
+                                f"write a version in quotes, e.g. torch: \"{compat.torch_versions()[-1]}\", or null for no torch") from None
             if Version(torch).public not in compat.torch_versions():
                 raise SpecError(file, tkey, f"torch {torch} is not in the compatibility data; "
-                                f"known: {compat.torch_versions()}")
+                                f"known: {compat.torch_versions()}",
+                                "pick a known torch, or add it to orchestrator/data/compat.yaml")
         # The single value used for messages and cross-checks below.
         torch = next((t for t in torch_map.values() if t is not None), None) if isinstance(raw_torch, dict) else raw_torch
         cuda = b.get("cuda")
@@ -319,7 +571,8 @@ def _build(path: Path, data: dict) -> Project:
             if cuda is None:
                 raise SpecError(file, f"{key}.cuda", "is required for the cuda backend", "add `cuda: \"12.4\"`")
             if compat.cuda(cuda) is None:
-                raise SpecError(file, f"{key}.cuda", f"unknown CUDA version {cuda!r}; known: {compat.cuda_versions()}")
+                raise SpecError(file, f"{key}.cuda", f"unknown CUDA version {cuda!r}; known: {compat.cuda_versions()}",
+                                "use one of them, or add the release to orchestrator/data/compat.yaml")
             if torch is not None and compat.cuda_pins(torch, cuda) is None:
                 raise SpecError(file, f"{key}.torch",
                                 f"torch {torch} is not built for CUDA {cuda}; with CUDA {cuda} use torch "
@@ -339,7 +592,8 @@ def _build(path: Path, data: dict) -> Project:
                 raise SpecError(file, "cuda_libs.packages", "is required when the cuda backend has no torch",
                                 "list the nvidia-*-cu12 wheels your services need")
         elif cuda is not None:
-            raise SpecError(file, f"{key}.cuda", f"the {name} backend takes no CUDA version, found {cuda!r}")
+            raise SpecError(file, f"{key}.cuda", f"the {name} backend takes no CUDA version, found {cuda!r}",
+                            f"remove backends.{name}.cuda")
         buildable = [p for p in compat.platforms() if p in compat.platforms_for(name, torch_map.get(p, torch), cuda)
                      and (not isinstance(raw_torch, dict) or p in raw_torch)]
         if "platforms" in b:
@@ -347,9 +601,10 @@ def _build(path: Path, data: dict) -> Project:
             for i, p in enumerate(bplats):
                 if p not in platforms:
                     raise SpecError(file, f"{key}.platforms[{i}]",
-                                    f"{p!r} is not one of the project's platforms {list(platforms)}")
+                                    f"{p!r} is not one of the project's platforms {list(platforms)}",
+                                    f"add {p} to platforms, or drop it from {key}.platforms")
                 if p in bplats[:i]:
-                    raise SpecError(file, f"{key}.platforms[{i}]", f"{p!r} is listed twice")
+                    raise SpecError(file, f"{key}.platforms[{i}]", f"{p!r} is listed twice", "list each platform once")
                 if p not in buildable:
                     raise SpecError(file, f"{key}.platforms[{i}]",
                                     f"{name} with torch {torch} cannot be built for {p}: the compatibility data "
@@ -375,10 +630,12 @@ def _build(path: Path, data: dict) -> Project:
                 parsed = Requirement(req)
             except InvalidRequirement:
                 raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a requirement such as "
-                                f"'nvidia-cuda-runtime-cu12' or 'nvidia-cuda-runtime-cu12==12.4.127', found {req!r}") from None
+                                f"'nvidia-cuda-runtime-cu12' or 'nvidia-cuda-runtime-cu12==12.4.127', found {req!r}",
+                                "write a wheel name, optionally ==version")  from None
             pname = canonicalize_name(parsed.name)
             if parsed.extras or parsed.marker or parsed.url:
-                raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a plain name or name==version, found {req!r}")
+                raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a plain name or name==version, found {req!r}",
+                                "drop extras, markers and URLs, e.g. nvidia-cuda-runtime-cu12==12.4.127")
             if pname not in allowed:
                 raise SpecError(file, f"cuda_libs.packages[{i}]",
                                 f"{pname!r} is not a CUDA {cuda_libs.cuda} library wheel in the compatibility data",
@@ -389,8 +646,10 @@ def _build(path: Path, data: dict) -> Project:
     for name, layer in (data.get("layers") or {}).items():
         if name not in CONFIGURABLE_LAYERS:
             raise SpecError(file, f"layers.{name}", f"unknown layer {name!r}; configurable layers are "
-                            f"{list(CONFIGURABLE_LAYERS)} (base, cuda-libs, torch, service and app are derived)")
+                            f"{list(CONFIGURABLE_LAYERS)} (base, cuda-libs, torch, service and app are derived)",
+                            "put shared requirements under layers.shared, service ones under services.<name>")
         layers[name] = _expect_file(file, f"layers.{name}.requirements", root, layer["requirements"], "requirements file")
+        check_requirements_file(file, f"layers.{name}.requirements", layers[name])
 
     # services
     services: dict[str, Service] = {}
@@ -399,17 +658,21 @@ def _build(path: Path, data: dict) -> Project:
         key = f"services.{name}"
         if not NAME_RE.match(name) or name in ("cuda-libs", "base"):
             raise SpecError(file, key, f"service name {name!r} must be lower-case letters, digits and . _ - "
-                            "(it becomes a registry repository), and not 'base' or 'cuda-libs'")
+                            "(it becomes a registry repository), and not 'base' or 'cuda-libs'",
+                            "rename the service, e.g. tts or speech-to-text")
         spath = _expect_file(file, f"{key}.path", root, s["path"], "service directory")
         if not spath.is_dir():
-            raise SpecError(file, f"{key}.path", f"expected a directory, found a file: {s['path']!r}")
+            raise SpecError(file, f"{key}.path", f"expected a directory, found a file: {s['path']!r}",
+                            "point path at the service's directory (its code is copied into the image)")
         req = None
         if "requirements" in s:
             req = _expect_file(file, f"{key}.requirements", root, s["requirements"], "requirements file")
+            check_requirements_file(file, f"{key}.requirements", req)
         sb = tuple(s.get("backends", list(backends)))
         for i, b in enumerate(sb):
             if b not in backends:
-                raise SpecError(file, f"{key}.backends[{i}]", f"unknown backend {b!r}; this project defines {list(backends)}")
+                raise SpecError(file, f"{key}.backends[{i}]", f"unknown backend {b!r}; this project defines {list(backends)}",
+                                f"use one of {list(backends)}, or define backends.{b}")
         services[name] = Service(name, spath, req, tuple(s["command"]), s.get("port", 8000),
                                  s.get("version", default_version), sb, s.get("policy", "fallback"))
 
@@ -418,6 +681,17 @@ def _build(path: Path, data: dict) -> Project:
     base = Base(bdata.get("image", DEFAULT_BASE_IMAGE), boot.get("suite", "bookworm"),
                 tuple(boot.get("include", DEFAULT_BOOTSTRAP_INCLUDE)), boot.get("when", "offline"))
 
+    if "image" in bdata and (why := image_ref_problem(base.image)):
+        raise SpecError(file, "base.image", f"{base.image!r} is not an image reference: {why}",
+                        "write [host[:port]/]path[:tag][@sha256:<64 hex>], e.g. "
+                        "docker.io/library/python:3.11-slim-bookworm")
+    _check_python(file, python, base, "bootstrap" in bdata and "suite" in boot, compat)
+
+    from_env = bool(os.environ.get("ORCH_REGISTRY"))
     registry = os.environ.get("ORCH_REGISTRY") or data.get("registry", DEFAULT_REGISTRY)
+    if why := registry_problem(registry):
+        raise SpecError(file, "registry", f"{registry!r}{' (from $ORCH_REGISTRY)' if from_env else ''} is not a "
+                        f"registry: {why}", ("fix $ORCH_REGISTRY: " if from_env else "")
+                        + "write host[:port][/path], e.g. 127.0.0.1:5000 or ghcr.io/acme")
     return Project(path.resolve(), root, data["project"], default_version, registry, python,
                    platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"))

@@ -62,13 +62,13 @@ def mini_project(engine_ready, tmp_path_factory):
 
     Everything it pushes or builds is deleted afterwards.
     """
-    from orchestrator import engine, pipeline, spec
+    from orchestrator import base, engine, pipeline, spec
 
     name = f"orch-test-{uuid.uuid4().hex[:8]}"
     path = copy_fixture("mini", tmp_path_factory.mktemp("proj"), name)
     project = spec.load(path)
     for platform in engine.base_platforms(project):
-        engine.ensure_base(project, platform)
+        base.ensure(project, platform, log=lambda *_: None)
     pipeline.lock(project, log=lambda *_: None)
     yield project
     cleanup_namespace(project)
@@ -93,7 +93,7 @@ def cleanup_namespace(project) -> None:
 
     reg = Registry(project.registry)
     client = engine.docker_client()
-    for repo in ["cuda-libs", *project.services]:
+    for repo in ["cuda-libs", *project.services]:  # the shared base stays: every test project pins the same one
         name = f"{project.name}/{repo}"
         digests = set()
         for tag in reg.tags(name):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def published(mini_project, first_build):
-    return publish.publish(mini_project, log=lambda *_: None)
+    return publish.publish(mini_project, log=lambda *_: None)  # with the smoke gate, as users run it
 
 
 def test_the_registry_holds_a_cpu_index_for_both_platforms_and_a_cuda_index_for_amd64(mini_project, published):
@@ -49,6 +49,7 @@ def test_the_backend_manifest_is_an_artifact_naming_only_digests_that_exist(mini
     assert amd64["default"] == "cuda" and amd64["fallback"] == ["cuda", "cpu"]
     assert amd64["backends"]["cuda"]["requires"] == {"cuda": "12.4", "driver": ">=525.60.13"}
     assert manifest["platforms"]["linux/arm64"]["fallback"] == ["cpu"]
+    assert manifest["smoke"] == {"ran": True, "variants": 3}
     for entry in manifest["platforms"].values():
         for spec in entry["backends"].values():
             for ref in (spec["image"], spec["index"]):
@@ -103,14 +104,14 @@ def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_p
     app = mini_project.services["echo"].path / "app.py"
     original = app.read_text()
     app.write_text(original + f"\n# release {uuid.uuid4()}\n")
-    real = build.run_build
+    real = build.export_stage
 
     def fail_on_arm64(image, *args, **kwargs):
         if image.platform == "linux/arm64":
             raise EnvironmentProblem("simulated failure: the arm64 builder died")
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(build, "run_build", fail_on_arm64)
+    monkeypatch.setattr(build, "export_stage", fail_on_arm64)
     try:
         with pytest.raises(EnvironmentProblem, match="arm64 builder died"):
             publish.publish(mini_project, log=lambda *_: None)
@@ -118,6 +119,32 @@ def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_p
         app.write_text(original)
     after = {t: reg.get_manifest(name, t).digest for t in before}
     assert after == before
+
+
+def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project, published):
+    reg = Registry(mini_project.registry)
+    name = f"{mini_project.name}/echo"
+    before = {t: reg.get_manifest(name, t).digest for t in ("0.1.0-backends", "0.1.0-cpu", "0.1.0-cuda")}
+    app = mini_project.services["echo"].path / "app.py"
+    original = app.read_text()
+    app.write_text("import no_such_module_in_this_image  # crashes at start\n" + original)
+    try:
+        with pytest.raises(publish.SmokeFailed, match="nothing was promoted") as failure:
+            publish.publish(mini_project, log=lambda *_: None)
+    finally:
+        app.write_text(original)
+    assert {r.variant.backend for r in failure.value.failed} >= {"cpu"}
+    assert any("no_such_module_in_this_image" in r.logs for r in failure.value.failed)
+    assert {t: reg.get_manifest(name, t).digest for t in before} == before  # nothing promoted
+
+
+def test_publish_without_smoke_says_so_in_the_manifest(mini_project, published, tmp_path):
+    report = publish.publish(mini_project, log=lambda *_: None, smoke=False)
+    try:
+        manifest = json.loads(report.manifests["echo"].read_text())
+        assert manifest["smoke"] == {"ran": False, "variants": 0}
+    finally:
+        publish.publish(mini_project, log=lambda *_: None)  # back to a smoke-tested release for later tests
 
 
 def test_a_tampered_backend_manifest_is_refused(mini_project, published):

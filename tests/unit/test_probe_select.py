@@ -90,7 +90,7 @@ def test_empty_root_is_a_host_without_gpu(make_root):
     assert host == Host("linux/amd64")
     assert host.arch == "amd64"
     assert host.as_json() == {"platform": "linux/amd64", "driver_version": None, "driver_source": None,
-                              "libcuda": None, "devices": []}
+                              "libcuda": None, "devices": [], "wsl": False}
 
 
 def test_gpu_host_reports_driver_libcuda_and_devices(make_root):
@@ -106,7 +106,6 @@ def test_gpu_host_reports_driver_libcuda_and_devices(make_root):
     "usr/lib64",  # Fedora, RHEL
     "usr/lib",  # Arch
     "run/opengl-driver/lib",  # NixOS
-    "usr/lib/wsl/lib",  # WSL2
     "usr/local/nvidia/lib64",  # GKE
 ])
 def test_libcuda_is_found_in_each_distribution_layout(make_root, libdir):
@@ -279,3 +278,117 @@ def test_fake_root_never_queries_nvml_or_ldconfig(make_root):
     assert (host.driver_version, host.libcuda) == ("550.54.14", "/usr/lib64/libcuda.so.1")
     with pytest.raises(AssertionError):
         probe._nvml_driver()
+
+
+# --- every host kind the README names, as a fake root -------------------------
+
+def lay_out(root, files=(), dirs=(), driver=None, template=PROPRIETARY):
+    """Create files (touched) and dirs under root; a driver writes /proc/driver/nvidia/version."""
+    root.mkdir(parents=True, exist_ok=True)
+    for d in dirs:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(b"\x7fELF" if f.endswith(".so.1") else b"")
+    if driver:
+        v = root / "proc/driver/nvidia/version"
+        v.parent.mkdir(parents=True, exist_ok=True)
+        v.write_text(template.format(v=driver))
+    return root
+
+
+NV_DEVS = ("dev/nvidia0", "dev/nvidiactl", "dev/nvidia-uvm")
+WSL_FILES = ("dev/dxg", "usr/lib/wsl/lib/libcuda.so.1", "usr/lib/wsl/lib/libnvidia-ml.so.1")
+
+# id: (machine, files, driver in /proc, nvml answer, libcuda, devices, wsl, backend chosen, reason fragment)
+HOST_KINDS = {
+    "debian-multiarch": ("x86_64", ("usr/lib/x86_64-linux-gnu/libcuda.so.1", *NV_DEVS), "550.54.14", None,
+                         "/usr/lib/x86_64-linux-gnu/libcuda.so.1", ("/dev/nvidia0",), False, "cuda", "default"),
+    "fedora-usr-lib64": ("x86_64", ("usr/lib64/libcuda.so.1", *NV_DEVS), "550.54.14", None,
+                         "/usr/lib64/libcuda.so.1", ("/dev/nvidia0",), False, "cuda", "default"),
+    "arch-usr-lib": ("x86_64", ("usr/lib/libcuda.so.1", *NV_DEVS, "dev/nvidia1"), "550.54.14", None,
+                     "/usr/lib/libcuda.so.1", ("/dev/nvidia0", "/dev/nvidia1"), False, "cuda", "default"),
+    "gke-usr-local-nvidia": ("x86_64", ("usr/local/nvidia/lib64/libcuda.so.1", *NV_DEVS), "535.104.05", None,
+                             "/usr/local/nvidia/lib64/libcuda.so.1", ("/dev/nvidia0",), False, "cuda", "default"),
+    "nixos-opengl-driver": ("x86_64", ("run/opengl-driver/lib/libcuda.so.1", *NV_DEVS), "550.54.14", None,
+                            "/run/opengl-driver/lib/libcuda.so.1", ("/dev/nvidia0",), False, "cuda", "default"),
+    "wsl2-nvml": ("x86_64", WSL_FILES, None, "551.61", "/usr/lib/wsl/lib/libcuda.so.1", ("/dev/dxg",), True,
+                  "cuda", "default"),
+    "wsl2-old-windows-driver": ("x86_64", WSL_FILES, None, "512.15", "/usr/lib/wsl/lib/libcuda.so.1",
+                                ("/dev/dxg",), True, "cpu", "driver 512.15 < 525.60.13"),
+    "wsl2-nvml-silent": ("x86_64", WSL_FILES, None, None, "/usr/lib/wsl/lib/libcuda.so.1", ("/dev/dxg",), True,
+                         "cpu", "driver version unknown (NVML did not answer"),
+    "wsl2-without-dxg": ("x86_64", WSL_FILES[1:], None, "551.61", "/usr/lib/wsl/lib/libcuda.so.1", (), True,
+                         "cpu", "no /dev/dxg device"),
+    "wsl2-no-gpu-driver": ("x86_64", ("usr/lib/wsl/lib/libd3d12.so",), None, None, None, (), True, "cpu",
+                           "libcuda.so.1 not found"),
+    "no-gpu": ("x86_64", ("usr/lib/x86_64-linux-gnu/libc.so.6",), None, None, None, (), False, "cpu",
+               "libcuda.so.1 not found"),
+    "arm64-with-gpu": ("aarch64", ("usr/lib/aarch64-linux-gnu/libcuda.so.1", *NV_DEVS), "550.54.14", None,
+                       "/usr/lib/aarch64-linux-gnu/libcuda.so.1", ("/dev/nvidia0",), False, "cpu", "default"),
+    "arm64-no-gpu": ("aarch64", (), None, None, None, (), False, "cpu", "default"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOST_KINDS))
+def test_each_host_kind_is_probed_and_selected(tmp_path, kind):
+    machine, files, driver, nvml_answer, libcuda, devices, wsl, backend, reason = HOST_KINDS[kind]
+    root = lay_out(tmp_path / kind, files, driver=driver)
+    calls = []
+
+    def nvml():
+        calls.append(1)
+        return nvml_answer
+
+    host = probe.probe(root, machine=machine, nvml=nvml)
+    assert calls == [1]  # the injected NVML stands in for the real one
+    assert host.libcuda == libcuda
+    assert host.devices == devices
+    assert host.wsl is wsl
+    if nvml_answer:
+        assert (host.driver_version, host.driver_source) == (nvml_answer, "nvml")
+    elif driver:
+        assert (host.driver_version, host.driver_source) == (driver, "/proc/driver/nvidia/version")
+    else:
+        assert host.driver_version is None
+    c = select(manifest(), host)
+    assert c.backend == backend, c.reasons
+    assert reason in "; ".join(c.reasons)
+    assert host.as_json()["wsl"] is wsl
+
+
+def test_wsl2_is_not_skipped_for_missing_dev_nvidia(tmp_path):
+    host = probe.probe(lay_out(tmp_path, WSL_FILES), machine="x86_64", nvml=lambda: "551.61")
+    assert host.wsl and host.devices == ("/dev/dxg",)
+    assert not any(d.startswith("/dev/nvidia") for d in host.devices)
+    c = select(manifest(), host)
+    assert (c.backend, c.image, c.reasons) == ("cuda", CUDA_IMAGE, ("cuda: default, requirements met",))
+    assert "no /dev/nvidia*" not in " ".join(c.reasons)
+
+
+def test_wsl2_prefers_the_windows_driver_libcuda_over_a_distribution_stub(tmp_path):
+    root = lay_out(tmp_path, (*WSL_FILES, "usr/lib/x86_64-linux-gnu/libcuda.so.1"))
+    assert probe.probe(root, machine="x86_64", nvml=lambda: "551.61").libcuda == "/usr/lib/wsl/lib/libcuda.so.1"
+
+
+def test_wsl2_without_nvml_answer_notes_where_the_driver_comes_from(tmp_path):
+    host = probe.probe(lay_out(tmp_path, WSL_FILES), machine="x86_64", nvml=lambda: None)
+    assert host.driver_version is None
+    assert any("WSL2: NVML did not answer" in n for n in host.notes), host.notes
+
+
+def test_injected_nvml_wins_over_the_proc_file(make_root):
+    host = probe.probe(make_root("515.65.01"), machine="x86_64", nvml=lambda: "550.54.14")
+    assert (host.driver_version, host.driver_source) == ("550.54.14", "nvml")
+
+
+def test_without_an_injected_nvml_a_fake_root_has_no_nvml_driver(tmp_path):
+    # The autouse fixture makes the real NVML raise: a fake root must not ask it.
+    host = probe.probe(lay_out(tmp_path, WSL_FILES), machine="x86_64")
+    assert host.driver_version is None and host.wsl
+
+
+def test_wsl_cuda_override_without_dxg_says_so(tmp_path):
+    host = probe.probe(lay_out(tmp_path, WSL_FILES[1:]), machine="x86_64", nvml=lambda: "551.61")
+    with pytest.raises(UserError, match="no /dev/dxg device"):
+        select(manifest(), host, override="cuda")

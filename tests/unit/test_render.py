@@ -47,8 +47,13 @@ def test_layers_are_ordered_from_rarest_to_most_frequent_change(example):
 
 def test_every_dependency_layer_installs_hashed_wheels_on_the_build_platform(example):
     for name, text in pipeline.rendered(example).items():
-        stages = re.findall(r"FROM (.*) AS (\S+)", text)
+        found = re.findall(r"FROM (.*) AS (\S+)", text)
+        stages = [(f, s) for f, s in found if not s.endswith("-layer")]
         assert stages and all(f.startswith("--platform=$BUILDPLATFORM") for f, _ in stages), name
+        # Each runs into /out and has a scratch `<stage>-layer` holding just /out: what the build exports.
+        exports = {s for f, s in found if s.endswith("-layer")}
+        assert exports == {f"{s}-layer" for _, s in stages} and all(
+            f == "scratch" for f, s in found if s.endswith("-layer")), name
         for block in text.split("python3 -m pip install")[1:]:
             block = block.split("\n\n")[0]
             for flag in ("--require-hashes", "--no-deps", "--only-binary=:all:", "--target /out/opt/site/"):

@@ -1,0 +1,116 @@
+"""Publishing to registries as users have them: TLS with a private CA and
+basic auth, a namespace path, wrong credentials; and what `compression: zstd`
+gets. The mini fixture's layers are already built and cached by the session
+(`first_build`), so these publishes move blobs and write manifests only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator import build, publish, spec
+from orchestrator.errors import UserError
+from orchestrator.registry import Registry
+
+from ..conftest import ROOT, copy_fixture
+
+pytestmark = pytest.mark.engine
+
+
+def project_copy(tmp_path: Path, registry: str, *, platforms: str | None = None, extra: str = "") -> Path:
+    path = copy_fixture("mini", tmp_path, f"orch-reg-{uuid.uuid4().hex[:8]}")
+    text = path.read_text().replace('python: "3.11"', f'python: "3.11"\nregistry: {registry}{extra}')
+    if platforms:
+        text = text.replace("platforms: [linux/amd64, linux/arm64]", f"platforms: [{platforms}]")
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tls_env(tls_registry, monkeypatch):
+    monkeypatch.setenv("ORCH_CERTS_D", str(tls_registry.certs_d))
+    monkeypatch.setenv("REGISTRY_USERNAME", tls_registry.username)
+    monkeypatch.setenv("REGISTRY_PASSWORD", tls_registry.password)
+    monkeypatch.delenv("ORCH_REGISTRY", raising=False)
+    return tls_registry
+
+
+def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credentials(tls_env, first_build, tmp_path):
+    project = spec.load(project_copy(tmp_path, tls_env.host))
+    report = publish.publish(project, log=lambda *_: None, smoke=False)
+    reg = Registry(tls_env.host)
+    name = f"{project.name}/echo"
+    assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= set(reg.tags(name))
+    manifest = publish.fetch_manifest(f"{project.repository('echo')}:0.1.0-backends")  # over TLS, verified
+    for entry in manifest["platforms"].values():
+        for backend in entry["backends"].values():
+            assert reg.has_manifest(name, backend["image"].split("@")[1])
+    assert manifest["smoke"] == {"ran": False, "variants": 0}
+    assert report.uploaded_bytes > 0
+
+
+def test_a_wrong_password_exits_non_zero_pushes_nothing_and_prints_no_secret(tls_env, first_build, tmp_path):
+    path = project_copy(tmp_path, tls_env.host)
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    env = dict(os.environ, REGISTRY_PASSWORD=wrong, ORCH_CERTS_D=str(tls_env.certs_d))
+    proc = subprocess.run([sys.executable, "-m", "invoke", "-r", str(ROOT), "publish", "--no-smoke",
+                           "--project", str(path)], capture_output=True, text=True, env=env, cwd=path.parent)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert wrong not in out and tls_env.password not in out and "Traceback" not in out
+    assert "REGISTRY_USERNAME" in out  # names the credential source that was used
+    name = f"{spec.load(path).name}/echo"
+    assert Registry(tls_env.host).tags(name) == []  # nothing pushed (checked with the right password)
+
+
+def test_a_registry_with_a_namespace_path_gets_every_image_under_it(first_build, tmp_path, monkeypatch):
+    monkeypatch.delenv("ORCH_REGISTRY", raising=False)
+    ns = f"team-{uuid.uuid4().hex[:6]}"
+    project = spec.load(project_copy(tmp_path, f"127.0.0.1:5000/{ns}"))
+    publish.publish(project, log=lambda *_: None, smoke=False)
+    reg = Registry("127.0.0.1:5000")
+    try:
+        assert "0.1.0-backends" in reg.tags(f"{ns}/{project.name}/echo")
+        manifest = publish.fetch_manifest(f"127.0.0.1:5000/{ns}/{project.name}/echo:0.1.0-backends")
+        image = manifest["platforms"]["linux/amd64"]["backends"]["cpu"]["image"]
+        assert image.startswith(f"127.0.0.1:5000/{ns}/{project.name}/echo@sha256:")
+    finally:
+        for repo in ("echo", "cuda-libs"):
+            name = f"{ns}/{project.name}/{repo}"
+            for digest in {reg.get_manifest(name, t).digest for t in reg.tags(name)}:
+                reg.delete_manifest(name, digest)
+
+
+def test_zstd_layers_hold_the_same_tars_and_publish_refuses_them_where_the_engine_cannot_pull_them(
+        first_build, tmp_path, monkeypatch):
+    import hashlib
+
+    import zstandard
+
+    monkeypatch.delenv("ORCH_REGISTRY", raising=False)
+    project = spec.load(project_copy(tmp_path, "127.0.0.1:5000", platforms="linux/amd64", extra="\ncompression: zstd"))
+    results = build.build(project, backends=["cpu"], log=lambda *_: None)
+    echo = next(r for r in results if r.image.key == "echo")
+    reg = Registry(project.registry)
+    name = f"{project.name}/echo"
+    try:
+        m = reg.get_manifest(name, echo.digest).json
+        assert {x["mediaType"] for x in m["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+        diff_ids = json.loads(reg.get_blob(name, m["config"]["digest"]))["rootfs"]["diff_ids"]
+        gzip_echo = first_build[("echo", "cpu")].assembled
+        assert diff_ids == [x.diff_id for x in gzip_echo.layers]  # the same tars, compressed otherwise
+        last = m["layers"][-1]["digest"]
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(reg.get_blob(name, last))
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == diff_ids[-1]
+        with pytest.raises(UserError, match="cannot pull zstd"):
+            publish.publish(project, log=lambda *_: None)
+    finally:
+        for digest in {reg.get_manifest(name, t).digest for t in reg.tags(name)}:
+            reg.delete_manifest(name, digest)
