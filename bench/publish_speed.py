@@ -4,7 +4,9 @@ Usage: .venv/bin/python bench/publish_speed.py [--project project.yaml] [--backe
                                                 [--runs 3] [--out bench/out/publish_speed.json]
 
 The image (the cuda `tts` image by default, with its CUDA-libs layers) is
-built once so every layer stage sits in BuildKit's cache. Then, per run:
+built once so every layer stage sits in BuildKit's cache. Then, per run, in
+a fresh registry (bench/scratch_registry.py) so neither side can skip or
+mount a blob:
   tool:        an empty blob cache and a fresh repository namespace: every
                layer is exported from BuildKit, normalized, compressed
                (multi-member gzip, ISA-L, all cores) and uploaded;
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import build, engine, spec  # noqa: E402
 from orchestrator.registry import Registry, split_ref  # noqa: E402
+from scratch_registry import scratch_registry  # noqa: E402
 
 
 def manifest_bytes(reg: Registry, name: str, ref: str) -> int:
@@ -40,12 +43,11 @@ def manifest_bytes(reg: Registry, name: str, ref: str) -> int:
     return m["config"]["size"] + sum(x["size"] for x in m["layers"])
 
 
-def tool_run(project_file: str, backend: str, service: str) -> dict:
+def tool_run(project_file: str, backend: str, service: str, registry: str) -> dict:
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="orch-bench-cache-") as cache:
         os.environ["ORCH_CACHE_DIR"] = cache
-        project = spec.load(project_file)
-        project = dataclasses.replace(project, name=ns)
+        project = dataclasses.replace(spec.load(project_file), name=ns, registry=registry)
         started = time.monotonic()
         results = build.build(project, [backend], [service], ["linux/amd64"], log=lambda *_: None)
         took = time.monotonic() - started
@@ -56,11 +58,9 @@ def tool_run(project_file: str, backend: str, service: str) -> dict:
             "image_bytes": manifest_bytes(reg, name, svc.digest), "ref": svc.ref, "namespace": ns}
 
 
-def docker_push_run(ref: str, registry: str, service: str) -> dict:
-    client = engine.docker_client()
-    client.images.pull(ref)
+def docker_push_run(local_ref: str, registry: str, service: str) -> dict:
     target = f"{registry}/bench-docker-{uuid.uuid4().hex[:8]}/{service}:push"
-    subprocess.run(["docker", "tag", ref, target], check=True)
+    subprocess.run(["docker", "tag", local_ref, target], check=True)
     started = time.monotonic()
     subprocess.run(["docker", "push", target], check=True, stdout=subprocess.DEVNULL)
     took = time.monotonic() - started
@@ -79,14 +79,20 @@ def main() -> int:
     ap.add_argument("--out", default="bench/out/publish_speed.json")
     args = ap.parse_args()
     project = spec.load(args.project)
-    build.build(project, [args.backend], [args.service], ["linux/amd64"], log=lambda *_: None)  # warm BuildKit
+    warm = build.build(project, [args.backend], [args.service], ["linux/amd64"], log=lambda *_: None)
+    ref = next(r.ref for r in warm if r.image.kind == "service")
+    engine.docker_client().images.pull(ref)  # the same image in the engine, for docker push
     runs = []
     for i in range(args.runs):
-        tool = tool_run(args.project, args.backend, args.service)
-        docker = docker_push_run(tool["ref"], project.registry, args.service)
-        runs.append({"tool": tool, "docker_push": docker, "speedup": round(docker["seconds"] / tool["seconds"], 1)})
-        print(f"run {i + 1}: tool {tool['seconds']} s, {tool['image_bytes']:,} B; docker push {docker['seconds']} s, "
-              f"{docker['image_bytes']:,} B; {runs[-1]['speedup']}x", flush=True)
+        # Fresh registries: neither side can skip or mount a blob (docker knows the digests it pulled
+        # from the project registry, so it pushes to one it has never seen).
+        with scratch_registry(5060 + 2 * i) as tool_reg, scratch_registry(5061 + 2 * i) as docker_reg:
+            tool = tool_run(args.project, args.backend, args.service, tool_reg)
+            docker = docker_push_run(ref, docker_reg, args.service)
+            runs.append({"tool": tool, "docker_push": docker,
+                         "speedup": round(docker["seconds"] / tool["seconds"], 1)})
+            print(f"run {i + 1}: tool {tool['seconds']} s, {tool['image_bytes']:,} B; docker push {docker['seconds']} s, "
+                  f"{docker['image_bytes']:,} B; {runs[-1]['speedup']}x", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": os.uname().machine, "cpus": os.cpu_count(),
               "image": f"{args.service}/{args.backend} linux/amd64", "runs": runs,
               "median": {"tool_seconds": statistics.median(r["tool"]["seconds"] for r in runs),

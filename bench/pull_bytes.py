@@ -11,7 +11,10 @@ can.
 
 Changes: (a) app-only (a line in services/tts/app.py), (b) a small
 dependency bump (soundfile 0.14.0 -> 0.13.1 in the tts service layer),
-(c) a torch patch change (2.5.1 -> 2.5.0, the same nvidia-* pins).
+(d) adding one small package to the tts service (idna), (e) a second
+service (stt) on a host that has tts: what it pulls beyond tts, CUDA libraries
+included or not, (c) a torch patch change (2.5.1 -> 2.5.0, the same nvidia-*
+pins; CUDA-libs bytes reported separately).
 Also times the no-op and app-only rebuilds and `uv pip compile` vs
 `pip-compile` for the torch layer.
 
@@ -34,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import build, engine, lock, pipeline, spec  # noqa: E402
+from orchestrator import base, build, engine, lock, pipeline, spec  # noqa: E402
 from orchestrator.registry import Registry, split_ref  # noqa: E402
 
 
@@ -88,16 +91,20 @@ def build_monolith(project, ctx: Path, ref: str) -> str:
     (ctx / "Dockerfile").write_text(MONOLITH)
     client = engine.build_client()
     env = dict(os.environ, **dict(client.env))
+    base_ref = base.ensure(project, "linux/amd64", log=lambda *_: None)[0].ref
     cmd = [*client.argv, "--progress=plain", "-t", ref, "--secret", f"id=ca,src={engine.ca_bundle()}",
-           "--build-arg", f"BASE_IMAGE={engine.base_ref(project, 'linux/amd64')}", str(ctx)]
+           "--build-arg", f"BASE_IMAGE={base_ref}", str(ctx)]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return f"{ref.rsplit(':', 1)[0]}@{engine.push(ref)['digest']}"
+    # The monolith leaves the way such Dockerfiles do: docker push.
+    subprocess.run(["docker", "push", ref], check=True, stdout=subprocess.DEVNULL)
+    host, name, tag = split_ref(ref)
+    return f"{ref.rsplit(':', 1)[0]}@{Registry(host).get_manifest(name, tag).digest}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-monolith", action="store_true")
-    ap.add_argument("--only", default="a,b,c,lock", help="which to measure: a, b, c, lock (uv vs pip-compile)")
+    ap.add_argument("--only", default="a,b,d,e,c,lock", help="which to measure: a, b, c, d, e, lock (uv vs pip-compile)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {os.uname().machine}"}
@@ -147,8 +154,31 @@ def main() -> int:
             measure("a", "app_only", lambda: app.write_text(app.read_text() + "\n# bench: app-only change\n"))
         if "b" in only:
             measure("b", "dep_bump", lambda: tts_in.write_text("soundfile==0.13.1\n"))
+        if "d" in only:
+            measure("d", "add_small_package", lambda: tts_in.write_text(tts_in.read_text() + "idna\n"))
+        if "e" in only:
+            say("(e) a second service sharing the CUDA libraries")
+            stt = next(r for r in build.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None)
+                       if r.image.key == "stt")
+            libs = next(r for r in build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
+                        if r.image.key == "cuda-libs")
+            _, stt_name, _ = split_ref(stt.ref)
+            libs_digests = {x.digest for x in libs.assembled.layers}
+            extra = pull_bytes(reg, prev, stt.ref)
+            new_layers = [x for x in reg.get_manifest(stt_name, stt.digest).json["layers"]]
+            out["second_service"] = {"tool_pull_bytes": extra, "cuda_libs_bytes_pulled": sum(
+                x["size"] for x in new_layers if x["digest"] in libs_digests and x["digest"] not in
+                {y["digest"] for y in reg.get_manifest(*split_ref(prev)[1:]).json["layers"]})}
         if "c" in only:
+            before = prev
             measure("c", "torch_patch", lambda: pf.write_text(pf.read_text().replace('torch: "2.5.1"', 'torch: "2.5.0"')))
+            old_libs = {x["digest"] for x in reg.get_manifest(*split_ref(before)[1:]).json["layers"]}
+            new_manifest = reg.get_manifest(*split_ref(prev)[1:]).json
+            libs = next(r for r in build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
+                        if r.image.key == "cuda-libs")
+            out["torch_patch"]["cuda_libs_bytes_pulled"] = sum(
+                x["size"] for x in new_manifest["layers"]
+                if x["digest"] in {y.digest for y in libs.assembled.layers} and x["digest"] not in old_libs)
 
     if "lock" in only:
         lock_timing(out)

@@ -5,9 +5,9 @@ Usage: .venv/bin/python bench/reproducible.py [--project project.yaml] [--backen
 
 Cold build 1: its own empty blob cache, BuildKit cache pruned, pushed to the
 project registry. Cold build 2: another empty blob cache, BuildKit cache
-pruned again, pushed to a second, fresh registry (a docker-registry this
-script starts on 127.0.0.1:5055 with empty storage; the base is copied there,
-not bootstrapped). Then the base is bootstrapped twice from scratch with
+pruned again, pushed to a second, fresh registry (bench/scratch_registry.py
+on 127.0.0.1:5055 with empty storage; the base is copied there, not
+bootstrapped). Then the base is bootstrapped twice from scratch with
 mmdebstrap. Every layer, config, manifest and index digest is compared.
 Warning: `docker builder prune -af` empties the whole BuildKit cache, pip's
 download cache mount included, so the builds download their wheels again.
@@ -27,21 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import base, build, image, layers, spec  # noqa: E402
-from orchestrator.registry import Registry  # noqa: E402
+from scratch_registry import scratch_registry  # noqa: E402
 
-SECOND = "127.0.0.1:5055"
-
-
-def start_registry(root: Path) -> subprocess.Popen:
-    cfg = root / "config.yml"
-    cfg.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-                   f"http:\n  addr: {SECOND}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(60):
-        if Registry(SECOND, retries=0, timeout=2).ping():
-            return proc
-        time.sleep(0.5)
-    raise SystemExit("second registry did not start")
+SECOND_PORT = 5055
 
 
 def cold_build(project_file: str, registry: str, backend: str, service: str) -> dict:
@@ -87,13 +75,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench/out/reproducible.json")
     args = ap.parse_args()
     first_registry = spec.load(args.project).registry
-    with tempfile.TemporaryDirectory(prefix="orch-second-registry-") as tmp:
-        proc = start_registry(Path(tmp))
-        try:
-            one = cold_build(args.project, first_registry, args.backend, args.service)
-            two = cold_build(args.project, SECOND, args.backend, args.service)
-        finally:
-            proc.terminate()
+    with scratch_registry(SECOND_PORT) as second:
+        one = cold_build(args.project, first_registry, args.backend, args.service)
+        two = cold_build(args.project, second, args.backend, args.service)
     os.environ.pop("ORCH_REGISTRY", None)
     boots = bootstraps(args.project, [p for p in args.bootstraps.split(",") if p])
     same = {k: one["images"][k] == two["images"][k] for k in one["images"]}

@@ -20,7 +20,9 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -154,42 +156,73 @@ def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, 
                  ) -> layers_mod.Layer:
     """Run one layer stage with BuildKit and turn its exported files into a layer blob.
 
-    The tar streams from BuildKit straight into the normalizer and
-    compressor: nothing is unpacked into the engine's image store.
+    The tar streams from BuildKit (`--output type=tar,dest=-`) straight into
+    the normalizer and compressor: nothing is unpacked into the engine's
+    image store or written to disk uncompressed. Should BuildKit ever send
+    entries out of sorted order, the stage is exported again to a file and
+    sorted there, so the layer is the same either way.
     """
     client = engine.build_client()
-    with tempfile.TemporaryDirectory(prefix="orch-export-") as tmp:
-        out = Path(tmp) / "layer.tar"
-        cmd = [*[a for a in client.argv if a != "--load"], "--progress=plain", "--platform", image.platform,
-               "--target", export_target(stage), "--output", f"type=tar,dest={out}",
-               *(["--no-cache"] if no_cache else []),
-               "--secret", f"id=ca,src={engine.ca_bundle()}", "-f", str(ctx / "Dockerfile")]
-        for k, v in build_args.items():
-            cmd += ["--build-arg", f"{k}={v}"]
-        cmd.append(str(ctx))
-        env = dict(os.environ, **dict(client.env))
-        if docker_config:
-            env["DOCKER_CONFIG"] = docker_config
-        tail: deque[str] = deque(maxlen=40)
-        started = time.monotonic()
-        label = f"{image.key}/{image.backend.name} {image.arch} {stage}"
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
+    cmd = [*[a for a in client.argv if a != "--load"], "--progress=plain", "--platform", image.platform,
+           "--target", export_target(stage), *(["--no-cache"] if no_cache else []),
+           "--secret", f"id=ca,src={engine.ca_bundle()}", "-f", str(ctx / "Dockerfile")]
+    for k, v in build_args.items():
+        cmd += ["--build-arg", f"{k}={v}"]
+    env = dict(os.environ, **dict(client.env))
+    if docker_config:
+        env["DOCKER_CONFIG"] = docker_config
+    label = f"{image.key}/{image.backend.name} {image.arch} {stage}"
+    started = time.monotonic()
+    rate = layers_mod.Rate(f"{label}: exporting and compressing", log)
+    try:
+        layer = _run_export([*cmd, "--output", "type=tar,dest=-", str(ctx)], env, label, log, started,
+                            lambda out: layers_mod.write_layer(out, cache, c, progress=rate))
+    except layers_mod.UnsortedStream:
+        log(f"  {label}: BuildKit's tar is not in sorted order; exporting to a file to sort it")
+        with tempfile.TemporaryDirectory(prefix="orch-export-") as tmp:
+            out = Path(tmp) / "layer.tar"
+            _run_export([*cmd, "--output", f"type=tar,dest={out}", str(ctx)], env, label, log, started, None)
+            layer = layers_mod.write_layer_from_file(out, cache, c, progress=rate)
+    took = time.monotonic() - started
+    log(f"  {label}: layer {layer.size / 1e6:,.1f} MB -> {layer.blob_size / 1e6:,.1f} MB {c.name} in {took:.1f} s "
+        f"(build, export and compression)")
+    return layer
+
+
+def _run_export(cmd: list[str], env: dict, label: str, log, started: float, consume):
+    """Run a BuildKit export; consume(stdout) reads the tar when it goes to stdout. Progress goes to log."""
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if consume else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
             tail.append(line)
             # Step starts and ends are progress enough; pip's chatter stays in the tail.
             if (" [" in line and line.startswith("#")) or " DONE " in line or "ERROR" in line:
                 log(f"  {label} {time.monotonic() - started:6.0f}s {line[:140]}")
-        if proc.wait() != 0:
-            text = "\n".join(tail)
-            raise EnvironmentProblem(f"build of {label} failed:\n" + "\n".join("    " + t for t in tail), _hint(text))
-        built = time.monotonic() - started
-        rate = layers_mod.Rate(f"{label}: compressing", log)
-        layer = layers_mod.write_layer_from_file(out, cache, c, progress=rate)
-    log(f"  {label}: built in {built:.0f} s; layer {layer.size / 1e6:,.1f} MB -> {layer.blob_size / 1e6:,.1f} MB "
-        f"{c.name} in {time.monotonic() - started - built:.1f} s")
-    return layer
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    result, failure = None, None
+    try:
+        if consume:
+            try:
+                result = consume(proc.stdout)
+            except layers_mod.UnsortedStream:
+                proc.kill()
+                raise
+            except (tarfile.TarError, OSError) as e:  # the build failed and the stream ended early
+                failure = e
+    finally:
+        code = proc.wait()
+        reader.join(timeout=10)
+    if code != 0 or failure is not None:
+        text = "\n".join(tail)
+        raise EnvironmentProblem(f"build of {label} failed:\n" + "\n".join("    " + t for t in tail), _hint(text))
+    return result
 
 
 def engine_docker_config(host: str) -> str | None:

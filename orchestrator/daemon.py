@@ -109,7 +109,7 @@ def build_client() -> BuildClient:
 def ensure_binfmt() -> str:
     if Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         return "qemu-aarch64 registered"
-    if not Path("/usr/bin/qemu-aarch64-static").exists():
+    if not shutil.which("qemu-aarch64-static"):
         apt_install("qemu-user-static", "binfmt-support")
     if not Path("/proc/sys/fs/binfmt_misc/register").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], check=False)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -220,7 +221,10 @@ def _uv() -> str:
         from uv import find_uv_bin  # the uv wheel ships its binary
 
         return find_uv_bin()
-    except Exception:  # noqa: BLE001 - any failure means "not installed"
+    except Exception:  # noqa: BLE001 - any failure means "not installed" as a Python package
+        on_path = shutil.which("uv")  # e.g. the Nix shell's uv
+        if on_path:
+            return on_path
         raise EnvironmentProblem("uv is not installed", "pip install -e . (uv is a runtime dependency)") from None
 
 

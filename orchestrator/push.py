@@ -69,8 +69,16 @@ class Uploader:
         key = (name, layer.digest)
         with self.lock:
             if key not in self.futures:
-                self.futures[key] = self.pool.submit(
-                    lambda: _upload_layer(self._reg(), name, layer, tuple(mount_from), self.log))
+                # A repository this run already sent the blob to can lend it: mount, don't re-send.
+                earlier = [self.futures[(n, d)] for (n, d) in self.futures if d == layer.digest and n != name]
+                siblings = [n for (n, d) in self.futures if d == layer.digest and n != name]
+
+                def upload():
+                    for f in earlier:
+                        f.result()
+                    return _upload_layer(self._reg(), name, layer, (*siblings, *mount_from), self.log)
+
+                self.futures[key] = self.pool.submit(upload)
             return self.futures[key]
 
     def wait(self, keys=None) -> int:

@@ -237,8 +237,9 @@ class Registry:
         """A streaming GET of a blob (redirects to storage followed, without our credentials)."""
         resp = self._request("GET", f"/v2/{name}/blobs/{digest}", repo=name, stream=True)
         if resp.status_code != 200:
+            error = self._denied(resp, f"GET blob {name}@{digest}")
             resp.close()
-            raise self._denied(resp, f"GET blob {name}@{digest}")
+            raise error
         return resp
 
     def get_blob(self, name: str, digest: str) -> bytes:

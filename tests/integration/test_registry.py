@@ -48,3 +48,25 @@ def test_an_unreachable_registry_is_a_clear_error_not_a_traceback():
     reg = registry.Registry("127.0.0.1:9", retries=1, timeout=2)
     with pytest.raises(EnvironmentProblem, match="unreachable"):
         reg.check()
+
+
+def test_the_plain_http_loopback_registry_is_found_without_waiting(engine_ready):
+    import time
+
+    started = time.monotonic()
+    reg = registry.Registry(engine_ready)
+    assert reg.ping()
+    assert time.monotonic() - started < 1.0
+    assert reg.base == f"http://{engine_ready}/v2"
+
+
+def test_a_file_streams_up_and_a_blob_copies_across_repositories(repo, tmp_path):
+    reg, name = repo
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tmp_path / "layer.bin"
+    path.write_bytes(data)
+    digest = registry.sha256_digest(data)
+    assert reg.upload_blob_file(name, path, digest, len(data)) == (digest, len(data))
+    other = name.replace("/blobs", "/copied")
+    assert reg.copy_blob(registry.Registry(reg.host), name, other, digest, len(data)) == (digest, 0)  # a mount
+    assert reg.get_blob(other, digest) == data
