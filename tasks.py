@@ -184,10 +184,16 @@ def select_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=Non
     "port": "host port on 127.0.0.1 (default: a free one)",
 })
 @friendly
-def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, port=0):
+def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, port=None):
     """Start a service from its default backend; on exit 78 start the next backend at once."""
     from orchestrator import launch, probe
+    from orchestrator.errors import UserError
 
+    # A string option, so a bad value is our message (exit 2), not invoke's traceback.
+    if port in (None, ""):
+        port = 0
+    elif not str(port).isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"--port {port!r} is not a port number", "pass 1-65535, or leave it out for a free port")
     proj = pipeline.load_project(project)
     pipeline.one(service, proj.services, "service", proj.file.name)
     data, _ = _manifest_for(proj, service, manifest)
@@ -195,7 +201,12 @@ def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, 
     result = launch.launch(data, probe.probe().platform, svc.port, f"orch-{proj.name}-{service}",
                            override=backend, host_port=int(port), log=log)
     for a, b in zip(result.attempts, result.attempts[1:]):
-        log(f"{b.backend} started {b.started_at - a.ended_at:.2f} s after {a.backend} ended ({a.outcome})")
+        gap = (f"{b.container_started - a.container_finished:.2f} s" if None not in (b.container_started,
+               a.container_finished) else "?")
+        log(f"{b.backend} started {gap} after {a.backend} exited ({a.outcome}; engine times)")
+    if result.fallback_latency is not None:
+        log(f"fallback latency: {result.fallback_latency:.2f} s from the first container's start "
+            f"({result.attempts[0].backend}) to {result.backend} serving /health")
     log(f"{service} serving on {result.backend} at {result.url} (container {result.container}; "
         f"stop with: docker rm -f {result.container})")
 
@@ -210,8 +221,9 @@ def engine_up(c, project=DEFAULT_PROJECT):
     preflight.ensure(proj, install=True)  # every tool named up front, installed or refused before work starts
     log(f"engine:   {engine.ensure_engine()}")
     log(f"registry: {engine.ensure_registry(proj.registry)}")
-    if "linux/arm64" in proj.platforms:
-        log(f"binfmt:   {engine.ensure_binfmt()}")
+    for platform in proj.platforms:
+        if platform != engine.host_platform():  # a native arm64 runner needs no emulator for arm64
+            log(f"binfmt:   {engine.ensure_binfmt(platform)}")
     for platform in engine.base_platforms(proj):
         found, how = base.ensure(proj, platform, log=log)
         log(f"base:     {platform}: {found.ref} ({how})")

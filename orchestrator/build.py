@@ -37,7 +37,7 @@ from . import image as image_mod
 from . import layers as layers_mod
 from .errors import EnvironmentProblem, UserError
 from .plan import BuildPlan, ImagePlan, content_tag, make_plan, settings, tree_digest
-from .push import Uploader, push_image
+from .push import Uploader
 from .registry import Registry, split_ref
 from .render import app_stage_text, export_target, layer_stage_text, render_all
 from .spec import Project
@@ -56,6 +56,7 @@ class BuildResult:
     reused_layers: int = 0
     seconds: float = 0.0
     assembled: image_mod.Image | None = None  # layers and config, as pushed
+    pending: object = None  # the background push, until build() has waited for it
 
     @property
     def ref(self) -> str:
@@ -324,6 +325,13 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
             results.append(result)
             if image.kind == "cuda-libs":
                 libs[image.platform] = result
+        for r in results:  # every manifest is up before build returns
+            if r.pending is not None:
+                r.uploaded_bytes, r.pushed_layers = r.pending.result()
+                r.reused_layers = len(r.assembled.layers) - r.pushed_layers
+                r.pending = None
+                log(f"{r.image.key}/{r.image.backend.name} {r.image.platform}: registry received "
+                    f"{r.uploaded_bytes:,} bytes")
     finally:
         uploader.close()
         if docker_config:
@@ -351,7 +359,7 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
         stages.append(("app", app_stage_text(), tree_digest(ctx, skip=("wheelhouse", "locks", "Dockerfile",
                                                                          ".dockerignore"))))
     mount_from = [split_ref(base.ref)[1]] + ([split_ref(parent.image.ref("x"))[1]] if parent else [])
-    new_layers, history, pushed, reused = [], [], 0, 0
+    new_layers, history = [], []
     for stage, text, inputs in stages:
         key = stage_key(image, stage, text, inputs, build_base.image.config_digest, pip_sources, c)
         layer = None if rebuild else cache.recall(key, c)
@@ -360,18 +368,13 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
             cache.remember(key, layer)
         else:
             log(f"  {image.key}/{image.backend.name} {image.arch} {stage}: layer cached ({layer.digest[7:19]})")
-        if reg.has_blob(name, layer.digest):
-            reused += 1
-        else:
-            pushed += 1
         uploader.submit(name, layer, mount_from)
         new_layers.append(layer)
         history.append(f"orchestrator: {stage} layer ({'lock ' + hashlib.sha256(inputs.encode()).hexdigest()[:12]})")
     cfg = image_mod.config(json.loads(parent_img.config), image.platform, tuple(new_layers),
                            settings(image, base.ref), tuple(history))
     img = image_mod.Image(image.platform, parent_img.layers + tuple(new_layers), cfg)
-    log(f"{image.key}/{image.backend.name}: pushing {image.ref(tag)}")
-    sent = push_image(reg, name, img, tag, log=log, mount_from=mount_from, uploader=uploader)
-    log(f"{image.key}/{image.backend.name}: registry received {sent:,} bytes ({pushed} new layer(s) + config + "
-        f"manifest); {reused + len(parent_img.layers)} layer(s) already there")
-    return BuildResult(image, tag, img.digest, True, sent, pushed, reused + len(parent_img.layers), assembled=img)
+    log(f"{image.key}/{image.backend.name}: pushing {image.ref(tag)} in the background")
+    result = BuildResult(image, tag, img.digest, True, assembled=img)  # counts filled in when the push is done
+    result.pending = uploader.push_async(reg.host, name, img, tag, mount_from)
+    return result

@@ -106,19 +106,28 @@ def build_client() -> BuildClient:
 
 # --- binfmt for running arm64 containers -------------------------------
 
-def ensure_binfmt() -> str:
-    if Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
-        return "qemu-aarch64 registered"
-    if not shutil.which("qemu-aarch64-static"):
+QEMU_NAMES = {"arm64": "aarch64", "amd64": "x86_64"}
+
+
+def ensure_binfmt(platform: str = "linux/arm64") -> str:
+    """Register QEMU for a foreign platform (running its containers); nothing to do for the host's own."""
+    arch = platform.split("/")[1]
+    if arch == _host_arch():
+        return f"{platform} is this machine's own architecture; no emulation needed"
+    name = f"qemu-{QEMU_NAMES.get(arch, arch)}"
+    entry = Path("/proc/sys/fs/binfmt_misc") / name
+    if entry.exists():
+        return f"{name} registered"
+    if not shutil.which(f"{name}-static"):
         apt_install("qemu-user-static", "binfmt-support")
     if not Path("/proc/sys/fs/binfmt_misc/register").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], check=False)
-    subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=False, capture_output=True)
-    if Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
-        return "registered qemu-aarch64"
-    raise EnvironmentProblem("could not register qemu-aarch64 with binfmt_misc",
+    subprocess.run(["update-binfmts", "--enable", name], check=False, capture_output=True)
+    if entry.exists():
+        return f"registered {name}"
+    raise EnvironmentProblem(f"could not register {name} with binfmt_misc",
                              "run as root: mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; "
-                             "update-binfmts --enable qemu-aarch64")
+                             f"update-binfmts --enable {name}")
 
 
 def _host_arch() -> str:

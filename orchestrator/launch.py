@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import docker
 import requests
@@ -27,8 +28,13 @@ class Attempt:
     image: str
     outcome: str  # serving | exit 78 | failed
     detail: str
-    started_at: float
-    ended_at: float
+    started_at: float  # time.monotonic() when we asked the engine to run it
+    ended_at: float  # time.monotonic() when we saw it serve, exit or time out
+    # As the engine reports them (State.StartedAt / State.FinishedAt), epoch seconds:
+    container_started: float | None = None
+    container_finished: float | None = None  # None while it runs
+    exit_code: int | None = None
+    serving_since: float | None = None  # epoch seconds of the first /health 200
 
 
 @dataclass
@@ -37,6 +43,50 @@ class Launch:
     backend: str | None
     url: str | None
     attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def fallback_latency(self) -> float | None:
+        """Seconds from the first container's start (engine time) to the serving one answering /health."""
+        if len(self.attempts) < 2 or self.attempts[-1].serving_since is None:
+            return None
+        first, last = self.attempts[0], self.attempts[-1]
+        if first.container_started is not None:
+            return last.serving_since - first.container_started
+        return last.ended_at - first.started_at
+
+    @property
+    def restart_gap(self) -> float | None:
+        """Seconds from the previous container's exit to the next one's start (engine times)."""
+        if len(self.attempts) < 2:
+            return None
+        a, b = self.attempts[-2], self.attempts[-1]
+        if a.container_finished is None or b.container_started is None:
+            return None
+        return b.container_started - a.container_finished
+
+
+def engine_time(value: str | None) -> float | None:
+    """Docker's RFC 3339 nanosecond timestamp as epoch seconds; None for the zero time."""
+    if not value or value.startswith("0001-"):
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    if "." in text:  # nanoseconds: Python takes at most microseconds
+        head, rest = text.split(".", 1)
+        digits = "".join(ch for ch in rest if ch.isdigit())
+        tz = rest[len(digits):]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{tz}"
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _state_times(container) -> tuple[float | None, float | None]:
+    state = container.attrs.get("State") or {}
+    return engine_time(state.get("StartedAt")), engine_time(state.get("FinishedAt"))
 
 
 def _last_line(container) -> str:
@@ -71,29 +121,42 @@ def launch(manifest: dict, platform: str, port: int, name: str, override: str | 
             raise EnvironmentProblem(f"could not start {image}: {e.explanation or e}",
                                      "is the port in use, or the image missing from the registry?") from None
         outcome = None
+        code = serving_since = None
         while time.monotonic() - started < timeout:
             container.reload()
             if container.status in ("exited", "dead"):
                 code = container.wait()["StatusCode"]
+                container.reload()  # FinishedAt
                 line = _last_line(container)
                 outcome = ("exit 78", line) if code == EX_CONFIG else ("failed", f"exit {code}: {line}")
-                container.remove(force=True)
                 break
             binding = (container.attrs["NetworkSettings"]["Ports"] or {}).get(f"{port}/tcp")
             if binding:
                 url = f"http://127.0.0.1:{binding[0]['HostPort']}"
                 try:
                     if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                        serving_since = time.time()
                         outcome = ("serving", url)
                         result.container, result.backend, result.url = container.name, backend, url
                         break
                 except requests.RequestException:
                     pass
             time.sleep(0.1)
+        ended = time.monotonic()
         if outcome is None:
-            container.remove(force=True)
             outcome = ("failed", f"no /health within {timeout:.0f} s")
-        result.attempts.append(Attempt(backend, image, outcome[0], outcome[1], started, time.monotonic()))
+        try:
+            container.reload()
+        except docker.errors.APIError:
+            pass
+        container_started, container_finished = _state_times(container)
+        if outcome[0] != "serving":
+            container.remove(force=True)
+            container_finished = container_finished or (time.time() if outcome[1].startswith("no /health") else None)
+        else:
+            container_finished = None
+        result.attempts.append(Attempt(backend, image, outcome[0], outcome[1], started, ended,
+                                       container_started, container_finished, code, serving_since))
         log(f"  {backend}: {outcome[0]} ({outcome[1]}) after {time.monotonic() - started:.1f} s")
         if outcome[0] == "serving":
             return result

@@ -19,11 +19,11 @@ registry or a second image sharing the layer never compresses again.
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import json
 import os
-import queue
 import struct
 import tarfile
 import tempfile
@@ -160,52 +160,69 @@ def default_cache() -> BlobCache:
 # --- the writer: tar bytes in, diffID and compressed blob out --------------
 
 class _CompressingSink:
-    """A file-like sink: hashes what it gets (diffID) and compresses it in chunks on a pool."""
+    """A file-like sink for the tar writer: hashes what it gets (diffID) and compresses it in chunks.
+
+    The main thread only cuts chunks. Compression runs on a pool (ISA-L
+    releases the GIL); one "finisher" thread takes the chunks in order,
+    hashes them (diffID), writes their compressed form and hashes that (blob
+    digest); hashlib and file writes release the GIL too, so all of it
+    overlaps the tar work on the main thread.
+    """
 
     def __init__(self, c: Codec, out: BinaryIO, threads: int, progress: Callable[[int], None] | None):
         self.codec, self.out, self.progress = c, out, progress
         self.raw = hashlib.sha256()
         self.packed = hashlib.sha256()
         self.size = self.blob_size = 0
-        self.buf = bytearray()
+        self.pieces: list[bytes] = []
+        self.pending_bytes = 0
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="compress")
-        self.pending: "queue.Queue[Future]" = queue.Queue()
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self.inflight: "collections.deque[Future]" = collections.deque()
         self.window = threads * 3  # chunks in flight: bounds memory
 
+    def tell(self) -> int:  # TarFile asks where it starts
+        return self.size
+
     def write(self, data) -> int:
-        self.raw.update(data)
-        self.size += len(data)
-        self.buf += data
-        while len(self.buf) >= self.codec.chunk:
-            self._submit(bytes(self.buf[: self.codec.chunk]))
-            del self.buf[: self.codec.chunk]
-        return len(data)
+        n = len(data)
+        self.size += n
+        self.pieces.append(bytes(data))
+        self.pending_bytes += n
+        if self.pending_bytes >= self.codec.chunk:
+            joined = b"".join(self.pieces)
+            cut = len(joined) - len(joined) % self.codec.chunk
+            for i in range(0, cut, self.codec.chunk):
+                self._submit(joined[i:i + self.codec.chunk])
+            rest = joined[cut:]
+            self.pieces = [rest] if rest else []
+            self.pending_bytes = len(rest)
+        return n
 
     def _submit(self, chunk: bytes) -> None:
-        while self.pending.qsize() >= self.window:
-            self._write_next()
-        self.pending.put(self.pool.submit(_compress_chunk, self.codec, chunk))
-        self._drain(block=False)
+        while len(self.inflight) >= self.window:
+            self.inflight.popleft().result()
+        packed = self.pool.submit(_compress_chunk, self.codec, chunk)
+        self.inflight.append(self.finisher.submit(self._finish, chunk, packed))
 
-    def _write_next(self) -> None:
-        # Finished chunks are written in order; the order of members is part of the digest.
-        data = self.pending.get().result()
+    def _finish(self, chunk: bytes, packed: Future) -> None:
+        # Runs in submission order on one thread: the order of members is part of the digest.
+        self.raw.update(chunk)
+        data = packed.result()
         self.out.write(data)
         self.packed.update(data)
         self.blob_size += len(data)
         if self.progress:
-            self.progress(len(data))
-
-    def _drain(self, block: bool) -> None:
-        while not self.pending.empty() and (block or self.pending.queue[0].done()):
-            self._write_next()
+            self.progress(len(chunk))
 
     def close(self) -> None:
-        if self.buf:
-            self._submit(bytes(self.buf))
-            self.buf.clear()
-        self._drain(block=True)
+        if self.pieces:
+            self._submit(b"".join(self.pieces))
+            self.pieces, self.pending_bytes = [], 0
+        while self.inflight:
+            self.inflight.popleft().result()
         self.pool.shutdown()
+        self.finisher.shutdown()
 
 
 def _sort_key(name: str) -> tuple[str, ...]:
@@ -332,7 +349,7 @@ def _write_from(src, cache: BlobCache, c: Codec, epoch: int, progress, sort: boo
     try:
         with os.fdopen(fd, "wb") as fh:
             sink = _CompressingSink(c, fh, threads, progress)
-            out = tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=1 << 20)
+            out = tarfile.TarFile(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT)
             out.copybufsize = 1 << 20
             try:
                 if sort:

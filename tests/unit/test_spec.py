@@ -175,6 +175,20 @@ MALFORMED = [
          edit=rename_service("tts", "cuda-libs")),
     case("service-backend-undefined", "services.tts.backends[1]", "unknown backend 'rocm'",
          "this project defines ['cuda', 'cpu']", edit=set_("services.tts.backends", ["cpu", "rocm"])),
+    # paths stay inside the project; references follow the docker grammar; python matches the base
+    case("service-path-escapes", "services.tts.path", "is outside the project directory",
+         edit=set_("services.tts.path", "../..")),
+    case("requirements-absolute-outside", "services.tts.requirements", "'/etc/hostname' is outside the project",
+         edit=set_("services.tts.requirements", "/etc/hostname")),
+    case("base-image-injection", "base.image", "is not an image reference", "';'",
+         edit=set_("base.image", "python:3.11; rm -rf /")),
+    case("registry-hub-namespace", "registry", "Docker Hub namespace", edit=set_("registry", "myregistry")),
+    case("python-vs-suite", "python", "base.bootstrap.suite trixie", "python3 is 3.13",
+         edit=both(set_("base.image", "debian:trixie-slim"), set_("base.bootstrap.suite", "trixie"))),
+    case("python-vs-image-tag", "python", "whose tag is python 3.12",
+         edit=set_("base.image", "python:3.12-slim-bookworm")),
+    case("unknown-suite", "base.bootstrap.suite", "unknown Debian suite 'sid'",
+         edit=set_("base.bootstrap.suite", "sid")),
 ]
 
 
@@ -191,6 +205,94 @@ def test_malformed_project_is_refused_with_file_key_and_reason(tmp_path, edit, t
     assert message.startswith(f"{path}: {key}: " if key else f"{path}: ")
     for fragment in fragments:
         assert fragment in message
+
+
+def test_every_refusal_carries_a_hint(tmp_path):
+    for param in MALFORMED:
+        edit, text, key, _ = param.values
+        root = tmp_path / param.id
+        root.mkdir()
+        with pytest.raises(SpecError) as info:
+            spec.load(write_project(root, edit, text))
+        assert info.value.hint, f"{param.id}: {info.value}"
+
+
+@pytest.mark.parametrize("ref", [
+    "python", "python:3.11-slim-bookworm", "docker.io/library/python:3.11", "localhost:5000/a/b:c",
+    "127.0.0.1:5000/orch/base@sha256:" + "a" * 64, "ghcr.io/acme/img:v1.0_rc-1", "a__b/c-d.e:1",
+    "[::1]:5000/x:y", "Registry.Example/x",
+])
+def test_valid_image_references(ref):
+    assert spec.image_ref_problem(ref) is None
+
+
+@pytest.mark.parametrize("ref, why", [
+    ("python:3.11; rm -rf /", "';'"), ("Python:3.11", "must be lower-case"), ("python@sha256:abc", "64"),
+    ("python:", "the tag ''"), ("python:-x", "the tag '-x'"), ("host:0/x", "port 0 is out of range"),
+    ("a//b", "component ''"), ("a/b-", "component 'b-'"), ("", "empty"), ("x:1:2", "component 'x:1'"),
+    ("reg.example/" + "a" * 260, "longer than 255"),
+])
+def test_invalid_image_references(ref, why):
+    assert why in (spec.image_ref_problem(ref) or "")
+
+
+@pytest.mark.parametrize("value, why", [
+    ("127.0.0.1:5000", None), ("localhost:5000", None), ("ghcr.io/acme", None), ("registry.example", None),
+    ("myregistry", "Docker Hub namespace"), ("host.example:70000", "out of range"), ("-x.example", "not a host"),
+    ("ghcr.io/Acme", "lower-case"),
+])
+def test_registry_values(value, why):
+    problem = spec.registry_problem(value)
+    assert (problem is None) if why is None else (why in problem)
+
+
+@pytest.mark.parametrize("text", [
+    "numpy>=1.26,<3\n", "# comment\n\nsix==1.16.0 ; python_version >= '3.8'  # why\n",
+    "uvicorn[standard]>=0.30\n", "six==1.16.0 \\\n    --hash=sha256:" + "a" * 64 + "\n",
+])
+def test_lockable_requirements_files_pass(tmp_path, text):
+    f = tmp_path / "r.in"
+    f.write_text(text)
+    spec.check_requirements_file(str(tmp_path / "project.yaml"), "layers.shared.requirements", f)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("six @ https://x.example/six.whl\n", "URL requirement"), ("-e .\n", "editable"),
+    ("--index-url https://x\n", "not allowed"), ("-r other.in\n", "includes another file"),
+    ("https://x.example/a.tar.gz\n", "URL or path"), ("six>=>1\n", "is not a requirement"),
+])
+def test_unlockable_requirements_files_are_refused(tmp_path, text, why):
+    f = tmp_path / "r.in"
+    f.write_text(text)
+    with pytest.raises(SpecError, match=why) as info:
+        spec.check_requirements_file(str(tmp_path / "project.yaml"), "services.x.requirements", f)
+    assert info.value.key == "services.x.requirements" and "'r.in' line 1" in str(info.value)
+    assert info.value.hint
+
+
+def test_a_symlinked_service_dir_pointing_outside_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "proj"
+    root.mkdir()
+    path = write_project(root, set_("services.tts.path", "services/link"))
+    (root / "services/link").symlink_to(outside)
+    with pytest.raises(SpecError, match="resolves through a symlink to") as info:
+        spec.load(path)
+    assert info.value.key == "services.tts.path"
+
+
+def test_a_symlink_inside_the_project_is_fine(tmp_path):
+    path = write_project(tmp_path, set_("services.tts.path", "services/link"))
+    (tmp_path / "services/link").symlink_to(tmp_path / "services/tts")
+    assert spec.load(path).services["tts"].path == (tmp_path / "services/tts").resolve()
+
+
+def test_a_bad_registry_from_the_environment_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_REGISTRY", "bad registry")
+    with pytest.raises(SpecError, match=r"\(from \$ORCH_REGISTRY\)") as info:
+        spec.load(write_project(tmp_path))
+    assert info.value.key == "registry" and "ORCH_REGISTRY" in info.value.hint
 
 
 def test_duplicate_service_names_the_key_path_and_both_lines(tmp_path):

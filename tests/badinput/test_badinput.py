@@ -1,0 +1,190 @@
+"""The bad input corpus (cases.yaml) through the real CLI.
+
+Each case edits a tmp copy of tests/fixtures/mini, runs `invoke <task>` as a
+subprocess from that copy, and expects: exit 2, one `error:` message naming
+the file or key, a `hint:` line, no traceback, and nothing written into the
+repository checkout. No case needs Docker or a registry; registry answers
+(backend manifests) are also fed straight to publish.validate below.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import publish
+from orchestrator.errors import UserError
+
+from ..conftest import FIXTURES, ROOT
+
+HERE = Path(__file__).resolve().parent
+CORPUS = yaml.safe_load((HERE / "cases.yaml").read_text())
+INVOKE = Path(sys.executable).parent / "invoke"
+DIGEST = "sha256:" + "a" * 64
+
+
+def valid_manifest() -> dict:
+    repo = "127.0.0.1:5000/orch-mini/echo"
+    return {
+        "schemaVersion": 1, "project": "orch-mini", "service": "echo", "version": "0.1.0",
+        "platforms": {
+            "linux/amd64": {"default": "cuda", "fallback": ["cuda", "cpu"], "backends": {
+                "cuda": {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None,
+                         "requires": {"cuda": "12.4", "driver": ">=525.60.13"},
+                         "cuda_libs": {"tag": "cu124-v1", "digest": DIGEST}},
+                "cpu": {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None}}},
+            "linux/arm64": {"default": "cpu", "fallback": ["cpu"], "backends": {
+                "cpu": {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None}}},
+        },
+    }
+
+
+def _merge(into: dict, patch: dict) -> None:
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def build_manifest(spec: dict) -> dict | list:
+    m = valid_manifest()
+    _merge(m, spec.get("patch") or {})
+    for key in spec.get("drop") or ():
+        del m[key]
+    if "image" in spec:
+        m["platforms"]["linux/amd64"]["backends"]["cpu"]["image"] = spec["image"]
+    if "driver" in spec:
+        m["platforms"]["linux/amd64"]["backends"]["cuda"]["requires"]["driver"] = spec["driver"]
+    return m
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    if value == "~":
+        data.pop(last, None)
+    else:
+        data[last] = value
+
+
+def cases():
+    for group, entries in CORPUS.items():
+        for case in entries:
+            marks = [pytest.mark.xfail(reason="needs: " + case["needs"], strict=True)] if case.get("needs") else []
+            yield pytest.param(group, case, id=f"{group}/{case['id']}", marks=marks)
+
+
+ALL = list(cases())
+
+
+def test_the_corpus_is_big_enough_and_ids_are_unique():
+    ids = [p.id for p in ALL]
+    assert len(ids) == len(set(ids))
+    assert len(ids) >= 40
+
+
+def prepare(tmp_path: Path, case: dict) -> tuple[Path, Path]:
+    """The tmp copy of the mini fixture, edited as the case says."""
+    work = tmp_path / "work"
+    shutil.copytree(FIXTURES / "mini", work / "mini")
+    proj_dir = work / "mini"
+    (tmp_path / "host").mkdir()  # an empty host root for select: no GPU
+    for rel, text in (case.get("write") or {}).items():
+        p = proj_dir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    for rel, hexdata in (case.get("bytes") or {}).items():
+        (proj_dir / rel).write_bytes(bytes.fromhex(hexdata))
+    for rel, target in (case.get("symlink") or {}).items():
+        (proj_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, proj_dir / rel)
+    for rel, (old, new) in (case.get("edit") or {}).items():
+        p = proj_dir / rel
+        text = p.read_text()
+        assert old in text, f"{rel} has no {old!r}: fix the case"
+        p.write_text(text.replace(old, new, 1))
+    for rel in case.get("delete_files") or ():
+        (proj_dir / rel).unlink()
+    if case.get("set"):
+        pf = proj_dir / "project.yaml"
+        data = yaml.safe_load(pf.read_text())
+        for dotted, value in case["set"].items():
+            _set(data, dotted, value)
+        pf.write_text(yaml.safe_dump(data, sort_keys=False))
+    if "manifest" in case:
+        (proj_dir / "m.json").write_text(json.dumps(build_manifest(case["manifest"] or {}), indent=2))
+    elif "manifest_text" in case and case["manifest_text"] is not None:
+        (proj_dir / "m.json").write_text(case["manifest_text"])
+    return proj_dir, proj_dir / "project.yaml"
+
+
+def checkout_state() -> set[str]:
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.splitlines())
+
+
+@pytest.mark.parametrize("group, case", ALL)
+def test_bad_input_exits_2_with_one_message_a_hint_and_no_traceback(tmp_path, group, case):
+    proj_dir, project = prepare(tmp_path, case)
+    default = ["lock", "--check", "--project", "{project}"]
+    if group == "manifests":
+        default = ["select", "--service", "echo", "--manifest", "{dir}/m.json", "--root", "{tmp}/host",
+                   "--project", "{project}"]
+    args = [a.format(project=project, dir=proj_dir, tmp=tmp_path) for a in case.get("args", default)]
+    env = {k: v for k, v in os.environ.items() if k not in ("ORCH_REGISTRY", "ORCH_BACKEND", "ORCH_PROJECT")}
+    env.update(case.get("env") or {})
+    env["ORCH_STATE_DIR"] = str(tmp_path / "state")  # the engine's state, if anything reached for it
+    before = checkout_state()
+    proc = subprocess.run([str(INVOKE), "--search-root", str(ROOT), *args], cwd=proj_dir, env=env,
+                          capture_output=True, text=True, timeout=120)
+    after = checkout_state()
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    assert proc.returncode == 2, out
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert any(ln.strip().startswith("hint: ") and len(ln.strip()) > len("hint: ") + 5
+               for ln in proc.stderr.splitlines()), proc.stderr
+    for fragment in case["expect"]:
+        assert fragment in proc.stderr, f"{fragment!r} not in:\n{proc.stderr}"
+    if group in ("project", "requirements"):
+        assert str(project) in errors[0]  # names the project file, then the key
+    assert not (after - before), f"written into the checkout: {sorted(after - before)}"
+
+
+# --- registry answers: malformed backend manifests at the unit level -------------
+
+MANIFEST_CASES = [c for c in CORPUS["manifests"] if c.get("manifest") is not None or c.get("manifest_text")]
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES, ids=[c["id"] for c in MANIFEST_CASES])
+def test_a_malformed_backend_manifest_is_refused_by_validate_or_load(tmp_path, case):
+    if "manifest" in case:
+        data = build_manifest(case["manifest"] or {})
+        with pytest.raises(UserError) as e:
+            publish.validate(copy.deepcopy(data), "registry answer")
+        assert e.value.exit_code == 2 and e.value.message.startswith("registry answer: ")
+        assert e.value.hint
+        text = json.dumps(data)
+    else:
+        text = case["manifest_text"]
+    f = tmp_path / "m.json"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        publish.load_manifest_file(str(f))
+    assert e.value.exit_code == 2 and str(f) in e.value.message
+
+
+def test_the_valid_manifest_the_corpus_starts_from_is_valid():
+    publish.validate(valid_manifest(), "corpus")
