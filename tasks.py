@@ -91,7 +91,7 @@ def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="al
     "json": "print the results as JSON (for CI)",
 })
 @friendly
-def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="all", ready_timeout=180, json=False):
+def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="all", ready_timeout="180", json=False):
     """Launch every built variant and check health, /ready, /info, torch.cuda, the CUDA-libs layer and fallback."""
     from orchestrator import smoke as smoke_mod
 
@@ -99,7 +99,8 @@ def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="al
     results = smoke_mod.run(proj, pipeline.parse_list(service, proj.services, "service", proj.file.name),
                             pipeline.parse_list(backend, proj.backends, "backend", proj.file.name),
                             pipeline.parse_list(platform, proj.platforms, "platform", proj.file.name),
-                            log=(lambda *_: None) if json else log, ready_timeout=float(ready_timeout))
+                            log=(lambda *_: None) if json else log,
+                            ready_timeout=pipeline.positive_seconds(ready_timeout, "--ready-timeout"))
     if json:
         print_json([r.as_json() for r in results])
     else:

@@ -348,7 +348,8 @@ def load_locks(project: Project, backend: Backend, platform: str) -> list[Lock]:
         path = lock_path(project.root, backend.name, platform, layer)
         lk = read_lock(path)
         if lk is None:
-            raise UserError(f"lock {os.path.relpath(path, project.root)} is missing or unreadable", "run `invoke lock`")
+            why = "missing" if not path.exists() else "unreadable or edited by hand (its lock-sha256 does not match)"
+            raise UserError(f"lock {os.path.relpath(path, project.root)} is {why}", "run `invoke lock`")
         out.append(lk)
     return out
 

@@ -101,3 +101,14 @@ def one(value: str | None, known, what: str, file: str) -> str:
         raise UserError(f"{what} {value!r} is not one of {sorted(known)} in {file}",
                         f"pass exactly one, e.g. --{what} {sorted(known)[0]}")
     return value
+
+
+def positive_seconds(value, option: str) -> float:
+    """A CLI number of seconds (> 0); anything else is an input error, not a traceback."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{option} {value!r} is not a number of seconds above 0", f"e.g. {option} 180")
+    return seconds

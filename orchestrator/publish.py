@@ -142,9 +142,11 @@ def load_manifest_file(path: str) -> dict:
     try:
         manifest = json.loads(Path(path).read_text())
     except OSError as e:
-        raise UserError(f"{path}: cannot read the backend manifest ({e.strerror})") from None
+        raise UserError(f"{path}: cannot read the backend manifest ({e.strerror})",
+                        "check the path given to --manifest") from None
     except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})",
+                        "fetch it again (drop --manifest to read it from the registry) or re-run `invoke publish`") from None
     validate(manifest, path)
     return manifest
 

@@ -16,19 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from ..conftest import unavailable
+from orchestrator import registry_server
 
-REGISTRY_CONFIG = """version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: {addr}
-  tls:
+from ..conftest import unavailable
+from ..tls import make_tls
+
+# The embedded registry's config, plus TLS and htpasswd logins.
+REGISTRY_CONFIG = registry_server.REGISTRY_CONFIG + """  tls:
     certificate: {cert}
     key: {key}
 auth:
@@ -48,22 +42,6 @@ class TLSRegistry:
 
     def __repr__(self) -> str:  # keeps the password out of pytest's failure output
         return f"TLSRegistry({self.host!r})"
-
-
-def make_tls(d: Path, names=("IP:127.0.0.1", "DNS:localhost")) -> dict[str, Path]:
-    """A throwaway CA and a server certificate it signed, with the openssl CLI."""
-    d.mkdir(parents=True, exist_ok=True)
-    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=orch test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "ext.cnf").write_text(f"subjectAltName={','.join(names)}\nbasicConstraints=CA:FALSE\n"
-                               "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n"
-                               "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
-    return {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
 
 
 def htpasswd_line(user: str, password: str) -> str:
