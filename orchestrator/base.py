@@ -213,18 +213,20 @@ def _copy_from_pinned_registry(pin: Pin, reg: Registry, name: str, c, log) -> im
     if not pin.pinned_in or "@" not in pin.pinned_in:
         return None
     host, src_name, _ = split_ref(pin.pinned_in)
-    if host == reg.host:
+    same = host == reg.host  # another repository (a namespace) of this registry: mount, move no bytes
+    if same and src_name == name:
         return None
-    src = Registry(host, retries=1, timeout=10)
-    if not src.ping():
+    src = reg if same else Registry(host, retries=1, timeout=10)
+    if not same and not src.ping():
         return None
     img = _from_registry(src, src_name, pin, c)
     if img is None:
         return None
-    log(f"[base] {pin.platform}: copying the pinned base from {host} (no bootstrap)")
+    log(f"[base] {pin.platform}: copying the pinned base from {host}/{src_name} (no bootstrap)")
     for layer in img.layers:
-        if not reg.has_blob(name, layer.digest):
-            reg.copy_blob(src, src_name, name, layer.digest, layer.blob_size)
+        if reg.has_blob(name, layer.digest) or (same and reg.mount_blob(name, layer.digest, src_name)):
+            continue
+        reg.copy_blob(src, src_name, name, layer.digest, layer.blob_size)
     reg.upload_blob(name, img.config)
     reg.put_manifest_if_changed(name, _tag(pin, c), img.manifest(), image_mod.OCI_MANIFEST)
     return img

@@ -403,9 +403,15 @@ def transcode(diff_id: str, cache: BlobCache, c: Codec) -> Layer | None:
     found = cache.lookup(diff_id, c)
     if found is not None:
         return found
-    for other in ("gzip", "zstd"):
-        src = cache.lookup(diff_id, codec(other)) if other != c.name else None
-        if src is None:
+    # Any cached blob of this diffID will do: another codec, or another level or library version.
+    for index in sorted(cache.root.glob(f"index/{diff_id.split(':', 1)[1]}.*.json")):
+        other = index.name.split(".", 1)[1].split("-", 1)[0]  # gzip | zstd
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, ValueError):
+            continue
+        src = Layer(diff_id, data["size"], data["digest"], data["blob_size"], "", cache.blob_path(data["digest"]))
+        if other not in ("gzip", "zstd") or not src.path.exists():
             continue
         with open(src.path, "rb") as fh:
             if other == "gzip":

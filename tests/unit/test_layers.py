@@ -104,3 +104,11 @@ def test_a_cached_gzip_layer_is_transcoded_to_zstd_with_the_same_diff_id(cache):
     gz = layers.write_layer(io.BytesIO(make_tar(ENTRIES, 1)), cache, layers.codec("gzip"))
     zs = layers.transcode(gz.diff_id, cache, layers.codec("zstd"))
     assert zs.diff_id == gz.diff_id and zs.media_type.endswith("+zstd") and zs.digest != gz.digest
+
+
+def test_a_blob_cached_at_another_level_is_recompressed_with_the_pinned_codec(cache):
+    old = layers.Codec("gzip", layers.TAR_MEDIA + "+gzip", "isal-old", 1, 4 << 20)
+    first = layers.write_layer(io.BytesIO(make_tar(ENTRIES, 1)), cache, old)
+    pinned = layers.codec("gzip")
+    again = layers.transcode(first.diff_id, cache, pinned)
+    assert again.diff_id == first.diff_id and cache.lookup(first.diff_id, pinned) == again
