@@ -11,7 +11,7 @@ can.
 
 Changes: (a) app-only (a line in services/tts/app.py), (b) a small
 dependency bump (soundfile 0.14.0 -> 0.13.1 in the tts service layer),
-(d) adding one small package to the tts service (idna), (e) a second
+(d) adding one small package to the tts service (six, in no layer yet), (e) a second
 service (stt) on a host that has tts: what it pulls beyond tts, CUDA libraries
 included or not, (c) a torch patch change (2.5.1 -> 2.5.0, the same nvidia-*
 pins; CUDA-libs bytes reported separately).
@@ -155,7 +155,7 @@ def main() -> int:
         if "b" in only:
             measure("b", "dep_bump", lambda: tts_in.write_text("soundfile==0.13.1\n"))
         if "d" in only:
-            measure("d", "add_small_package", lambda: tts_in.write_text(tts_in.read_text() + "idna\n"))
+            measure("d", "add_small_package", lambda: tts_in.write_text(tts_in.read_text() + "six\n"))
         if "e" in only:
             say("(e) a second service sharing the CUDA libraries")
             stt = next(r for r in build.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None)
