@@ -372,7 +372,8 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
         new_layers.append(layer)
         history.append(f"orchestrator: {stage} layer ({'lock ' + hashlib.sha256(inputs.encode()).hexdigest()[:12]})")
     cfg = image_mod.config(json.loads(parent_img.config), image.platform, tuple(new_layers),
-                           settings(image, base.ref), tuple(history))
+                           settings(image, f"orchestrator/base-{project.base.suite}", base.image.digest),
+                           tuple(history))
     img = image_mod.Image(image.platform, parent_img.layers + tuple(new_layers), cfg)
     log(f"{image.key}/{image.backend.name}: pushing {image.ref(tag)} in the background")
     result = BuildResult(image, tag, img.digest, True, assembled=img)  # counts filled in when the push is done

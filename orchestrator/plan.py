@@ -205,13 +205,18 @@ def tree_digest(path: Path, skip: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
-def settings(image: ImagePlan, base_ref: str):
-    """What the image's config sets on top of its parent: the final stage of its Dockerfile, as data."""
+def settings(image: ImagePlan, base_name: str, base_digest: str):
+    """What the image's config sets on top of its parent: the final stage of its Dockerfile, as data.
+
+    The base is named without a registry host (and pinned by digest), so the
+    same image has the same config digest in every registry.
+    """
     from .image import Settings, healthcheck as hc_config
 
     torch = image.backend.torch_for(image.platform) or "none"
     labels = tuple((k, v.replace("${TORCH_VERSION}", torch)) for k, v in image.labels)
-    labels += (("org.opencontainers.image.base.name", base_ref),)
+    labels += (("org.opencontainers.image.base.name", base_name),
+               ("org.opencontainers.image.base.digest", base_digest))
     if image.kind != "service":
         return Settings(env=image.env, labels=labels)
     svc = image.service

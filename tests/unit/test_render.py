@@ -98,3 +98,13 @@ def test_render_all_refuses_platforms_that_would_need_different_files(example):
     locks = load_all_locks(example)
     plan = make_plan(example, locks)
     assert render_all(plan)  # one platform: consistent
+
+
+def test_an_image_config_names_no_registry_so_its_digest_is_the_same_in_every_registry(example):
+    from orchestrator import plan as plan_mod
+
+    locks = load_all_locks(example)
+    image = next(i for i in plan_mod.make_plan(example, locks).images if i.kind == "service")
+    s = plan_mod.settings(image, "orchestrator/base-bookworm", "sha256:" + "0" * 64)
+    text = repr(s)
+    assert example.registry not in text  # (the healthcheck may say 127.0.0.1:<port>, the container itself)
