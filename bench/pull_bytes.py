@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scratch_registry import scratch_project  # noqa: E402
 from orchestrator import base, build, engine, lock, pipeline, spec  # noqa: E402
 from orchestrator.registry import Registry, split_ref  # noqa: E402
 
@@ -109,14 +110,11 @@ def main() -> int:
     only = set(args.only.split(","))
     out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {os.uname().machine}"}
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
-        work = Path(tmp) / "project"
-        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", ".build", "tests", "bench"))
-        pf = work / "project.yaml"
-        pf.write_text(pf.read_text().replace("project: morgan", "project: bench"))
+        pf = scratch_project(tmp, "bench")
         project = spec.load(pf)
         reg = Registry(project.registry)
         app = project.services["tts"].path / "app.py"
-        tts_in = work / "requirements" / "tts.in"
+        tts_in = pf.parent / "requirements" / "tts.in"
 
         say("baseline build of tts (cuda)")
         base_ref, _ = build_tts(project)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scratch_registry import scratch_project  # noqa: E402
 from orchestrator import publish, smoke, spec  # noqa: E402
 
 
@@ -35,10 +35,7 @@ def main() -> int:
     quiet = lambda *_: None  # noqa: E731
     out: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="orch-bench-rebuild-") as tmp:
-        work = Path(tmp) / "project"
-        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", ".build", "tests", "bench"))
-        pf = work / "project.yaml"
-        pf.write_text(pf.read_text().replace("project: morgan", "project: bench-rebuild"))
+        pf = scratch_project(tmp, "bench-rebuild")
         project = spec.load(pf)
         started = time.monotonic()
         publish.publish(project, log=quiet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,3 +35,13 @@ def scratch_registry(port: int):
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def scratch_project(tmp: str, name: str) -> Path:
+    """The example project copied into tmp under its own registry namespace; returns its project.yaml."""
+    root = Path(__file__).resolve().parents[1]
+    work = Path(tmp) / "project"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns(".venv", ".git", ".build", "tests", "bench"))
+    pf = work / "project.yaml"
+    pf.write_text(pf.read_text().replace("project: morgan", f"project: {name}"))
+    return pf
