@@ -106,6 +106,7 @@ ENV PYTHONPATH="/opt/app:/opt/runtime:/opt/site/service-stt:/opt/site/shared:/op
     SERVICE_VERSION="0.1.0" \
     SERVICE_PORT="8000" \
     SERVICE_BACKEND="cpu" \
+    SERVICE_BACKEND_KIND="cpu" \
     BACKEND_POLICY="fallback" \
     PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True" \
     PYTORCH_ALLOC_CONF="expandable_segments:True"

@@ -107,11 +107,13 @@ ENV PYTHONPATH="/opt/app:/opt/runtime:/opt/site/service-stt:/opt/site/shared:/op
     SERVICE_VERSION="0.1.0" \
     SERVICE_PORT="8000" \
     SERVICE_BACKEND="cuda" \
+    SERVICE_BACKEND_KIND="cuda" \
     BACKEND_POLICY="fallback" \
     PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True" \
     PYTORCH_ALLOC_CONF="expandable_segments:True" \
     CUDA_MIN_DRIVER="525.60.13" \
-    CUDA_RUNTIME_VERSION="12040"
+    CUDA_RUNTIME_VERSION="12040" \
+    CUDA_ARCHS="sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90"
 WORKDIR /opt/app
 USER 10001:10001
 EXPOSE 8000

@@ -300,12 +300,12 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     uploader = Uploader(reg.host, log)
     docker_config = engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
     results: list[BuildResult] = []
-    libs: dict[str, BuildResult] = {}  # platform -> cuda-libs result
+    libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
     contexts: list[Path] = []
     try:
         for image in plan.images:
             base = bases[image.platform]
-            parent = libs[image.platform] if image.from_image == "cuda-libs" else None
+            parent = libs[(image.backend.cuda, image.platform)] if image.from_image == "cuda-libs" else None
             parent_img = parent.assembled if parent else base.image
             ctx, ctx_digest = stage_context(project, image, texts[image.dockerfile])
             contexts.append(ctx)
@@ -324,7 +324,7 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
             result.seconds = time.monotonic() - started
             results.append(result)
             if image.kind == "cuda-libs":
-                libs[image.platform] = result
+                libs[(image.backend.cuda, image.platform)] = result
         for r in results:  # every manifest is up before build returns
             if r.pending is not None:
                 r.uploaded_bytes, r.pushed_layers = r.pending.result()

@@ -18,6 +18,7 @@ class CudaRelease:
     min_driver: str
     release_driver: str
     runtime_version: int
+    runtime_lib: str  # libcudart, relative to the CUDA-libs site dir
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,11 @@ class Compat:
         if entry is None:
             return None
         return CudaRelease(version, entry["tag"], entry["min_driver"],
-                           entry["release_driver"], int(entry["runtime_version"]))
+                           entry["release_driver"], int(entry["runtime_version"]), entry["runtime_lib"])
 
     def cuda_versions(self) -> list[str]:
-        return sorted(self.raw["cuda"])
+        """Oldest line first."""
+        return sorted(self.raw["cuda"], key=Version)
 
     # --- torch --------------------------------------------------------
     def torch_versions(self) -> list[str]:
@@ -52,6 +54,11 @@ class Compat:
     def cuda_pins(self, torch: str, cuda: str) -> dict[str, str] | None:
         entry = (self._torch(torch) or {}).get("cuda", {}).get(cuda)
         return None if entry is None else dict(entry["pins"])
+
+    def archs(self, torch: str, cuda: str) -> tuple[str, ...]:
+        """The GPU architectures torch's build for this CUDA carries (torch.cuda.get_arch_list())."""
+        entry = (self._torch(torch) or {}).get("cuda", {}).get(cuda) or {}
+        return tuple(entry.get("archs", ()))
 
     def cuda_release_pins(self, cuda: str) -> dict[str, str]:
         """Every nvidia-* wheel version any known torch pins for this CUDA release."""

@@ -22,8 +22,7 @@ from .spec import Project
 # Free disk a build needs in the Docker data root, per backend and platform:
 # image layers, BuildKit's pip cache and the exported image together. The
 # CUDA image carries ~3 GB of nvidia wheels plus torch, unpacked and cached.
-DISK_NEED_GB = {"cuda": 12, "cpu": 3}
-DISK_NEED_DEFAULT_GB = 3
+DISK_NEED_GB = {"cuda": 12, "cuda-libs-only": 1, "cpu": 3}
 GB = 1000**3
 PROBE_REPOSITORY = "doctor-probe"
 
@@ -207,7 +206,10 @@ def disk_need_gb(project: Project) -> tuple[int, str]:
     parts = []
     total = 0
     for name, backend in project.backends.items():
-        per = DISK_NEED_GB.get(name, DISK_NEED_GB["cuda"] if backend.is_cuda else DISK_NEED_DEFAULT_GB)
+        # Names are free-form: size by what the backend carries (a torch-less CUDA line is only its wheels).
+        has_torch = any(t is not None for _, t in backend.torch_by_platform)
+        kind = ("cuda" if has_torch else "cuda-libs-only") if backend.is_cuda else "cpu"
+        per = DISK_NEED_GB[kind]
         n = len(backend.platforms)
         total += per * n
         parts.append(f"{name} {per} GB x {n} platform{'s' if n != 1 else ''}")

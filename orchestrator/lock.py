@@ -158,7 +158,7 @@ def layer_inputs(project: Project, backend: Backend, platform: str) -> list[Laye
         # Bare names get the version the compatibility data pins for this CUDA.
         known = compat.cuda_release_pins(backend.cuda)
         reqs = tuple(r if re.search(r"[=<>!~]", r) else f"{r}=={known[canonicalize_name(r)]}"
-                     for r in project.cuda_libs.packages)
+                     for r in project.cuda_libs.packages_for(backend.cuda))
         out.append(LayerInput(backend.name, platform, "cuda-libs", reqs, None))
     for name, path in project.layers.items():
         out.append(LayerInput(backend.name, platform, name, (path.read_text(),), os.path.relpath(path, project.root)))

@@ -90,28 +90,32 @@ def _alloc_env() -> tuple[tuple[str, str], ...]:
 
 
 def cuda_libs_plan(project: Project, backend: Backend, platform: str, locks: list[Lock]) -> ImagePlan:
+    """The CUDA-libs image of the backend's CUDA line: cu124-v1, cu130-v1 (one per line and platform)."""
     compat = compat_mod.load()
     cl = project.cuda_libs
+    line = backend.cuda
     lock = next(lk for lk in locks if lk.layer == "cuda-libs")
     stage = LayerStage("cuda-libs", lock)
-    lib_dirs = tuple(f"{stage.site_dir}/{d}" for d in (compat.nvidia_lib_dir(p.name) for p in lock.pins) if d)
-    rel = compat.cuda(cl.cuda)
+    lib_dirs = tuple(dict.fromkeys(f"{stage.site_dir}/{d}" for d in (compat.nvidia_lib_dir(p.name) for p in lock.pins)
+                                   if d))
+    rel = compat.cuda(line)
     labels = (
-        ("org.opencontainers.image.title", f"{project.name} CUDA {cl.cuda} libraries"),
-        ("org.opencontainers.image.version", f"{cl.tag}-v{cl.revision}"),
-        (f"{LABEL_PREFIX}.cuda", cl.cuda),
+        ("org.opencontainers.image.title", f"{project.name} CUDA {line} libraries"),
+        ("org.opencontainers.image.version", cl.tag(line)),
+        (f"{LABEL_PREFIX}.cuda", line),
         (f"{LABEL_PREFIX}.cuda-libs.revision", str(cl.revision)),
         (f"{LABEL_PREFIX}.min-driver", rel.min_driver),
     )
     env = (
         ("NVIDIA_VISIBLE_DEVICES", "all"),
         ("NVIDIA_DRIVER_CAPABILITIES", "compute,utility"),
-        ("CUDA_VERSION", cl.cuda),
+        ("CUDA_VERSION", line),
         ("CUDA_LIBS_DIR", stage.site_dir),
+        ("CUDA_RUNTIME_LIB", rel.runtime_lib),
         ("LD_LIBRARY_PATH", ":".join(lib_dirs)),
     )
     return ImagePlan("cuda-libs", "cuda-libs", backend, platform, project.repository("cuda-libs"),
-                     (f"{cl.tag}-v{cl.revision}",), cl.tag, f"cuda-libs.{cl.tag}.Dockerfile", "base",
+                     (cl.tag(line),), cl.line_tag(line), f"cuda-libs.{cl.line_tag(line)}.Dockerfile", "base",
                      (stage,), None, env, labels, lib_dirs)
 
 
@@ -133,6 +137,8 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
         ("SERVICE_VERSION", svc.version),
         ("SERVICE_PORT", str(svc.port)),
         ("SERVICE_BACKEND", backend.name),
+        # Names are free-form; the entrypoint decides whether to probe CUDA by kind.
+        ("SERVICE_BACKEND_KIND", "cuda" if backend.is_cuda else "cpu"),
         ("BACKEND_POLICY", svc.policy),
     ]
     env += list(_alloc_env())
@@ -147,8 +153,12 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
     if backend.is_cuda:
         rel = compat.cuda(backend.cuda)
         env += [("CUDA_MIN_DRIVER", rel.min_driver), ("CUDA_RUNTIME_VERSION", str(rel.runtime_version))]
+        torch = backend.torch_for(platform)
+        if torch is not None:
+            # What torch's kernels cover; the entrypoint checks the GPU against it.
+            env.append(("CUDA_ARCHS", " ".join(compat.archs(torch, backend.cuda))))
         labels += [(f"{LABEL_PREFIX}.cuda", backend.cuda), (f"{LABEL_PREFIX}.min-driver", rel.min_driver),
-                   (f"{LABEL_PREFIX}.cuda-libs", f"{project.cuda_libs.tag}-v{project.cuda_libs.revision}")]
+                   (f"{LABEL_PREFIX}.cuda-libs", project.cuda_libs.tag(backend.cuda))]
     return ImagePlan(svc.name, "service", backend, platform, project.repository(svc.name),
                      (f"{svc.version}-{backend.name}",), f"{svc.version}-{backend.name}",
                      f"{svc.name}.{backend.name}.Dockerfile", "cuda-libs" if backend.is_cuda else "base",
@@ -159,7 +169,10 @@ def make_plan(project: Project, locks: dict[tuple[str, str], list[Lock]],
               backends: list[str] | None = None, services: list[str] | None = None,
               platforms: list[str] | None = None) -> BuildPlan:
     """All images for the selected backends/services/platforms, dependencies first."""
+    from .errors import UserError
+
     images: list[ImagePlan] = []
+    libs_pins: dict[tuple[str, str], tuple[str, tuple]] = {}  # (line, platform) -> (backend, pins)
     for backend in project.backends.values():
         if backends and backend.name not in backends:
             continue
@@ -168,7 +181,15 @@ def make_plan(project: Project, locks: dict[tuple[str, str], list[Lock]],
                 continue
             blocks = locks[(backend.name, platform)]
             if backend.is_cuda:
-                images.append(cuda_libs_plan(project, backend, platform, blocks))
+                libs = cuda_libs_plan(project, backend, platform, blocks)
+                # Backends on one CUDA line share its CUDA-libs image (one tag), so they must pin the same wheels.
+                first = libs_pins.setdefault((backend.cuda, platform), (backend.name, libs.layers[0].lock.pins))
+                if first[1] != libs.layers[0].lock.pins:
+                    raise UserError(f"backends {first[0]} and {backend.name} both use CUDA {backend.cuda} on {platform} "
+                                    "but their locks pin different CUDA libraries; they would publish different "
+                                    f"images under one tag ({libs.human_tags[0]})",
+                                    "give them the same torch, or put them on different CUDA lines")
+                images.append(libs)
             for svc in project.services.values():
                 if backend.name in svc.backends and (not services or svc.name in services):
                     images.append(service_plan(project, svc, backend, platform, blocks))

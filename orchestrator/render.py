@@ -109,9 +109,13 @@ def _env(pairs) -> str:
 def render_image(image: ImagePlan, project_file: str) -> str:
     out = [HEADER.format(project=project_file)]
     # No registry here: the same project renders the same text wherever it publishes.
-    out.append(f"# image: {image.repository.split('/', 1)[1]}  backend: {image.backend.name}"
-               + (f"  cuda: {image.backend.cuda}" if image.backend.is_cuda else "")
-               + f"  torch: {image.backend.torch_summary()}\n")
+    if image.kind == "cuda-libs":
+        # Shared by every backend on this CUDA line: name only the line.
+        out.append(f"# image: {image.repository.split('/', 1)[1]}  cuda: {image.backend.cuda}\n")
+    else:
+        out.append(f"# image: {image.repository.split('/', 1)[1]}  backend: {image.backend.name}"
+                   + (f"  cuda: {image.backend.cuda}" if image.backend.is_cuda else "")
+                   + f"  torch: {image.backend.torch_summary()}\n")
     order = ["base"] + (["cuda-libs"] if image.from_image == "cuda-libs" else []) + [s.name for s in image.layers]
     if image.kind == "service":
         order.append("app")

@@ -27,7 +27,6 @@ from .errors import SpecError
 DEFAULT_REGISTRY = "127.0.0.1:5000"
 DEFAULT_BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
 DEFAULT_BOOTSTRAP_INCLUDE = ("python3", "python3-venv", "python3-pip", "ca-certificates", "libgomp1")
-KNOWN_BACKENDS = ("cuda", "cpu")
 # Layers a project may configure; base, cuda-libs, torch, service and app
 # are derived from other keys.
 CONFIGURABLE_LAYERS = ("shared",)
@@ -100,10 +99,23 @@ class Service:
 
 @dataclass(frozen=True)
 class CudaLibs:
-    cuda: str
-    tag: str  # cu124
-    revision: int
-    packages: tuple[str, ...] | None  # None: every nvidia-* wheel torch pins
+    """One CUDA-libs image per CUDA line the backends use (cu124-v1, cu130-v1), shared by every service."""
+
+    revision: int = 1
+    # Per torch-less CUDA line, the wheels it holds: (("12.4", ("nvidia-cuda-runtime-cu12",)),).
+    # With torch, the set is torch's pins.
+    packages: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    cuda: str | None = None  # the legacy single-line key, checked against the backends
+
+    def packages_for(self, cuda: str) -> tuple[str, ...]:
+        return dict(self.packages or ()).get(cuda, ())
+
+    @staticmethod
+    def line_tag(cuda: str) -> str:
+        return compat_mod.load().cuda(cuda).tag  # cu130
+
+    def tag(self, cuda: str) -> str:
+        return f"{self.line_tag(cuda)}-v{self.revision}"  # cu130-v1
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ class Project:
     python: str
     platforms: tuple[str, ...]
     base: Base
-    cuda_libs: CudaLibs | None
+    cuda_libs: CudaLibs
     backends: dict[str, Backend]
     layers: dict[str, Path]
     services: dict[str, Service] = field(default_factory=dict)
@@ -132,6 +144,10 @@ class Project:
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
+
+    def cuda_lines(self) -> list[str]:
+        """The CUDA lines the backends use, newest first (the fallback order)."""
+        return sorted({b.cuda for b in self.backends.values() if b.is_cuda}, key=Version, reverse=True)
 
 
 # --- YAML: duplicate and non-string keys are errors ------------------------
@@ -523,25 +539,23 @@ def _build(path: Path, data: dict) -> Project:
 
     python = data.get("python", "3.11")
 
-    # cuda_libs
-    cuda_libs = None
-    if "cuda_libs" in data:
-        cl = data["cuda_libs"]
-        rel = compat.cuda(cl["cuda"])
-        if rel is None:
-            raise SpecError(file, "cuda_libs.cuda", f"unknown CUDA version {cl['cuda']!r}; "
-                            f"the compatibility data knows {compat.cuda_versions()}",
-                            "use one of them, or add the release to orchestrator/data/compat.yaml")
-        cuda_libs = CudaLibs(cl["cuda"], rel.tag, cl.get("revision", 1),
-                             tuple(cl["packages"]) if "packages" in cl else None)
+    # cuda_libs: optional; one image per CUDA line, tagged <line>-v<revision>
+    cl = data.get("cuda_libs") or {}
+    if "cuda" in cl and compat.cuda(cl["cuda"]) is None:
+        raise SpecError(file, "cuda_libs.cuda", f"unknown CUDA version {cl['cuda']!r}; "
+                        f"the compatibility data knows {compat.cuda_versions()}",
+                        "use one of them, or add the release to orchestrator/data/compat.yaml")
+    cuda_libs = CudaLibs(cl.get("revision", 1), tuple(cl["packages"]) if "packages" in cl else None, cl.get("cuda"))
 
     # backends
     backends: dict[str, Backend] = {}
     for name, b in data["backends"].items():
         key = f"backends.{name}"
-        if name not in KNOWN_BACKENDS:
-            raise SpecError(file, key, f"unknown backend {name!r}; expected one of {list(KNOWN_BACKENDS)}",
-                            "rename it to cuda or cpu")
+        # Names are free-form (cuda, cuda13, cpu, ...): a backend with `cuda:` is a CUDA line.
+        if not NAME_RE.match(name) or name in ("base", "cuda-libs"):
+            raise SpecError(file, key, f"backend name {name!r} must be lower-case letters, digits and . _ - "
+                            "(it becomes part of image tags), and not 'base' or 'cuda-libs'",
+                            "rename the backend, e.g. cuda, cuda13 or cpu")
         raw_torch = b.get("torch")
         if isinstance(raw_torch, dict):
             # Per-platform torch: e.g. the x86_64 CPU build is 2.13.0+cpu from a
@@ -569,9 +583,9 @@ def _build(path: Path, data: dict) -> Project:
         # The single value used for messages and cross-checks below.
         torch = next((t for t in torch_map.values() if t is not None), None) if isinstance(raw_torch, dict) else raw_torch
         cuda = b.get("cuda")
-        if name == "cuda":
-            if cuda is None:
-                raise SpecError(file, f"{key}.cuda", "is required for the cuda backend", "add `cuda: \"12.4\"`")
+        if name == "cuda" and cuda is None:
+            raise SpecError(file, f"{key}.cuda", "is required for the cuda backend", "add `cuda: \"12.4\"`")
+        if cuda is not None:
             if compat.cuda(cuda) is None:
                 raise SpecError(file, f"{key}.cuda", f"unknown CUDA version {cuda!r}; known: {compat.cuda_versions()}",
                                 "use one of them, or add the release to orchestrator/data/compat.yaml")
@@ -580,23 +594,11 @@ def _build(path: Path, data: dict) -> Project:
                                 f"torch {torch} is not built for CUDA {cuda}; with CUDA {cuda} use torch "
                                 f"{[t for t in compat.torch_versions() if compat.cuda_pins(t, cuda)] or 'none known'}",
                                 "pick a torch/CUDA pair from orchestrator/data/compat.yaml")
-            if cuda_libs is None:
-                raise SpecError(file, "cuda_libs", "is required when a cuda backend is defined",
-                                f"add `cuda_libs: {{cuda: \"{cuda}\", revision: 1}}`")
-            if cuda_libs.cuda != cuda:
+            if cuda_libs.cuda is not None and cuda_libs.cuda != cuda:
                 raise SpecError(file, f"{key}.cuda", f"CUDA {cuda} differs from cuda_libs.cuda {cuda_libs.cuda}",
-                                "one project ships one CUDA-libs image; make them agree")
-            if torch is not None and cuda_libs.packages is not None:
-                raise SpecError(file, "cuda_libs.packages",
-                                f"must not be set when backends.{name} has torch: the CUDA-libs set is derived from "
-                                f"torch {torch}'s pins for CUDA {cuda}", "remove the `packages:` key from cuda_libs")
-            if any(t is None for t in torch_map.values()) and cuda_libs.packages is None:
-                raise SpecError(file, "cuda_libs.packages", "is required when the cuda backend has no torch",
-                                "list the nvidia-*-cu12 wheels your services need")
-        elif cuda is not None:
-            raise SpecError(file, f"{key}.cuda", f"the {name} backend takes no CUDA version, found {cuda!r}",
-                            f"remove backends.{name}.cuda")
-        buildable = [p for p in compat.platforms() if p in compat.platforms_for(name, torch_map.get(p, torch), cuda)
+                                "remove cuda_libs.cuda: each backend's CUDA line gets its own CUDA-libs image")
+        kind = "cuda" if cuda is not None else "cpu"
+        buildable = [p for p in compat.platforms() if p in compat.platforms_for(kind, torch_map.get(p, torch), cuda)
                      and (not isinstance(raw_torch, dict) or p in raw_torch)]
         if "platforms" in b:
             bplats = tuple(b["platforms"])
@@ -622,26 +624,51 @@ def _build(path: Path, data: dict) -> Project:
         sources = Sources(b.get("index_url"), tuple(b.get("extra_index_urls", ())), tuple(b.get("find_links", ())))
         backends[name] = Backend(name, tuple((p, torch_map.get(p)) for p in bplats), cuda, sources, bplats)
 
-    # cuda_libs.packages must be a subset of what CUDA release pins
-    if cuda_libs is not None and cuda_libs.packages is not None:
+    # cuda_libs.packages: the wheels of each torch-less CUDA line; a list serves the one such line,
+    # a mapping {"12.4": [...], "13.0": [...]} several (the wheel names differ per line).
+    bare_lines = sorted({b.cuda for b in backends.values() if b.is_cuda and any(t is None for _, t in b.torch_by_platform)},
+                        key=Version)
+    raw_packages = cl.get("packages")
+    by_line: dict[str, list] = {}
+    if isinstance(raw_packages, dict):
+        by_line = {str(k): v for k, v in raw_packages.items()}
+        where = {line: f"cuda_libs.packages.{line}" for line in by_line}
+    elif raw_packages is not None:
+        if len(bare_lines) > 1:
+            raise SpecError(file, "cuda_libs.packages", f"one package list cannot serve CUDA lines {bare_lines}",
+                            "write a mapping, e.g. packages: {\"12.4\": [nvidia-cuda-runtime-cu12], "
+                            "\"13.0\": [nvidia-cuda-runtime]}")
+        by_line = {bare_lines[0] if bare_lines else "": raw_packages}
+        where = {line: "cuda_libs.packages" for line in by_line}
+    for line, pkgs in by_line.items():
+        if line not in bare_lines:
+            raise SpecError(file, where[line], "is only for CUDA backends without torch (with torch, the CUDA-libs "
+                            "set is derived from torch's pins)" + (f"; no torch-less backend uses CUDA {line}" if line else ""),
+                            "remove it, or set torch: null on a backend of that CUDA line")
         allowed: dict[str, str] = {}
         for t in compat.torch_versions():
-            allowed.update(compat.cuda_pins(t, cuda_libs.cuda) or {})
-        for i, req in enumerate(cuda_libs.packages):
+            allowed.update(compat.cuda_pins(t, line) or {})
+        for i, req in enumerate(pkgs):
             try:
                 parsed = Requirement(req)
             except InvalidRequirement:
-                raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a requirement such as "
+                raise SpecError(file, f"{where[line]}[{i}]", f"expected a requirement such as "
                                 f"'nvidia-cuda-runtime-cu12' or 'nvidia-cuda-runtime-cu12==12.4.127', found {req!r}",
                                 "write a wheel name, optionally ==version")  from None
             pname = canonicalize_name(parsed.name)
             if parsed.extras or parsed.marker or parsed.url:
-                raise SpecError(file, f"cuda_libs.packages[{i}]", f"expected a plain name or name==version, found {req!r}",
+                raise SpecError(file, f"{where[line]}[{i}]", f"expected a plain name or name==version, found {req!r}",
                                 "drop extras, markers and URLs, e.g. nvidia-cuda-runtime-cu12==12.4.127")
             if pname not in allowed:
-                raise SpecError(file, f"cuda_libs.packages[{i}]",
-                                f"{pname!r} is not a CUDA {cuda_libs.cuda} library wheel in the compatibility data",
+                raise SpecError(file, f"{where[line]}[{i}]",
+                                f"{pname!r} is not a CUDA {line} library wheel in the compatibility data",
                                 f"known: {sorted(allowed)}")
+    for line in bare_lines:
+        if line not in by_line:
+            names = [b.name for b in backends.values() if b.cuda == line]
+            raise SpecError(file, "cuda_libs.packages", f"is required when backends.{names[0]} (CUDA {line}) has no torch",
+                            "list the nvidia-* wheels your services need")
+    cuda_libs = CudaLibs(cuda_libs.revision, tuple((k, tuple(v)) for k, v in by_line.items()) or None, cuda_libs.cuda)
 
     # layers
     layers: dict[str, Path] = {}

@@ -22,7 +22,8 @@ def test_unknown_torch_cuda_pairs_have_no_pins(compat):
     assert compat.cuda_pins("2.5.1", "13.0") is None
     assert compat.cuda_pins("not-a-version", "12.4") is None
     assert compat.torch_cuda_versions("2.5.1") == ["12.4"]
-    assert compat.torch_cuda_versions("2.13.0") == []
+    assert compat.torch_cuda_versions("2.13.0") == ["13.0"]
+    assert compat.torch_cuda_versions("2.9.1") == []
 
 
 def test_cu124_release_facts(compat):
@@ -45,9 +46,53 @@ def test_nvidia_lib_dir_mapping(compat):
     assert compat.nvidia_lib_dir("numpy") is None
 
 
+def builds(compat):
+    """Every (torch, CUDA line) the table knows."""
+    return [(t, c) for t in compat.torch_versions() for c in compat.torch_cuda_versions(t)]
+
+
 def test_every_pinned_nvidia_wheel_has_a_lib_dir(compat):
-    pins = compat.cuda_pins("2.5.1", "12.4")
-    assert [n for n in pins if n.startswith("nvidia-") and compat.nvidia_lib_dir(n) is None] == []
+    for torch, cuda in builds(compat):
+        pins = compat.cuda_pins(torch, cuda)
+        assert [n for n in pins if n.startswith("nvidia-") and compat.nvidia_lib_dir(n) is None] == [], (torch, cuda)
+
+
+def test_two_cuda_lines_side_by_side(compat):
+    assert compat.cuda_versions() == ["12.4", "13.0"]  # oldest first, by version
+    assert compat.platforms_for("cuda", "2.13.0", "13.0") == ["linux/amd64", "linux/arm64"]
+    assert compat.cuda_pins("2.13.0", "13.0")["nvidia-cuda-runtime"] == "13.0.96"
+    rel = compat.cuda("13.0")
+    assert (rel.tag, rel.min_driver, rel.runtime_version) == ("cu130", "580.65.06", 13000)
+
+
+def test_every_build_carries_pins_platforms_and_a_measured_arch_list(compat):
+    import re
+
+    for torch, cuda in builds(compat):
+        assert compat.cuda_pins(torch, cuda), (torch, cuda)
+        assert set(compat.platforms_for("cuda", torch, cuda)) <= set(compat.platforms()), (torch, cuda)
+        archs = compat.archs(torch, cuda)
+        assert archs and all(re.fullmatch(r"(sm|compute)_\d+[a-z]?", a) for a in archs), (torch, cuda, archs)
+
+
+def test_cuda13_drops_gpus_below_turing(compat):
+    def cc(arch):
+        digits = arch.split("_")[1].rstrip("abcdefghijklmnopqrstuvwxyz")
+        return int(digits[:-1]), int(digits[-1])
+
+    assert min(cc(a) for a in compat.archs("2.13.0", "13.0")) >= (7, 5)
+    assert "sm_70" in compat.archs("2.5.1", "12.4")
+
+
+def test_newer_lines_need_newer_drivers_and_runtime_libs_are_pinned(compat):
+    from packaging.version import Version
+
+    lines = [compat.cuda(v) for v in compat.cuda_versions()]
+    drivers = [Version(r.min_driver) for r in lines]
+    assert drivers == sorted(drivers)
+    for torch, cuda in builds(compat):
+        lib_dir = compat.cuda(cuda).runtime_lib.rsplit("/", 1)[0]
+        assert any(compat.nvidia_lib_dir(n) == lib_dir for n in compat.cuda_pins(torch, cuda)), (torch, cuda)
 
 
 @pytest.mark.parametrize("name, expected", [

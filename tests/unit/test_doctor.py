@@ -69,17 +69,17 @@ def test_a_crashing_check_becomes_a_failed_finding():
 
 
 def test_disk_need_is_per_backend_and_platform(project):
-    total, how = doctor.disk_need_gb(project)  # mini: cuda on amd64, cpu on amd64 + arm64
-    assert total == 12 + 2 * 3
-    assert how == "cuda 12 GB x 1 platform + cpu 3 GB x 2 platforms"
+    total, how = doctor.disk_need_gb(project)  # mini: torch-less cuda13 on both, cuda on amd64, cpu on both
+    assert total == 2 * 1 + 1 * 1 + 2 * 3
+    assert how == "cuda13 1 GB x 2 platforms + cuda 1 GB x 1 platform + cpu 3 GB x 2 platforms"
 
 
 def test_disk_check_states_the_numbers(project, tmp_path):
     info = {"DockerRootDir": str(tmp_path)}
     [low] = doctor.check_disk(project, info, usage=lambda p: (0, 0, 5 * doctor.GB))
     assert not low.ok and low.required
-    assert f"5.0 GB free in {tmp_path}" in low.detail and "~18 GB" in low.detail
-    assert "13.0 GB more" in low.fix
+    assert f"5.0 GB free in {tmp_path}" in low.detail and "~9 GB" in low.detail
+    assert "4.0 GB more" in low.fix
     [enough] = doctor.check_disk(project, info, usage=lambda p: (0, 0, 40 * doctor.GB))
     assert enough.ok
 

@@ -75,7 +75,8 @@ def test_editing_a_layer_input_makes_that_lock_stale_for_every_backend(mini_copy
     (mini_copy / "requirements" / "shared.in").write_text("idna==3.9\n")
     stale = {str(s.path) for s in lock.check(spec.load(mini_copy / "project.yaml"))}
     # Layers above hash the pins below them, so `invoke lock` re-resolves them too.
-    assert stale == {"locks/cuda-amd64/shared.txt", "locks/cpu-amd64/shared.txt", "locks/cpu-arm64/shared.txt"}
+    assert stale == {"locks/cuda-amd64/shared.txt", "locks/cuda13-amd64/shared.txt", "locks/cuda13-arm64/shared.txt",
+                     "locks/cpu-amd64/shared.txt", "locks/cpu-arm64/shared.txt"}
 
 
 def test_a_hand_edited_lock_is_named_and_so_are_the_locks_above_it(mini_copy):
@@ -110,8 +111,12 @@ def test_plan_builds_cuda_libs_first_and_tags_each_image_by_content():
     project = spec.load(FIXTURES / "mini" / "project.yaml")
     plan = make_plan(project, load_all_locks(project))
     assert [(i.key, i.backend.name, i.arch) for i in plan.images] == [
+        ("cuda-libs", "cuda13", "amd64"), ("echo", "cuda13", "amd64"), ("cuda-libs", "cuda13", "arm64"),
+        ("echo", "cuda13", "arm64"),
         ("cuda-libs", "cuda", "amd64"), ("echo", "cuda", "amd64"), ("echo", "cpu", "amd64"), ("echo", "cpu", "arm64")]
-    libs, echo_cuda, echo_cpu, _ = plan.images
+    libs13 = plan.images[0]
+    assert libs13.human_tags == ("cu130-v1",) and dict(libs13.env)["CUDA_RUNTIME_LIB"] == "nvidia/cu13/lib/libcudart.so.13"
+    libs, echo_cuda, echo_cpu, _ = plan.images[4:]
     assert libs.human_tags == ("cu124-v1",) and libs.repository.endswith("/orch-mini/cuda-libs")
     assert echo_cuda.from_image == "cuda-libs" and echo_cpu.from_image == "base"
     assert echo_cuda.human_tags == ("0.1.0-cuda",)

@@ -31,8 +31,8 @@ def test_rendering_twice_gives_byte_identical_text(example):
 
 def test_one_dockerfile_per_image_and_backend(example):
     assert sorted(pipeline.rendered(example)) == [
-        "cuda-libs.cu124.Dockerfile", "stt.cpu.Dockerfile", "stt.cuda.Dockerfile",
-        "tts.cpu.Dockerfile", "tts.cuda.Dockerfile"]
+        "cuda-libs.cu124.Dockerfile", "cuda-libs.cu130.Dockerfile", "stt.cpu.Dockerfile", "stt.cuda.Dockerfile",
+        "stt.cuda13.Dockerfile", "tts.cpu.Dockerfile", "tts.cuda.Dockerfile", "tts.cuda13.Dockerfile"]
 
 
 def test_layers_are_ordered_from_rarest_to_most_frequent_change(example):

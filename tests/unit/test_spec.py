@@ -121,8 +121,16 @@ MALFORMED = [
     case("platform-twice", "platforms[1]", "'linux/amd64' is listed twice", "first at platforms[0]",
          edit=set_("platforms", [AMD, AMD])),
     # backends
-    case("unknown-backend-rocm", "backends.rocm", "unknown backend 'rocm'", "expected one of ['cuda', 'cpu']",
-         edit=set_("backends.rocm", {"torch": "2.5.1"})),
+    case("backend-name-upper-case", "backends.ROCm", "backend name 'ROCm' must be lower-case",
+         "it becomes part of image tags", edit=set_("backends.ROCm", {"torch": "2.5.1"})),
+    case("backend-named-cuda-libs", "backends.cuda-libs", "not 'base' or 'cuda-libs'",
+         edit=set_("backends.cuda-libs", {"torch": "2.5.1"})),
+    case("cuda-packages-for-a-line-without-torch-less-backend", "cuda_libs.packages.12.4",
+         "no torch-less backend uses CUDA 12.4",
+         edit=set_("cuda_libs.packages", {"12.4": ["nvidia-cuda-runtime-cu12"], "13.0": ["nvidia-cuda-runtime"]})),
+    case("cuda-packages-list-for-two-lines", "cuda_libs.packages", "one package list cannot serve CUDA lines",
+         edit=lambda d: d["backends"].update({"cuda": {"cuda": "12.4", "torch": None}, "cuda13": {"cuda": "13.0", "torch": None}})
+         or d.update({"cuda_libs": {"packages": ["nvidia-cuda-runtime-cu12"]}})),
     case("torch-cuda-pair-unknown", "backends.cuda.torch", "torch 2.13.0 is not built for CUDA 12.4",
          "use torch ['2.5.0', '2.5.1']", edit=set_("backends.cuda.torch", "2.13.0")),
     case("torch-not-in-compat", "backends.cuda.torch", "torch 9.9.9 is not in the compatibility data", "known:",
@@ -135,12 +143,8 @@ MALFORMED = [
          edit=both(set_("backends.cuda.cuda", "11.8"), set_("cuda_libs.cuda", "11.8"))),
     case("cuda-backend-without-cuda", "backends.cuda.cuda", "is required for the cuda backend",
          edit=drop("backends.cuda.cuda")),
-    case("cuda-backend-without-cuda-libs", "cuda_libs", "is required when a cuda backend is defined",
-         edit=drop("cuda_libs")),
     case("cuda-libs-disagrees", "backends.cuda.cuda", "CUDA 12.4 differs from cuda_libs.cuda 13.0",
          edit=set_("cuda_libs.cuda", "13.0")),
-    case("cpu-backend-with-cuda", "backends.cpu.cuda", "the cpu backend takes no CUDA version", "found '12.4'",
-         edit=set_("backends.cpu.cuda", "12.4")),
     case("cuda-on-arm64", "backends.cuda.platforms[1]", "cannot be built for linux/arm64",
          "lists wheels for ['linux/amd64'] only", "drop linux/arm64 from backends.cuda.platforms",
          edit=both(set_("platforms", [AMD, ARM]), set_("backends.cuda.platforms", [AMD, ARM]))),
@@ -149,12 +153,12 @@ MALFORMED = [
     case("backend-platform-not-in-project", "backends.cpu.platforms[0]", "'linux/arm64' is not one of the project's",
          edit=set_("backends.cpu.platforms", [ARM])),
     # cuda_libs.packages
-    case("cuda-libs-packages-with-torch", "cuda_libs.packages", "derived from torch 2.5.1's pins",
-         "remove the `packages:` key", edit=set_("cuda_libs.packages", ["nvidia-cudnn-cu12"])),
+    case("cuda-libs-packages-with-torch", "cuda_libs.packages", "is only for CUDA backends without torch",
+         "derived from torch's pins", edit=set_("cuda_libs.packages", ["nvidia-cudnn-cu12"])),
     case("cuda-libs-packages-unknown-wheel", "cuda_libs.packages[1]",
          "'nvidia-foo-cu12' is not a CUDA 12.4 library wheel", "nvidia-cudnn-cu12",
          edit=both(drop("backends.cuda.torch"), set_("cuda_libs.packages", ["nvidia-cudnn-cu12", "nvidia-foo-cu12"]))),
-    case("cuda-without-torch-needs-packages", "cuda_libs.packages", "is required when the cuda backend has no torch",
+    case("cuda-without-torch-needs-packages", "cuda_libs.packages", "is required when backends.cuda (CUDA 12.4) has no torch",
          edit=drop("backends.cuda.torch")),
     # layers
     case("unknown-layer-gpu", "layers.gpu", "unknown layer 'gpu'", "['shared']",
@@ -326,7 +330,8 @@ def test_minimal_project_loads_with_defaults(tmp_path, monkeypatch):
     assert p.name == "demo" and p.version == "0.1.0" and p.python == "3.11"
     assert p.registry == spec.DEFAULT_REGISTRY and p.root == tmp_path.resolve()
     assert p.base.image == spec.DEFAULT_BASE_IMAGE and p.base.suite == "bookworm"
-    assert p.cuda_libs == spec.CudaLibs("12.4", "cu124", 1, None)
+    assert p.cuda_libs == spec.CudaLibs(1, None, "12.4")
+    assert p.cuda_libs.tag("12.4") == "cu124-v1" and p.cuda_lines() == ["12.4"]
     assert p.layers == {"shared": (tmp_path / "requirements/shared.in").resolve()}
     tts = p.services["tts"]
     assert (tts.port, tts.version, tts.backends, tts.policy) == (8000, "0.1.0", ("cuda", "cpu"), "fallback")
@@ -354,20 +359,42 @@ def test_torch_can_differ_per_platform(tmp_path):
     assert p.backends["cpu"].torch_summary() == "2.13.0+cpu (linux/amd64), 2.9.1 (linux/arm64)"
 
 
+def test_cuda_libs_is_optional_and_each_cuda_line_gets_its_own_image(tmp_path):
+    p = spec.load(write_project(tmp_path, lambda d: (d.pop("cuda_libs"), d["backends"].update(
+        {"cuda13": {"cuda": "13.0", "torch": "2.13.0"}}))))
+    assert p.cuda_libs.revision == 1
+    assert p.cuda_lines() == ["13.0", "12.4"]  # newest first: the fallback order
+    assert [p.cuda_libs.tag(c) for c in p.cuda_lines()] == ["cu130-v1", "cu124-v1"]
+    assert p.backends["cuda13"].is_cuda and p.backends["cuda13"].platforms == (AMD,)
+
+
+def test_torch_less_cuda_lines_list_their_wheels_per_line(tmp_path):
+    def edit(d):
+        d["cuda_libs"] = {"packages": {"12.4": ["nvidia-cuda-runtime-cu12"], "13.0": ["nvidia-cuda-runtime"]}}
+        d["backends"] = {"cuda": {"cuda": "12.4", "torch": None}, "cuda13": {"cuda": "13.0", "torch": None},
+                         "cpu": {"torch": None}}
+    p = spec.load(write_project(tmp_path, edit))
+    assert p.cuda_libs.packages_for("13.0") == ("nvidia-cuda-runtime",)
+    assert p.cuda_libs.packages_for("12.4") == ("nvidia-cuda-runtime-cu12",)
+
+
 def test_cuda_backend_without_torch_lists_its_cuda_libs(tmp_path):
     p = spec.load(write_project(tmp_path, both(drop("backends.cuda.torch"),
                                                set_("cuda_libs.packages", ["nvidia-cublas-cu12==12.4.5.8"]))))
     assert p.backends["cuda"].torch_for(AMD) is None and p.backends["cuda"].platforms == (AMD,)
-    assert p.cuda_libs.packages == ("nvidia-cublas-cu12==12.4.5.8",)
+    assert p.cuda_libs.packages_for("12.4") == ("nvidia-cublas-cu12==12.4.5.8",)
 
 
 def test_example_project_at_repo_root_loads():
     p = spec.load(REPO / "project.yaml")
     assert set(p.services) == {"tts", "stt"}
-    assert set(p.backends) == {"cuda", "cpu"}
+    assert set(p.backends) == {"cuda13", "cuda", "cpu"}
     assert (p.backends["cuda"].torch_for("linux/amd64"), p.backends["cuda"].cuda) == ("2.5.1", "12.4")
+    # The CUDA 13 line runs the same torch as the amd64 CPU variant, on both architectures.
+    assert p.backends["cuda13"].torch_by_platform == (("linux/amd64", "2.13.0"), ("linux/arm64", "2.13.0"))
+    assert p.cuda_lines() == ["13.0", "12.4"]
     assert p.backends["cpu"].cuda is None and not p.backends["cpu"].is_cuda
-    assert p.cuda_libs.tag == "cu124"
+    assert p.cuda_libs.tag("12.4") == "cu124-v1"
 
 
 # --- ${VAR} expansion in sources ---------------------------------------------
