@@ -25,12 +25,13 @@ from . import image as image_mod
 from .errors import EnvironmentProblem, UserError
 from .files import atomic_write
 from .registry import EMPTY_JSON, OCI_EMPTY, OCI_MANIFEST, Registry, sha256_digest, split_ref
+from .select import check_schema_version
 from .spec import Project
 
 ARTIFACT_TYPE = "application/vnd.orchestrator.backends.v1+json"
+MANIFEST_SCHEMA_VERSION = 2  # 2: several CUDA lines per platform, each with driver and GPU-arch requirements
 SCHEMA_FILE = "manifests/backend-manifest.schema.json"  # a link to the packaged copy
 # Preference when a platform offers several backends: the default is the first.
-BACKEND_PREFERENCE = ("cuda", "cpu")
 
 
 @dataclass
@@ -48,12 +49,20 @@ def _schema() -> dict:
 
 
 def validate(manifest: dict, source: str) -> None:
+    check_schema_version(manifest, source)  # an old shape gets its own message, not a schema dump
     errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise UserError(f"{source}: backend manifest invalid at {where}: {e.message}",
                         f"it must match {SCHEMA_FILE}")
+
+
+def fallback_order(project: Project) -> list[str]:
+    """Newest CUDA line first, then older lines, then the CPU backends, as the project lists them."""
+    lines = project.cuda_lines()
+    cuda = sorted((b for b in project.backends.values() if b.is_cuda), key=lambda b: lines.index(b.cuda))
+    return [b.name for b in cuda] + [b.name for b in project.backends.values() if not b.is_cuda]
 
 
 def backend_manifest(project: Project, service: str, results: list, indexes: dict, smoke_ran: bool,
@@ -67,7 +76,7 @@ def backend_manifest(project: Project, service: str, results: list, indexes: dic
     by = {(r.image.key, r.image.backend.name, r.image.platform): r for r in results}
     platforms: dict[str, dict] = {}
     for platform in project.platforms:
-        here = [b for b in BACKEND_PREFERENCE if b in svc.backends and platform in project.backends[b].platforms]
+        here = [b for b in fallback_order(project) if b in svc.backends and platform in project.backends[b].platforms]
         if not here:
             continue
         entry = {"default": here[0], "fallback": here, "backends": {}}
@@ -82,10 +91,13 @@ def backend_manifest(project: Project, service: str, results: list, indexes: dic
             if backend.is_cuda:
                 libs = by[("cuda-libs", bname, platform)]
                 spec["requires"] = {"cuda": backend.cuda, "driver": ">=" + compat.cuda(backend.cuda).min_driver}
+                torch = backend.torch_for(platform)
+                if torch is not None:
+                    spec["requires"]["archs"] = list(compat.archs(torch, backend.cuda))
                 spec["cuda_libs"] = {"tag": libs.image.human_tags[0], "digest": libs.digest}
             entry["backends"][bname] = spec
         platforms[platform] = entry
-    manifest = {"schemaVersion": 1, "project": project.name, "service": service, "version": svc.version,
+    manifest = {"schemaVersion": MANIFEST_SCHEMA_VERSION, "project": project.name, "service": service, "version": svc.version,
                 "platforms": platforms, "smoke": {"ran": smoke_ran, "variants": smoked}}
     validate(manifest, f"backend manifest for {service}")
     return manifest

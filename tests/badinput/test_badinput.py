@@ -32,16 +32,27 @@ DIGEST = "sha256:" + "a" * 64
 
 
 def valid_manifest() -> dict:
+    """A schemaVersion 2 manifest: two CUDA lines (newest first) and cpu on amd64, cuda13 and cpu on arm64."""
     repo = "127.0.0.1:5000/orch-mini/echo"
+    archs13 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+    def cuda13():
+        return {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None,
+                "requires": {"cuda": "13.0", "driver": ">=580.65.06", "archs": list(archs13)},
+                "cuda_libs": {"tag": "cu130-v1", "digest": DIGEST}}
+
     return {
-        "schemaVersion": 1, "project": "orch-mini", "service": "echo", "version": "0.1.0",
+        "schemaVersion": 2, "project": "orch-mini", "service": "echo", "version": "0.1.0",
         "platforms": {
-            "linux/amd64": {"default": "cuda", "fallback": ["cuda", "cpu"], "backends": {
+            "linux/amd64": {"default": "cuda13", "fallback": ["cuda13", "cuda", "cpu"], "backends": {
+                "cuda13": cuda13(),
                 "cuda": {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None,
-                         "requires": {"cuda": "12.4", "driver": ">=525.60.13"},
+                         "requires": {"cuda": "12.4", "driver": ">=525.60.13",
+                                      "archs": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]},
                          "cuda_libs": {"tag": "cu124-v1", "digest": DIGEST}},
                 "cpu": {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None}}},
-            "linux/arm64": {"default": "cpu", "fallback": ["cpu"], "backends": {
+            "linux/arm64": {"default": "cuda13", "fallback": ["cuda13", "cpu"], "backends": {
+                "cuda13": cuda13(),
                 "cpu": {"image": f"{repo}@{DIGEST}", "size": 1, "torch": None}}},
         },
     }

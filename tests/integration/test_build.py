@@ -68,6 +68,16 @@ def test_the_cuda_image_loads_cudart_from_its_cuda_libs_layer(mini_project, firs
     assert "libcuda.so.1 not found" in out or '"usable": true' in out
 
 
+def test_the_cuda13_image_loads_cudart_13_from_its_own_cuda_libs_line(mini_project, first_build):
+    libs = first_build[("cuda-libs", "cuda13")]
+    assert libs.content_tag.startswith("cu130-")
+    out = engine.docker_client().containers.run(first_build[("echo", "cuda13")].ref, ["--probe"], remove=True).decode()
+    assert '"version": 13000' in out and "nvidia/cu13/lib/libcudart.so.13" in out
+    cfg = engine.docker_client().images.get(first_build[("echo", "cuda13")].ref).attrs["Config"]
+    env = dict(e.split("=", 1) for e in cfg["Env"])
+    assert (env["SERVICE_BACKEND"], env["SERVICE_BACKEND_KIND"], env["CUDA_VERSION"]) == ("cuda13", "cuda", "13.0")
+
+
 def test_images_carry_the_runtime_contract_labels_env_and_a_non_root_user(mini_project, first_build):
     client = engine.docker_client()
     image = client.images.pull(first_build[("echo", "cuda")].ref)

@@ -25,15 +25,34 @@ def published(mini_project, first_build):
     return publish.publish(mini_project, log=lambda *_: None)  # with the smoke gate, as users run it
 
 
-def test_the_registry_holds_a_cpu_index_for_both_platforms_and_a_cuda_index_for_amd64(mini_project, published):
+def index_platforms(reg, name, tag) -> list[str]:
+    m = reg.get_manifest(name, tag)
+    assert m.media_type == OCI_INDEX
+    return sorted(f"{d['platform']['os']}/{d['platform']['architecture']}" for d in m.json["manifests"])
+
+
+def test_the_registry_holds_an_index_per_backend_over_the_platforms_each_supports(mini_project, published):
     reg = Registry(mini_project.registry)
     name = f"{mini_project.name}/echo"
-    platforms = {}
-    for backend in ("cpu", "cuda"):
-        m = reg.get_manifest(name, f"0.1.0-{backend}")
-        assert m.media_type == OCI_INDEX
-        platforms[backend] = sorted(f"{d['platform']['os']}/{d['platform']['architecture']}" for d in m.json["manifests"])
-    assert platforms == {"cpu": ["linux/amd64", "linux/arm64"], "cuda": ["linux/amd64"]}
+    platforms = {b: index_platforms(reg, name, f"0.1.0-{b}") for b in ("cpu", "cuda", "cuda13")}
+    assert platforms == {"cpu": ["linux/amd64", "linux/arm64"], "cuda": ["linux/amd64"],
+                         "cuda13": ["linux/amd64", "linux/arm64"]}
+
+
+def test_each_cuda_line_has_its_own_cuda_libs_image_shared_as_one_blob(mini_project, published):
+    reg = Registry(mini_project.registry)
+    libs = f"{mini_project.name}/cuda-libs"
+    assert index_platforms(reg, libs, "cu124-v1") == ["linux/amd64"]
+    assert index_platforms(reg, libs, "cu130-v1") == ["linux/amd64", "linux/arm64"]
+    manifest = json.loads(published.manifests["echo"].read_text())
+    amd64 = manifest["platforms"]["linux/amd64"]["backends"]
+    for backend, tag in (("cuda", "cu124-v1"), ("cuda13", "cu130-v1")):
+        assert amd64[backend]["cuda_libs"]["tag"] == tag
+        libs_layers = [d["digest"] for d in reg.get_manifest(libs, amd64[backend]["cuda_libs"]["digest"]).json["layers"]]
+        repo, digest = amd64[backend]["image"].split("@")
+        echo_layers = [d["digest"] for d in reg.get_manifest(repo.split("/", 1)[1], digest).json["layers"]]
+        assert echo_layers[: len(libs_layers)] == libs_layers  # the service image stacks on the line's libs
+    assert amd64["cuda"]["cuda_libs"]["digest"] != amd64["cuda13"]["cuda_libs"]["digest"]
 
 
 def test_the_backend_manifest_is_an_artifact_naming_only_digests_that_exist(mini_project, published):
@@ -46,10 +65,13 @@ def test_the_backend_manifest_is_an_artifact_naming_only_digests_that_exist(mini
     on_disk = json.loads(published.manifests["echo"].read_text())
     assert manifest == on_disk
     amd64 = manifest["platforms"]["linux/amd64"]
-    assert amd64["default"] == "cuda" and amd64["fallback"] == ["cuda", "cpu"]
-    assert amd64["backends"]["cuda"]["requires"] == {"cuda": "12.4", "driver": ">=525.60.13"}
-    assert manifest["platforms"]["linux/arm64"]["fallback"] == ["cpu"]
-    assert manifest["smoke"] == {"ran": True, "variants": 3}
+    assert manifest["schemaVersion"] == 2
+    # Newest CUDA line first, then older lines, then cpu.
+    assert amd64["default"] == "cuda13" and amd64["fallback"] == ["cuda13", "cuda", "cpu"]
+    assert amd64["backends"]["cuda"]["requires"] == {"cuda": "12.4", "driver": ">=525.60.13"}  # no torch: no archs
+    assert amd64["backends"]["cuda13"]["requires"] == {"cuda": "13.0", "driver": ">=580.65.06"}
+    assert manifest["platforms"]["linux/arm64"]["fallback"] == ["cuda13", "cpu"]
+    assert manifest["smoke"] == {"ran": True, "variants": 5}
     for entry in manifest["platforms"].values():
         for spec in entry["backends"].values():
             for ref in (spec["image"], spec["index"]):
@@ -70,7 +92,8 @@ def test_select_on_this_gpu_less_host_picks_cpu_by_digest_and_says_why(mini_proj
     choice = select.select(manifest, probe.probe(tmp_path, machine="x86_64"))
     assert choice.backend == "cpu" and "@sha256:" in choice.image
     assert choice.image == manifest["platforms"]["linux/amd64"]["backends"]["cpu"]["image"]
-    assert choice.reasons[0].startswith("cuda: skipped, no NVIDIA driver")
+    assert choice.reasons[0].startswith("cuda13: skipped, no NVIDIA driver")
+    assert choice.reasons[1].startswith("cuda: skipped, no NVIDIA driver")
     arm = select.select(manifest, probe.probe(tmp_path, machine="aarch64"))
     assert arm.platform == "linux/arm64" and arm.backend == "cpu"
 
@@ -82,11 +105,12 @@ def test_run_starts_the_first_backend_this_host_can_serve(mini_project, publishe
     name = f"orch-test-run-{uuid.uuid4().hex[:6]}"
     try:
         result = launch.launch(manifest, "linux/amd64", 8080, name, log=lambda *_: None)
-        if smoke.host_has_gpu():  # the default, cuda, serves at once
-            assert [(a.backend, a.outcome) for a in result.attempts] == [("cuda", "serving")]
+        if smoke.host_has_gpu():  # the default, cuda13, serves at once
+            assert [(a.backend, a.outcome) for a in result.attempts] == [("cuda13", "serving")]
             return
-        first, second = result.attempts
-        assert (first.backend, first.outcome) == ("cuda", "exit 78")
+        first, older, second = result.attempts
+        assert (first.backend, first.outcome) == ("cuda13", "exit 78")
+        assert (older.backend, older.outcome) == ("cuda", "exit 78")
         assert "libcuda.so.1 not found" in first.detail
         assert (second.backend, second.outcome, result.backend) == ("cpu", "serving", "cpu")
         assert first.exit_code == 78
