@@ -45,7 +45,10 @@ def main() -> int:
         backend, platform = r.image.backend, r.image.platform
         ref = f"{r.image.repository}@{r.digest}"
         started = time.monotonic()
-        client.images.pull(ref, platform=platform)
+        repo, digest = ref.split("@")
+        # The low-level pull: docker-py's images.pull() looks the foreign-arch image up by digest afterwards,
+        # which Docker 20.10 does not answer.
+        client.api.pull(repo, tag=digest, platform=platform)
         out = client.containers.run(ref, ["-c", PROBE], entrypoint="python3", platform=platform,
                                     remove=True, stderr=False).decode().strip().splitlines()[-1]
         measured = json.loads(out)

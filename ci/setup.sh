@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 
 # Every package a code path calls. --no-install-recommends is deliberate, so
 # anything a tool only "recommends" but we need is listed by name: arch-test
-# (mmdebstrap's foreign-architecture check), nix-bin (the flake checks).
+# (mmdebstrap's foreign-architecture check), nix-bin (the flake checks),
+# gpgv + debian-archive-keyring (system_packages: the archive's InRelease
+# signature is checked before any index is trusted).
 packages=(python3 python3-venv python3-pip ca-certificates openssl docker.io docker-registry
-          mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin)
+          mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin gpgv debian-archive-keyring)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -4,6 +4,10 @@ Each candidate starts with BACKEND_POLICY=strict, so an image that cannot
 use its backend says why and exits 78 (EX_CONFIG) within seconds; the
 launcher then starts the next backend in the fallback list at once instead
 of waiting for a health timeout.
+
+A CUDA backend's container asks for GPUs the way this host provides them
+(gpu_request: NVIDIA runtime or CDI, respecting NVIDIA_VISIBLE_DEVICES);
+without that a GPU host's cuda image would find no libcuda and fall back.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import docker
 import requests
 
 from . import engine
+from . import gpu_request as gpu_mod
 from .errors import EnvironmentProblem, UserError
 from .select import walk_order
 
@@ -35,6 +40,7 @@ class Attempt:
     container_finished: float | None = None  # None while it runs
     exit_code: int | None = None
     serving_since: float | None = None  # epoch seconds of the first /health 200
+    gpu: str | None = None  # how a CUDA backend's container asked for GPUs (gpu_request description)
 
 
 @dataclass
@@ -94,8 +100,30 @@ def _last_line(container) -> str:
     return text.splitlines()[-1] if text else "(nothing on stderr)"
 
 
+def is_cuda_backend(spec: dict) -> bool:
+    """A backend manifest entry needs CUDA when its requires names a CUDA release (names are free-form)."""
+    return bool((spec.get("requires") or {}).get("cuda"))
+
+
+def gpu_start_error(text: str) -> bool:
+    """Did the engine refuse a container because of its GPU request (not a port or a missing image)?"""
+    text = text.lower()
+    return any(w in text for w in ("device driver", "nvidia", "cdi", "gpu"))
+
+
+def _remove(client, name: str) -> None:
+    try:
+        client.containers.get(name).remove(force=True)
+    except Exception:  # noqa: BLE001 - not there
+        pass
+
+
 def launch(manifest: dict, platform: str, port: int, name: str, override: str | None = None,
-           host_port: int = 0, timeout: float = 180.0, log=print) -> Launch:
+           host_port: int = 0, timeout: float = 180.0, log=print, environ=None) -> Launch:
+    """Start the first backend of the fallback list (or `override`) that serves /health.
+
+    environ: the caller's environment for the GPU choice (NVIDIA_VISIBLE_DEVICES, ...); os.environ by default.
+    """
     entry = manifest["platforms"].get(platform)
     if entry is None:
         raise EnvironmentProblem(f"the backend manifest has no images for {platform}")
@@ -104,22 +132,36 @@ def launch(manifest: dict, platform: str, port: int, name: str, override: str | 
                         "drop --backend to walk the fallback list")
     order = [override] if override else walk_order(entry)
     client = engine.docker_client()
-    try:  # a previous run of the same service: replace it
-        client.containers.get(name).remove(force=True)
-    except Exception:  # noqa: BLE001 - not there
-        pass
+    facts = None  # docker info once, and only when a CUDA backend is tried
     result = Launch(None, None, None)
     for backend in order:
-        image = entry["backends"][backend]["image"]
+        spec = entry["backends"][backend]
+        image = spec["image"]
+        cuda = is_cuda_backend(spec)
+        if cuda and facts is None:
+            facts = gpu_mod.host_facts(client.info(), environ)
+        gpu = gpu_mod.decide(facts, cuda)
         started = time.monotonic()
-        log(f"starting {backend}: {image}")
+        log(f"starting {backend}: {image}" + (f" ({gpu.description})" if cuda else ""))
+        _remove(client, name)  # a previous run of the service, or an attempt left behind
         try:
             container = client.containers.run(image, name=name, detach=True,
-                                               environment={"BACKEND_POLICY": "strict"},
-                                               ports={f"{port}/tcp": ("127.0.0.1", host_port or None)})
+                                               environment={"BACKEND_POLICY": "strict", **gpu.environment},
+                                               ports={f"{port}/tcp": ("127.0.0.1", host_port or None)},
+                                               **gpu.kwargs())
         except docker.errors.APIError as e:
-            raise EnvironmentProblem(f"could not start {image}: {e.explanation or e}",
-                                     "is the port in use, or the image missing from the registry?") from None
+            if (not gpu.requested or isinstance(e, docker.errors.NotFound)
+                    or not gpu_start_error(str(e.explanation or e))):
+                raise EnvironmentProblem(f"could not start {image}: {e.explanation or e}",
+                                         "is the port in use, or the image missing from the registry?") from None
+            # The engine could not attach the GPUs (driver gone, toolkit broken): the next backend may still serve.
+            _remove(client, name)
+            now = time.monotonic()
+            detail = f"the engine could not attach GPUs ({gpu.description}): {e.explanation or e}"
+            result.attempts.append(Attempt(backend, image, "failed", detail, started, now,
+                                           gpu=gpu.description if cuda else None))
+            log(f"  {backend}: failed ({detail})")
+            continue
         outcome = None
         code = serving_since = None
         while time.monotonic() - started < timeout:
@@ -156,7 +198,8 @@ def launch(manifest: dict, platform: str, port: int, name: str, override: str | 
         else:
             container_finished = None
         result.attempts.append(Attempt(backend, image, outcome[0], outcome[1], started, ended,
-                                       container_started, container_finished, code, serving_since))
+                                       container_started, container_finished, code, serving_since,
+                                       gpu.description if cuda else None))
         log(f"  {backend}: {outcome[0]} ({outcome[1]}) after {time.monotonic() - started:.1f} s")
         if outcome[0] == "serving":
             return result

@@ -3,9 +3,13 @@
 The manual checklist (torch.version.cuda, torch.cuda.is_available(), curl
 /health on every service) as code, with testcontainers: start the image,
 wait on /health, then check /ready, /info, torch inside the container, the
-CUDA-libs layer, the non-root user, labels and env defaults, and on a host
-without a GPU that a cuda image exits 78 under BACKEND_POLICY=strict and
-serves on CPU under fallback.
+CUDA-libs layer, the arch list torch was built for, the non-root user,
+labels and env defaults, and on a host without a GPU (or one this CUDA line
+cannot drive) that a cuda image exits 78 under BACKEND_POLICY=strict and
+serves on CPU under fallback, saying why in /info.
+
+A CUDA variant's container asks for GPUs the way this host provides them
+(gpu_request); backend names are free-form, Variant.cuda says what is CUDA.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import requests  # noqa: E402
 
 from . import compat as compat_mod  # noqa: E402
 from . import engine  # noqa: E402
+from . import gpu_request as gpu_mod  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .registry import Registry, docker_auth_config, split_ref  # noqa: E402
 from .spec import Project  # noqa: E402
@@ -29,6 +34,9 @@ from .spec import Project  # noqa: E402
 EX_CONFIG = 78
 TORCH_PROBE = ("import json, torch; print(json.dumps({'torch': torch.__version__, "
                "'cuda': torch.version.cuda, 'available': torch.cuda.is_available()}))")
+# What the build carries, GPU or not (torch.cuda.get_arch_list() is [] without a GPU).
+ARCH_PROBE = ("import json, torch; f = torch._C._cuda_getArchFlags(); "
+              "print(json.dumps({'archs': f.split() if f else []}))")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Variant:
     version: str
     torch: str | None  # expected torch.__version__, None if the image has no torch
     cuda: str | None  # expected torch.version.cuda / CUDA release, None for cpu
+    archs: tuple[str, ...] = ()  # expected torch arch list (compat data); () = take the image's CUDA_ARCHS
 
 
 @dataclass
@@ -100,8 +109,10 @@ def variants_from_builds(project: Project, results) -> list[Variant]:
         if r.image.kind != "service":
             continue
         svc, backend = r.image.service, r.image.backend
+        torch = backend.torch_for(r.image.platform)
+        archs = compat_mod.load().archs(torch, backend.cuda) if (torch and backend.cuda) else ()
         out.append(Variant(svc.name, backend.name, r.image.platform, f"{r.image.repository}@{r.digest}",
-                           svc.port, svc.version, backend.torch_for(r.image.platform), backend.cuda))
+                           svc.port, svc.version, torch, backend.cuda, tuple(archs)))
     return out
 
 
@@ -116,28 +127,41 @@ def same_torch(found: str | None, wanted: str) -> bool:
     return f == w if w.local else f.public == w.public
 
 
+def host_gpu_request(client=None) -> gpu_mod.GpuRequest:
+    """How this host's CUDA containers get GPUs (none when it cannot hand them any)."""
+    return gpu_mod.for_host(client or engine.docker_client())
+
+
 def host_has_gpu(client=None) -> bool:
-    """The engine can hand GPUs to containers (NVIDIA runtime or CDI) and the host has one."""
-    client = client or engine.docker_client()
-    runtimes = client.info().get("Runtimes", {})
-    return "nvidia" in runtimes and os.path.exists("/dev/nvidia0")
+    """The engine can hand GPUs to containers (NVIDIA runtime or CDI), the host has one, and the caller wants it."""
+    return host_gpu_request(client).requested
+
+
+def _native(variant: Variant) -> bool:
+    return variant.platform == f"linux/{engine._host_arch()}"
+
+
+def gpu_for(variant: Variant, gpu) -> gpu_mod.GpuRequest:
+    """The request a variant's container makes: gpu is a GpuRequest, or True (this host's) / False (none).
+
+    Only native CUDA variants get GPUs: an emulated arm64 container cannot use an amd64 host's driver.
+    """
+    if not variant.cuda or not _native(variant) or not gpu:
+        return gpu_mod.decide(None, cuda=False)
+    return gpu if isinstance(gpu, gpu_mod.GpuRequest) else host_gpu_request()
 
 
 # --- checking one variant (effects: containers) -------------------------
 
-def _container(variant: Variant, env: dict[str, str], gpu: bool):
+def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest):
     from testcontainers.core.container import DockerContainer
 
     c = DockerContainer(variant.image).with_exposed_ports(variant.port)
-    for k, v in env.items():
+    for k, v in {**env, **gpu.environment}.items():
         c = c.with_env(k, v)
-    if variant.platform != f"linux/{engine._host_arch()}":
-        c = c.with_kwargs(platform=variant.platform)
-    if gpu and variant.cuda:
-        import docker
-
-        c = c.with_kwargs(device_requests=[docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])])
-    return c
+    # One with_kwargs call: testcontainers keeps only the last one's arguments.
+    kwargs = {**({} if _native(variant) else {"platform": variant.platform}), **gpu.kwargs()}
+    return c.with_kwargs(**kwargs) if kwargs else c
 
 
 def _logs_tail(container, lines: int = 15) -> str:
@@ -169,7 +193,8 @@ def _exec_json(container, code: str, timeout: float = EXEC_TIMEOUT) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _check_image_config(variant: Variant, result: VariantResult) -> None:
+def _check_image_config(variant: Variant, result: VariantResult) -> dict[str, str]:
+    """Labels, env defaults and user from the image config; returns the image's env."""
     attrs = engine.docker_client().images.get(variant.image).attrs["Config"]
     env = dict(e.split("=", 1) for e in attrs.get("Env") or [])
     labels = attrs.get("Labels") or {}
@@ -182,11 +207,13 @@ def _check_image_config(variant: Variant, result: VariantResult) -> None:
     bad = {k: labels.get(k) for k, v in want_labels.items() if labels.get(k) != v}
     result.checks.append(Check("labels", not bad, f"wrong or missing: {bad}" if bad else "backend, service, version"
                                + (", cuda" if variant.cuda else "")))
-    want_env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    want_env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+                "SERVICE_BACKEND_KIND": "cuda" if variant.cuda else "cpu"}
     if variant.cuda:
         want_env.update({"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"})
     bad = {k: env.get(k) for k, v in want_env.items() if env.get(k) != v}
     result.checks.append(Check("env defaults", not bad, f"wrong or missing: {bad}" if bad else ", ".join(want_env)))
+    return env
 
 
 def _engine_times(container) -> str:
@@ -279,13 +306,15 @@ def _wait_ready(base: str, timeout: float) -> tuple[bool, str]:
     return False, f"/ready did not turn 200 within {timeout:.0f} s (last answer: {last})"
 
 
-def check_variant(variant: Variant, gpu: bool, ready_timeout: float = READY_TIMEOUT,
+def check_variant(variant: Variant, gpu, ready_timeout: float = READY_TIMEOUT,
                   start_timeout: float | None = None, env: dict[str, str] | None = None,
                   exec_timeout: float = EXEC_TIMEOUT, strict_timeout: float = STRICT_EXIT_TIMEOUT) -> VariantResult:
+    """Start the variant and check it. gpu: this host's GpuRequest, or True/False (see gpu_for)."""
     result = VariantResult(variant)
     started = time.monotonic()
+    request = gpu_for(variant, gpu)
     if start_timeout is None:  # an emulated platform (QEMU) starts several times slower
-        start_timeout = START_TIMEOUT if variant.platform == f"linux/{engine._host_arch()}" else 3 * START_TIMEOUT
+        start_timeout = START_TIMEOUT if _native(variant) else 3 * START_TIMEOUT
     client = engine.docker_client()
     try:
         client.images.get(variant.image)
@@ -298,14 +327,16 @@ def check_variant(variant: Variant, gpu: bool, ready_timeout: float = READY_TIME
             result.checks.append(Check("pull", False, f"cannot pull {variant.image}: {str(e)[:200]}"))
             result.seconds = time.monotonic() - started
             return result
-    _check_image_config(variant, result)
-    container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, gpu)
+    image_env = _check_image_config(variant, result)
+    # Whether it should serve on CUDA: a GPU was handed over, unless /info shows this host cannot run the line.
+    serves_cuda = request.requested
+    container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, request)
     try:
         try:
             container.start()  # no wait strategy: _wait_health watches the container itself
         except Exception as e:  # noqa: BLE001 - the engine refused to start it
-            result.checks.append(Check("/health", False, f"container did not start: {str(e).splitlines()[0][:200]}",
-                                       start_timeout))
+            result.checks.append(Check("/health", False, f"container did not start: {str(e).splitlines()[0][:200]}"
+                                       + (f" ({request.description})" if request.requested else ""), start_timeout))
             result.logs = _logs_tail(container)
             return result
         ok, detail, base = _wait_health(container, variant.port, start_timeout)
@@ -323,8 +354,9 @@ def check_variant(variant: Variant, gpu: bool, ready_timeout: float = READY_TIME
             except (requests.RequestException, ValueError) as e:
                 result.checks.append(Check("/info", False, f"no JSON from /info: {e}", 10))
             else:
-                _check_info(variant, gpu, info, result)
-        _check_inside(variant, gpu, container, result, exec_timeout)
+                serves_cuda, why = expected_cuda(variant, request, info)
+                _check_info(variant, serves_cuda, info, result, why)
+        _check_inside(variant, serves_cuda, container, result, exec_timeout, image_env)
         if not result.ok:
             result.logs = _logs_tail(container)
     finally:
@@ -333,13 +365,43 @@ def check_variant(variant: Variant, gpu: bool, ready_timeout: float = READY_TIME
         except Exception:  # noqa: BLE001 - already gone
             pass
         result.seconds = time.monotonic() - started
-    if variant.cuda and not gpu:
-        result.checks.append(_check_strict_exit(variant, strict_timeout))
+    if variant.cuda and not serves_cuda:
+        # With the same GPU request: a GPU this line cannot drive must also exit 78, not only a missing one.
+        result.checks.append(_check_strict_exit(variant, strict_timeout, request))
     result.seconds = time.monotonic() - started
     return result
 
 
-def _check_info(variant: Variant, gpu: bool, info: dict, result: VariantResult) -> None:
+def expected_cuda(variant: Variant, request: gpu_mod.GpuRequest, info: dict) -> tuple[bool, str]:
+    """Should this variant serve on CUDA, given its GPU request and the GPUs /info's probe saw? -> (yes, why not).
+
+    Judged from the compat data (arch list, minimum driver), not from the
+    entrypoint's own verdict: a GPU host that this line cannot drive (an
+    sm_120 card for a 12.4 build, a driver older than the line needs) must
+    fall back, any other must serve on CUDA.
+    """
+    from .runtime import entrypoint as ep
+
+    if not variant.cuda:
+        return False, "cpu backend"
+    if not request.requested:
+        return False, "no GPU handed to the container"
+    probe = info.get("cuda_probe") or {}
+    archs = list(variant.archs) or list(probe.get("archs") or [])
+    for g in probe.get("gpus") or []:
+        cc = ep.parse_cc(g.get("cc"))
+        if archs and cc and not ep.cc_supported(archs, cc):
+            gpu = f"GPU {g.get('index')} ({g.get('name')})"
+            return False, f"{gpu} is {g.get('arch')}, not in {ep.describe_archs(archs)}"
+    release = compat_mod.load().cuda(variant.cuda)
+    have = probe.get("driver_version")
+    if release and have and ep._version_tuple(have) < ep._version_tuple(release.min_driver):
+        return False, f"driver {have} < {release.min_driver} (CUDA {variant.cuda})"
+    return True, ""
+
+
+def _check_info(variant: Variant, gpu: bool, info: dict, result: VariantResult, why: str = "") -> None:
+    """gpu: the variant should serve on CUDA here; why: the reason it should not (for the detail)."""
     want = {"backend_requested": variant.backend,
             "backend_effective": "cuda" if (variant.cuda and gpu) else "cpu",
             "version": variant.version,
@@ -350,14 +412,42 @@ def _check_info(variant: Variant, gpu: bool, info: dict, result: VariantResult) 
     bad = {k: info.get(k) for k, v in want.items() if info.get(k) != v}
     if variant.torch is not None and not same_torch(info.get("torch"), variant.torch):
         bad["torch"] = info.get("torch")
+    # A fallback must say why (item 7); serving as asked has nothing to explain.
+    falls_back = bool(variant.cuda) and not gpu
+    reason = info.get("backend_reason")
+    if falls_back != bool(reason):
+        bad["backend_reason"] = reason
     detail = ", ".join(f"{k}={info.get(k)!r}" for k in ("backend_effective", "torch", "torch_cuda", "cuda_available"))
+    if falls_back:
+        detail += f", backend_reason={reason!r}" + (f" (expected: {why})" if why else "")
     if bad or missing:
         detail = f"expected {want}, wrong: {bad}" + (f", missing: {missing}" if missing else "")
     result.checks.append(Check("/info", not bad and not missing, detail))
 
 
+def arch_list_check(variant: Variant, found: list[str], image_env: dict[str, str]) -> Check:
+    """torch's arch list in the image against the compat data (Variant.archs) and the image's CUDA_ARCHS."""
+    from .runtime import entrypoint as ep
+
+    env_archs = ep.parse_archs(image_env.get("CUDA_ARCHS", ""))
+    got = set(found)
+    problems = []
+    if not got:
+        problems.append("torch reports no CUDA arch (a CPU build of torch in a CUDA image?)")
+    if variant.archs and got != set(variant.archs):
+        problems.append(f"compat data says {' '.join(variant.archs)}")
+    if got != set(env_archs):
+        # The entrypoint judges GPUs by CUDA_ARCHS: a wrong one refuses good GPUs or accepts bad ones.
+        problems.append(f"the image's CUDA_ARCHS says {' '.join(env_archs) or '(unset)'}")
+    shown = " ".join(found) or "(none)"
+    if problems:
+        return Check("torch arch list", False, f"torch has {shown}; " + "; ".join(problems))
+    source = "compat data and CUDA_ARCHS" if variant.archs else "CUDA_ARCHS"
+    return Check("torch arch list", True, f"{shown} (matches {source})")
+
+
 def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
-                  timeout: float = EXEC_TIMEOUT) -> None:
+                  timeout: float = EXEC_TIMEOUT, image_env: dict[str, str] | None = None) -> None:
     if variant.torch is not None:
         try:
             t = _exec_json(container, TORCH_PROBE, timeout)
@@ -369,6 +459,17 @@ def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
             result.checks.append(Check("torch in container", False, f"timed out: {e}", timeout))
         except Exception as e:  # noqa: BLE001
             result.checks.append(Check("torch in container", False, f"import failed: {e}", timeout))
+        if variant.cuda:
+            try:
+                found = _exec_json(container, ARCH_PROBE, timeout)["archs"]
+                check = arch_list_check(variant, found, image_env or {})
+                check.timeout = timeout
+                result.checks.append(check)
+            except TimeoutError as e:
+                result.checks.append(Check("torch arch list", False, f"timed out: {e}", timeout))
+            except Exception as e:  # noqa: BLE001
+                result.checks.append(Check("torch arch list", False, f"torch._C._cuda_getArchFlags() failed: {e}",
+                                           timeout))
     try:
         _, uid = _exec(container, ["python3", "-c", "import os; print(os.getuid())"], timeout)
         uid = uid.strip()
@@ -381,31 +482,47 @@ def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
         except TimeoutError as e:
             result.checks.append(Check("cuda-libs layer", False, f"probe timed out: {e}", timeout))
             return
-        try:
-            data = json.loads(out)
-            runtime = data.get("runtime", {})
-            want = compat_mod.load().cuda(variant.cuda).runtime_version
-            ok = runtime.get("version") == want
-            detail = (f"libcudart {runtime.get('version')} from the CUDA-libs layer" if ok else
-                      f"CUDA-libs layer broken: {runtime.get('error') or runtime.get('version')} (expected {want})")
-        except ValueError:
-            ok, detail = False, f"probe failed: {out[-200:]}"
-        result.checks.append(Check("cuda-libs layer", ok, detail, timeout))
+        result.checks.append(cuda_libs_check(variant, out, timeout))
 
 
-def _check_strict_exit(variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT) -> Check:
-    """Without a GPU, BACKEND_POLICY=strict must exit 78 at once with one line on stderr."""
+def cuda_libs_check(variant: Variant, probe_out: str, timeout: float | None = None) -> Check:
+    """The entrypoint's --probe output: libcudart (at CUDA_RUNTIME_LIB) loads and is the line's runtime version."""
+    release = compat_mod.load().cuda(variant.cuda)
+    if release is None:
+        return Check("cuda-libs layer", False, f"CUDA {variant.cuda} is not in the compatibility data", timeout)
+    try:
+        data = json.loads(probe_out)
+    except ValueError:
+        return Check("cuda-libs layer", False, f"probe failed: {probe_out[-200:]}", timeout)
+    runtime = data.get("runtime") or {}
+    want = release.runtime_version
+    ok = runtime.get("version") == want
+    path = runtime.get("path") or release.runtime_lib
+    detail = (f"libcudart {runtime.get('version')} from the CUDA-libs layer ({path})" if ok else
+              f"CUDA-libs layer broken: {runtime.get('error') or runtime.get('version')} "
+              f"(expected CUDA runtime {want} at {path})")
+    return Check("cuda-libs layer", ok, detail, timeout)
+
+
+def _check_strict_exit(variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT,
+                       gpu: gpu_mod.GpuRequest | None = None) -> Check:
+    """BACKEND_POLICY=strict where the variant cannot use CUDA must exit 78 at once with one line on stderr.
+
+    gpu: the request the variant's containers make here (none on a GPU-less host).
+    """
+    gpu = gpu or gpu_mod.decide(None, cuda=False)
     client = engine.docker_client()
-    kwargs = {"platform": variant.platform} if variant.platform != f"linux/{engine._host_arch()}" else {}
+    kwargs = {} if _native(variant) else {"platform": variant.platform}
     started = time.monotonic()
-    container = client.containers.run(variant.image, environment={"BACKEND_POLICY": "strict"}, detach=True, **kwargs)
+    container = client.containers.run(variant.image, environment={"BACKEND_POLICY": "strict", **gpu.environment},
+                                      detach=True, **kwargs, **gpu.kwargs())
     try:
         code = container.wait(timeout=timeout)["StatusCode"]
         elapsed = time.monotonic() - started
         err = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()
     except requests.RequestException:
         return Check("strict exits 78", False, f"still running after {timeout:.0f} s with BACKEND_POLICY=strict "
-                     "on a host without a GPU", timeout)
+                     "where this line cannot use CUDA", timeout)
     finally:
         container.remove(force=True)
     lines = err.splitlines()
@@ -416,8 +533,8 @@ def _check_strict_exit(variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT) -
 
 def run(project: Project, services=None, backends=None, platforms=None, log=print,
         ready_timeout: float = 180.0, chosen: list[Variant] | None = None) -> list[VariantResult]:
-    gpu = host_has_gpu()
-    log(f"host GPU for containers: {'yes' if gpu else 'no (cuda images must fall back to CPU)'}")
+    gpu = host_gpu_request()
+    log(f"host GPU for containers: {gpu.description}")
     results = []
     if chosen is None:
         chosen = variants(project, services, backends, platforms)

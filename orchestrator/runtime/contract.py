@@ -2,17 +2,48 @@
 
   GET /health  200 while the process lives (liveness)
   GET /ready   503 until the model is loaded, then 200 (readiness)
-  GET /info    JSON: service, version, backend_requested, backend_effective,
-               torch, torch_cuda (torch.version.cuda), cuda_available,
-               devices [{name, memory_total, memory_allocated}], ready
+  GET /info    JSON: service, version, backend_requested, backend_kind,
+               backend_effective, backend_reason (why not the requested
+               backend, or null), cuda_probe (what the entrypoint found:
+               usable, reason, runtime_version, driver_version,
+               cuda_driver_api, gpus [{index, name, cc, arch}], archs; null
+               for a cpu image), torch, torch_cuda (torch.version.cuda),
+               cuda_available, devices [{name, memory_total,
+               memory_allocated}], ready
 
 A service of your own can follow it without this module: it only reads the
-environment the entrypoint sets (SERVICE_*, BACKEND_EFFECTIVE).
+environment the entrypoint sets (SERVICE_*, BACKEND_EFFECTIVE,
+BACKEND_REASON, CUDA_PROBE).
 """
 
+import json
 import os
 import threading
 import time
+
+
+def _read_probe(text):
+    """CUDA_PROBE as a dict; None when unset or not JSON (a service started without the entrypoint)."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def probe_summary(probe):
+    """The part of the entrypoint's probe worth showing in /info (no library paths or raw errors)."""
+    if not probe:
+        return None
+    runtime = probe.get("runtime") or {}
+    driver = probe.get("driver") or {}
+    return {"usable": bool(probe.get("usable")), "reason": probe.get("reason"),
+            "runtime_version": runtime.get("version"), "driver_version": driver.get("driver_version"),
+            "cuda_driver_api": driver.get("cuda_driver_api"),
+            "gpus": [{k: d.get(k) for k in ("index", "name", "cc", "arch")} for d in driver.get("devices") or []],
+            "archs": probe.get("archs") or []}
 
 
 class Contract:
@@ -20,7 +51,11 @@ class Contract:
         self.name = name or os.environ.get("SERVICE_NAME", "service")
         self.version = os.environ.get("SERVICE_VERSION", "0")
         self.requested = os.environ.get("SERVICE_BACKEND", "cpu")
+        self.kind = os.environ.get("SERVICE_BACKEND_KIND") or ("cuda" if self.requested == "cuda" else "cpu")
         self.effective = os.environ.get("BACKEND_EFFECTIVE", "cpu")
+        self.probe = _read_probe(os.environ.get("CUDA_PROBE"))
+        self.reason = os.environ.get("BACKEND_REASON") or (
+            self.probe.get("reason") if self.probe and not self.probe.get("usable") else None)
         self.ready = threading.Event()
         self.started = time.time()
         self.model_info = {}
@@ -58,7 +93,8 @@ class Contract:
 
     def info(self):
         out = {"service": self.name, "version": self.version, "backend_requested": self.requested,
-               "backend_effective": self.effective, "ready": self.ready.is_set(),
+               "backend_kind": self.kind, "backend_effective": self.effective, "backend_reason": self.reason,
+               "cuda_probe": probe_summary(self.probe), "ready": self.ready.is_set(),
                "uptime_s": round(time.time() - self.started, 1), "model": self.model_info,
                "torch": None, "torch_cuda": None, "cuda_available": False, "devices": []}
         try:

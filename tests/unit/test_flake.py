@@ -44,6 +44,7 @@ SHELL_COMMANDS = {
     "update-binfmts": "engine.up registers QEMU with binfmt_misc",
     "mount": "engine.up mounts binfmt_misc when it is not mounted",
     "pkill": "engine.down stops the registry it started",
+    "gpgv": "system packages: the Debian archive's InRelease signature (orchestrator/apt.py)",
     "hadolint": "tests: lint of the generated Dockerfiles",
     "skopeo": "inspecting and copying images in a registry by hand",
 }
@@ -96,6 +97,7 @@ let
     util-linux = pkg "util-linux" [ "mount" "umount" ];
     procps = pkg "procps" [ "pkill" "ps" ];
     hadolint = pkg "hadolint" [ "hadolint" ];
+    gnupg = pkg "gnupg" [ "gpg" "gpgv" ];
     dpkg = pkg "dpkg" [ "dpkg" "dpkg-deb" ];
     perl = pkg "perl" [ "perl" ];
     bash = pkg "bash" [ "bash" ];
