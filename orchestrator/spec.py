@@ -42,6 +42,9 @@ PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 PYTHON_TAG_RE = re.compile(r"^(\d+)\.(\d+)(?:$|[.-])")
+# Debian policy 5.6.1 (package names) and 5.6.12 (versions: [epoch:]upstream[-revision]).
+DEB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+DEB_VERSION_RE = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~-]*$")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Service:
     version: str
     backends: tuple[str, ...]
     policy: str = "fallback"
+    system_packages: tuple[str, ...] = ()  # Debian packages of this service only (name or name=version)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class Project:
     layers: dict[str, Path]
     services: dict[str, Service] = field(default_factory=dict)
     compression: str = "gzip"  # gzip | zstd (see orchestrator/layers.py)
+    system_packages: tuple[str, ...] = ()  # Debian packages every service gets (name or name=version)
+    # Python packages that may come from a source distribution: False (none), True (any), or names.
+    allow_sdist: bool | tuple[str, ...] = False
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
@@ -229,6 +236,13 @@ PATTERN_HINTS = {
 }
 
 
+# Keys that take one of several shapes: (what is expected, the fix).
+ONE_OF = {
+    "allow_sdist": ("false, true or a list of Python package names",
+                    "write allow_sdist: false (refuse source-only packages), true, or [name, ...]"),
+}
+
+
 def _schema_hint(err: jsonschema.ValidationError) -> str:
     path = [p for p in err.absolute_path if not isinstance(p, int)]
     last = str(path[-1]) if path else ""
@@ -286,6 +300,9 @@ def _schema_error_bare(file: str, err: jsonschema.ValidationError) -> SpecError:
         return SpecError(file, key, f"expected at least one entry, found an empty {empty}")
     if v in ("minimum", "maximum"):
         return SpecError(file, key, f"expected {v} {err.validator_value}, found {err.instance}")
+    if v == "oneOf" and key in ONE_OF:
+        want, fix = ONE_OF[key]
+        return SpecError(file, key, f"expected {want}, found {_describe(err.instance)}", fix)
     return SpecError(file, key, err.message)
 
 
@@ -492,6 +509,52 @@ def load(path: str | os.PathLike) -> Project:
     return _build(path, data)
 
 
+def system_packages(file: str, key: str, entries: list, below: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Debian package requests as written (`ffmpeg`, `libsndfile1=1.2.0-1`), checked for syntax only.
+
+    below: what the project level already installs for every service (a
+    service repeating it is refused: it would be locked and shipped twice).
+    Whether a name exists is known only against the archive, at `invoke lock`.
+    """
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        name, sep, version = entry.partition("=")
+        k = f"{key}[{i}]"
+        if not DEB_NAME_RE.match(name):
+            lower = name.strip().lower().replace("_", "-")
+            fix = (f"write {lower!r}" if lower != name and DEB_NAME_RE.match(lower) else
+                   "use the binary package name as `apt-get install` takes it, e.g. ffmpeg or libsndfile1")
+            raise SpecError(file, k, f"{entry!r} is not a Debian package name (lower-case letters, digits and "
+                            "+ - ., at least two characters, starting with a letter or digit)", fix)
+        if sep and not DEB_VERSION_RE.match(version):
+            raise SpecError(file, k, f"{version!r} is not a Debian version (expected [epoch:]upstream[-revision], "
+                            "e.g. 7:5.1.6-0+deb12u1)", f"write {name}=<version as `apt-cache policy {name}` shows it>, "
+                            f"or just {name}")
+        if name in seen:
+            raise SpecError(file, k, f"{name!r} is listed twice (first at {key}[{seen[name]}])", "list each package once")
+        seen[name] = i
+        if name in below:
+            raise SpecError(file, k, f"{name!r} is already in the project-level system_packages, which every "
+                            "service gets", f"remove it from {key}")
+    return tuple(entries)
+
+
+def _allow_sdist(file: str, value) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    names = []
+    for i, entry in enumerate(value):
+        try:
+            req = Requirement(entry)
+        except InvalidRequirement:
+            req = None
+        if req is None or str(req) != req.name:
+            raise SpecError(file, f"allow_sdist[{i}]", f"expected a Python package name, found {entry!r}",
+                            "list names only (no versions or extras), e.g. allow_sdist: [openai-whisper]")
+        names.append(canonicalize_name(req.name))
+    return tuple(sorted(set(names)))
+
+
 def _check_python(file: str, python: str, base: Base, suite_given: bool, compat) -> None:
     """The locks are resolved for `python`; the base's interpreter must be that version."""
     debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
@@ -680,6 +743,8 @@ def _build(path: Path, data: dict) -> Project:
         layers[name] = _expect_file(file, f"layers.{name}.requirements", root, layer["requirements"], "requirements file")
         check_requirements_file(file, f"layers.{name}.requirements", layers[name])
 
+    project_system = system_packages(file, "system_packages", data.get("system_packages", []))
+
     # services
     services: dict[str, Service] = {}
     default_version = data.get("version", "0.1.0")
@@ -703,7 +768,9 @@ def _build(path: Path, data: dict) -> Project:
                 raise SpecError(file, f"{key}.backends[{i}]", f"unknown backend {b!r}; this project defines {list(backends)}",
                                 f"use one of {list(backends)}, or define backends.{b}")
         services[name] = Service(name, spath, req, tuple(s["command"]), s.get("port", 8000),
-                                 s.get("version", default_version), sb, s.get("policy", "fallback"))
+                                 s.get("version", default_version), sb, s.get("policy", "fallback"),
+                                 system_packages(file, f"{key}.system_packages", s.get("system_packages", []),
+                                                 tuple(p.partition("=")[0] for p in project_system)))
 
     bdata = data.get("base") or {}
     boot = bdata.get("bootstrap") or {}
@@ -723,4 +790,5 @@ def _build(path: Path, data: dict) -> Project:
                         f"registry: {why}", ("fix $ORCH_REGISTRY: " if from_env else "")
                         + "write host[:port][/path], e.g. 127.0.0.1:5000 or ghcr.io/acme")
     return Project(path.resolve(), root, data["project"], default_version, registry, python,
-                   platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"))
+                   platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"),
+                   project_system, _allow_sdist(file, data.get("allow_sdist", False)))

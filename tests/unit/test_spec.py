@@ -193,6 +193,25 @@ MALFORMED = [
          edit=set_("base.image", "python:3.12-slim-bookworm")),
     case("unknown-suite", "base.bootstrap.suite", "unknown Debian suite 'sid'",
          edit=set_("base.bootstrap.suite", "sid")),
+    # system packages: Debian names and versions (whether they exist is known at `invoke lock`)
+    case("system-package-upper-case", "system_packages[1]", "'FFmpeg' is not a Debian package name", "write 'ffmpeg'",
+         edit=set_("system_packages", ["sox", "FFmpeg"])),
+    case("system-package-shell", "services.stt.system_packages[0]", "'ffmpeg; rm -rf /' is not a Debian package name",
+         edit=set_("services.stt.system_packages", ["ffmpeg; rm -rf /"])),
+    case("system-package-bad-version", "system_packages[0]", "'latest' is not a Debian version",
+         "ffmpeg=<version as `apt-cache policy ffmpeg` shows it>", edit=set_("system_packages", ["ffmpeg=latest"])),
+    case("system-package-twice", "services.stt.system_packages[1]", "'sox' is listed twice",
+         edit=set_("services.stt.system_packages", ["sox", "sox=14.4.2+git20190427-3.1"])),
+    case("system-package-also-project-level", "services.stt.system_packages[0]",
+         "'ffmpeg' is already in the project-level system_packages", "remove it from services.stt.system_packages",
+         edit=both(set_("system_packages", ["ffmpeg"]), set_("services.stt.system_packages", ["ffmpeg"]))),
+    case("system-packages-not-a-list", "system_packages", "expected array", "found str 'ffmpeg'",
+         edit=set_("system_packages", "ffmpeg")),
+    # allow_sdist: false, true or names
+    case("allow-sdist-with-version", "allow_sdist[0]", "expected a Python package name, found 'openai-whisper==1'",
+         edit=set_("allow_sdist", ["openai-whisper==1"])),
+    case("allow-sdist-string", "allow_sdist", "expected false, true or a list of Python package names",
+         "found str 'yes'", edit=set_("allow_sdist", "yes")),
 ]
 
 
@@ -337,6 +356,21 @@ def test_minimal_project_loads_with_defaults(tmp_path, monkeypatch):
     assert (tts.port, tts.version, tts.backends, tts.policy) == (8000, "0.1.0", ("cuda", "cpu"), "fallback")
     assert tts.path == (tmp_path / "services/tts").resolve()
     assert p.services["stt"].port == 8001
+
+
+def test_system_packages_are_kept_as_written_per_project_and_per_service(tmp_path):
+    p = spec.load(write_project(tmp_path, both(set_("system_packages", ["libsndfile1"]),
+                                               set_("services.stt.system_packages", ["ffmpeg=7:5.1.7-0+deb12u1"]))))
+    assert p.system_packages == ("libsndfile1",)
+    assert p.services["stt"].system_packages == ("ffmpeg=7:5.1.7-0+deb12u1",)
+    assert p.services["tts"].system_packages == ()
+
+
+def test_allow_sdist_defaults_to_refusing_and_takes_canonical_names(tmp_path):
+    assert spec.load(write_project(tmp_path)).allow_sdist is False
+    p = spec.load(write_project(tmp_path, set_("allow_sdist", ["Openai_Whisper", "openai-whisper"])))
+    assert p.allow_sdist == ("openai-whisper",)
+    assert spec.load(write_project(tmp_path, set_("allow_sdist", True))).allow_sdist is True
 
 
 def test_registry_can_be_overridden_from_the_environment(tmp_path, monkeypatch):
