@@ -7,6 +7,11 @@ compressed blob, cached by the stage's inputs, and orchestrator.image
 assembles config and manifest. So the same inputs give the same image
 digest on any engine, and a cached layer is neither rebuilt nor exported.
 
+Debian system packages are the exception: their layers come from
+orchestrator.apt_layer (the locked .debs unpacked by the tool, cached by
+the pins) and are placed where ImagePlan.stages() says; their pins are in
+the build context, so the content tag changes exactly when they do.
+
 Order: CUDA-libs first, then the services on it (cuda) or on the base (cpu).
 An image whose content tag is already in the registry is not rebuilt. Only
 content tags are written here: human tags, indexes and backend manifests
@@ -31,12 +36,13 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from . import apt_layer
 from . import base as base_mod
 from . import engine, lock as lock_mod
 from . import image as image_mod
 from . import layers as layers_mod
 from .errors import EnvironmentProblem, UserError
-from .plan import BuildPlan, ImagePlan, content_tag, make_plan, settings, tree_digest
+from .plan import BuildPlan, ImagePlan, SystemStage, content_tag, make_plan, settings, tree_digest
 from .push import Uploader
 from .registry import Registry, split_ref
 from .render import app_stage_text, export_target, layer_stage_text, render_all
@@ -113,6 +119,8 @@ def stage_context(project: Project, image: ImagePlan, dockerfile: str) -> tuple[
     (ctx / "wheelhouse").mkdir()
     for stage in image.layers:
         (ctx / stage.context_lock).write_text(stage.lock.text())
+    for system in image.system:  # not used by the Dockerfile: they put the pins into the content tag
+        (ctx / system.context_lock).write_text(system.context_text())
     for whl in _local_wheels(project, image):
         _link_or_copy(whl, ctx / "wheelhouse" / whl.name)
     if image.service is not None:
@@ -290,7 +298,8 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     reg.check()
     engine.docker_client()
     locks = load_all_locks(project, backends, platforms)
-    plan: BuildPlan = make_plan(project, locks, backends, services, platforms)
+    plan: BuildPlan = make_plan(project, locks, backends, services, platforms,
+                                system=lock_mod.load_apt_locks(project, platforms))
     texts = render_all(plan)
     cache = layers_mod.default_cache()
     c = layers_mod.codec(project.compression)
@@ -354,13 +363,27 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
             "PIP_SOURCES": pip_sources}
     if parent is not None:
         args["CUDA_LIBS_IMAGE"] = parent.ref
-    stages = [(s.name, layer_stage_text(s), s.lock.text()) for s in image.layers]
+    stages = [s if isinstance(s, SystemStage) else (s.name, layer_stage_text(s), s.lock.text())
+              for s in image.stages()]
     if image.kind == "service":
         stages.append(("app", app_stage_text(), tree_digest(ctx, skip=("wheelhouse", "locks", "Dockerfile",
                                                                          ".dockerignore"))))
     mount_from = [split_ref(base.ref)[1]] + ([split_ref(parent.image.ref("x"))[1]] if parent else [])
     new_layers, history = [], []
-    for stage, text, inputs in stages:
+    for stage in stages:
+        if isinstance(stage, SystemStage):
+            # Not BuildKit: the tool unpacks the locked .debs itself (no emulation for arm64),
+            # cached by the pins, so every image of the platform shares the one blob.
+            built = apt_layer.build_layer(stage.lock, cache, c, log=log, reuse=not rebuild)
+            how = "built" if built.fragment is not None else "cached"
+            log(f"  {image.key}/{image.backend.name} {image.arch} {stage.name}: Debian packages layer {how} "
+                f"({built.layer.digest[7:19]}, {len(stage.lock.pins)} packages)")
+            uploader.submit(name, built.layer, mount_from)
+            new_layers.append(built.layer)
+            history.append(f"orchestrator: {stage.name} layer (apt lock {stage.lock_file}, "
+                           f"{built.key[:12]}): {' '.join(stage.lock.requests)}")
+            continue
+        stage, text, inputs = stage
         key = stage_key(image, stage, text, inputs, build_base.image.config_digest, pip_sources, c)
         layer = None if rebuild else cache.recall(key, c)
         if layer is None:

@@ -23,7 +23,7 @@ def load_project(path: str) -> spec_mod.Project:
 
 
 def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Path]:
-    """Re-resolve the (backend, platform) targets whose locks are stale.
+    """Re-resolve the (backend, platform) targets whose locks are stale, then the stale apt locks.
 
     Fresh locks are left alone unless upgrade is set, so re-running never
     moves a pin by itself.
@@ -44,6 +44,7 @@ def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Pa
         for lk in locks:
             log(f"  {lk.layer:<16} {len(lk.pins):>3} packages")
         changed += lock_mod.write_locks(project, locks)
+    changed += lock_mod.resolve_apt(project, upgrade=upgrade, log=log)
     for stale in lock_mod.check(project):
         if stale.reason == "no longer used by the project file":
             (project.root / stale.path).unlink()
@@ -53,7 +54,7 @@ def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Pa
 
 def rendered(project: spec_mod.Project) -> dict[str, str]:
     locks = load_all_locks(project)
-    return render_all(make_plan(project, locks))
+    return render_all(make_plan(project, locks, system=lock_mod.load_apt_locks(project)))
 
 
 def _generated(directory: Path) -> list[Path]:

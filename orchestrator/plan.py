@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import compat as compat_mod
+from .apt import AptLock
 from .lock import Lock
 from .spec import Backend, Project, Service
 
@@ -38,6 +39,26 @@ class LayerStage:
 
 
 @dataclass(frozen=True)
+class SystemStage:
+    """Debian packages (one apt lock) as one layer, unpacked by the tool (apt_layer), not by BuildKit."""
+
+    name: str  # system (every service) | system-<service>
+    lock: AptLock
+    lock_file: str  # relative to the project: locks/apt-<arch>/<layer>.txt
+
+    @property
+    def context_lock(self) -> str:
+        return f"locks/{self.name}.apt.txt"
+
+    def context_text(self) -> str:
+        """What the build context holds for it: the layer's cache key and the pins (not the sources' dates,
+        so a re-lock that moves no version changes no content tag)."""
+        from .apt_layer import layer_key
+
+        return f"# apt layer {layer_key(self.lock)}\n{self.lock.body()}"
+
+
+@dataclass(frozen=True)
 class ImagePlan:
     key: str  # cuda-libs | <service>
     kind: str  # cuda-libs | service
@@ -53,10 +74,34 @@ class ImagePlan:
     env: tuple[tuple[str, str], ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     lib_dirs: tuple[str, ...] = ()
+    system: tuple[SystemStage, ...] = ()  # Debian package layers (see stages())
 
     @property
     def arch(self) -> str:
         return self.platform.split("/")[1]
+
+    def stages(self) -> tuple[LayerStage | SystemStage, ...]:
+        """Every layer this image adds to its parent, bottom-up (the app last, not listed).
+
+        The project's system packages sit right on the parent (base or CUDA
+        libs): they change less often than torch and the Python layers, and
+        the CUDA-libs image, shared by every service, must not depend on
+        them. A service's own sit just below its Python layer, so changing
+        them touches only that service's top layers.
+        """
+        project_level = [s for s in self.system if s.name == "system"]
+        own = [s for s in self.system if s.name != "system"]
+        out: list[LayerStage | SystemStage] = list(project_level)
+        for stage in self.layers:
+            if stage.name.startswith("service-"):
+                out += own
+                own = []
+            out.append(stage)
+        return tuple(out + own)
+
+    def system_packages(self) -> tuple[str, ...]:
+        """The Debian packages the project file asks this image for (names, without versions)."""
+        return tuple(r.partition("=")[0] for s in self.system for r in s.lock.requests)
 
     def ref(self, tag: str) -> str:
         return f"{self.repository}:{tag}"
@@ -119,7 +164,28 @@ def cuda_libs_plan(project: Project, backend: Backend, platform: str, locks: lis
                      (stage,), None, env, labels, lib_dirs)
 
 
-def service_plan(project: Project, svc: Service, backend: Backend, platform: str, locks: list[Lock]) -> ImagePlan:
+def system_stages(project: Project, svc: Service, platform: str,
+                  system: dict[tuple[str, str], AptLock]) -> tuple[SystemStage, ...]:
+    """The service's Debian package layers on a platform: the project's, then its own."""
+    from .errors import UserError
+
+    arch = platform.split("/")[1]
+    out = []
+    for layer, stage, wanted in (("system", "system", project.system_packages),
+                                 (f"service-{svc.name}", f"system-{svc.name}", svc.system_packages)):
+        if not wanted:
+            continue
+        lock_file = f"locks/apt-{arch}/{layer}.txt"
+        lk = system.get((platform, layer))
+        if lk is None:
+            raise UserError(f"lock {lock_file} is not loaded for {svc.name} on {platform}", "run `invoke lock`")
+        if lk.pins:  # everything already in the base: no layer
+            out.append(SystemStage(stage, lk, lock_file))
+    return tuple(out)
+
+
+def service_plan(project: Project, svc: Service, backend: Backend, platform: str, locks: list[Lock],
+                 system: dict[tuple[str, str], AptLock] | None = None) -> ImagePlan:
     compat = compat_mod.load()
     stages = tuple(LayerStage(lk.layer, lk) for lk in locks
                    if lk.layer != "cuda-libs" and (not lk.layer.startswith("service-") or lk.layer == f"service-{svc.name}")
@@ -162,13 +228,17 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
     return ImagePlan(svc.name, "service", backend, platform, project.repository(svc.name),
                      (f"{svc.version}-{backend.name}",), f"{svc.version}-{backend.name}",
                      f"{svc.name}.{backend.name}.Dockerfile", "cuda-libs" if backend.is_cuda else "base",
-                     stages, svc, tuple(env), tuple(labels))
+                     stages, svc, tuple(env), tuple(labels), (), system_stages(project, svc, platform, system or {}))
 
 
 def make_plan(project: Project, locks: dict[tuple[str, str], list[Lock]],
               backends: list[str] | None = None, services: list[str] | None = None,
-              platforms: list[str] | None = None) -> BuildPlan:
-    """All images for the selected backends/services/platforms, dependencies first."""
+              platforms: list[str] | None = None,
+              system: dict[tuple[str, str], AptLock] | None = None) -> BuildPlan:
+    """All images for the selected backends/services/platforms, dependencies first.
+
+    system: the apt locks by (platform, layer), as lock.load_apt_locks reads them.
+    """
     from .errors import UserError
 
     images: list[ImagePlan] = []
@@ -192,7 +262,7 @@ def make_plan(project: Project, locks: dict[tuple[str, str], list[Lock]],
                 images.append(libs)
             for svc in project.services.values():
                 if backend.name in svc.backends and (not services or svc.name in services):
-                    images.append(service_plan(project, svc, backend, platform, blocks))
+                    images.append(service_plan(project, svc, backend, platform, blocks, system))
     return BuildPlan(project, tuple(images))
 
 

@@ -96,6 +96,17 @@ def _layer_stage(stage: LayerStage) -> str:
     )
 
 
+def system_comment(image: ImagePlan) -> str:
+    """Where the Debian package layers come from: `invoke build` adds them, this file cannot."""
+    if not image.system:
+        return ""
+    lines = [f"#   {s.name}: {' '.join(s.lock.requests)} (locks/apt-<arch>/{s.lock_file.rsplit('/', 1)[1]})\n"
+             for s in image.system]
+    return ("# Debian packages, unpacked from the locked .debs by `invoke build` (orchestrator/apt_layer.py:\n"
+            "# sha256-checked, no maintainer scripts) and placed in the order above; a plain `docker build`\n"
+            "# of this file does not install them:\n" + "".join(lines))
+
+
 def _labels(image: ImagePlan) -> str:
     lines = [f'    {k}="{v}"' for k, v in image.labels]
     lines.append('    org.opencontainers.image.base.name="${BASE_IMAGE}"')
@@ -116,10 +127,11 @@ def render_image(image: ImagePlan, project_file: str) -> str:
         out.append(f"# image: {image.repository.split('/', 1)[1]}  backend: {image.backend.name}"
                    + (f"  cuda: {image.backend.cuda}" if image.backend.is_cuda else "")
                    + f"  torch: {image.backend.torch_summary()}\n")
-    order = ["base"] + (["cuda-libs"] if image.from_image == "cuda-libs" else []) + [s.name for s in image.layers]
+    order = ["base"] + (["cuda-libs"] if image.from_image == "cuda-libs" else []) + [s.name for s in image.stages()]
     if image.kind == "service":
         order.append("app")
     out.append("# layers, rarest change first: " + " -> ".join(order) + "\n")
+    out.append(system_comment(image))
     # BASE_IMAGE is the target platform's base; BUILD_BASE_IMAGE the build
     # machine's, for the stages that run pip (both pinned by digest).
     out.append("ARG BASE_IMAGE\nARG BUILD_BASE_IMAGE\n")

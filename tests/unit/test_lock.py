@@ -109,7 +109,7 @@ def test_a_missing_lock_and_an_orphaned_lock_are_both_named(mini_copy):
 
 def test_plan_builds_cuda_libs_first_and_tags_each_image_by_content():
     project = spec.load(FIXTURES / "mini" / "project.yaml")
-    plan = make_plan(project, load_all_locks(project))
+    plan = make_plan(project, load_all_locks(project), system=lock.load_apt_locks(project))
     assert [(i.key, i.backend.name, i.arch) for i in plan.images] == [
         ("cuda-libs", "cuda13", "amd64"), ("echo", "cuda13", "amd64"), ("cuda-libs", "cuda13", "arm64"),
         ("echo", "cuda13", "arm64"),

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from orchestrator import pipeline, spec
+from orchestrator import lock, pipeline, spec
 from orchestrator.build import load_all_locks
 from orchestrator.plan import make_plan
 from orchestrator.render import render_all
@@ -96,7 +96,7 @@ def test_cuda_libs_image_exports_the_nvidia_library_paths(example):
 
 def test_render_all_refuses_platforms_that_would_need_different_files(example):
     locks = load_all_locks(example)
-    plan = make_plan(example, locks)
+    plan = make_plan(example, locks, system=lock.load_apt_locks(example))
     assert render_all(plan)  # one platform: consistent
 
 
@@ -104,7 +104,8 @@ def test_an_image_config_names_no_registry_so_its_digest_is_the_same_in_every_re
     from orchestrator import plan as plan_mod
 
     locks = load_all_locks(example)
-    image = next(i for i in plan_mod.make_plan(example, locks).images if i.kind == "service")
+    image = next(i for i in plan_mod.make_plan(example, locks, system=lock.load_apt_locks(example)).images
+                 if i.kind == "service")
     s = plan_mod.settings(image, "orchestrator/base-bookworm", "sha256:" + "0" * 64)
     text = repr(s)
     assert example.registry not in text  # (the healthcheck may say 127.0.0.1:<port>, the container itself)
