@@ -50,6 +50,7 @@ class Variant:
     torch: str | None  # expected torch.__version__, None if the image has no torch
     cuda: str | None  # expected torch.version.cuda / CUDA release, None for cpu
     archs: tuple[str, ...] = ()  # expected torch arch list (compat data); () = take the image's CUDA_ARCHS
+    system_packages: tuple[str, ...] = ()  # Debian packages the project file asks for (names)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def variants_from_builds(project: Project, results) -> list[Variant]:
         torch = backend.torch_for(r.image.platform)
         archs = compat_mod.load().archs(torch, backend.cuda) if (torch and backend.cuda) else ()
         out.append(Variant(svc.name, backend.name, r.image.platform, f"{r.image.repository}@{r.digest}",
-                           svc.port, svc.version, torch, backend.cuda, tuple(archs)))
+                           svc.port, svc.version, torch, backend.cuda, tuple(archs), r.image.system_packages()))
     return out
 
 
@@ -476,6 +477,8 @@ def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
         result.checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}", timeout))
     except TimeoutError as e:
         result.checks.append(Check("runs as non-root", False, f"timed out: {e}", timeout))
+    if variant.system_packages:
+        result.checks.append(system_packages_check(container, variant.system_packages, timeout))
     if variant.cuda:
         try:
             _, out = _exec(container, ["python3", "/opt/runtime/entrypoint.py", "--probe"], timeout)
@@ -483,6 +486,47 @@ def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
             result.checks.append(Check("cuda-libs layer", False, f"probe timed out: {e}", timeout))
             return
         result.checks.append(cuda_libs_check(variant, out, timeout))
+
+
+# Inside the container: each package is installed (the layer's status.d stanza, or the base's dpkg
+# status), and its binary of the same name, if it has one, answers its version flag.
+SYSTEM_PROBE = """
+import json, os, subprocess, sys
+status = open('/var/lib/dpkg/status').read() if os.path.exists('/var/lib/dpkg/status') else ''
+out = {}
+for name in sys.argv[1:]:
+    found = os.path.exists('/var/lib/dpkg/status.d/' + name) or ('Package: %s\\n' % name) in status
+    binary = '/usr/bin/' + name
+    if not os.path.exists(binary):
+        out[name] = {'installed': found}
+        continue
+    p = subprocess.run([binary, '-version' if name in ('ffmpeg', 'ffprobe') else '--version'],
+                       capture_output=True, text=True)
+    out[name] = {'installed': found, 'exit': p.returncode,
+                 'says': ((p.stdout or p.stderr).strip().splitlines() or [''])[0][:80]}
+print(json.dumps(out))
+"""
+
+
+def system_packages_check(container, packages: tuple[str, ...], timeout: float = EXEC_TIMEOUT) -> Check:
+    """The declared Debian packages are in the image and their binaries run (`ffmpeg -version`), arm64 under QEMU too."""
+    try:
+        code, out = _exec(container, ["python3", "-c", SYSTEM_PROBE, *packages], timeout)
+        found = json.loads(out.strip().splitlines()[-1])
+    except TimeoutError as e:
+        return Check("system packages", False, f"timed out: {e}", timeout)
+    except (ValueError, IndexError):
+        return Check("system packages", False, f"probe failed: {out.strip()[-200:]}", timeout)
+    bad, said = [], []
+    for name in packages:
+        f = found.get(name, {})
+        if not f.get("installed"):
+            bad.append(f"{name}: not installed")
+        elif "exit" in f and f["exit"] != 0:
+            bad.append(f"/usr/bin/{name} exits {f['exit']}: {f.get('says')}")
+        else:
+            said.append(f"{name}: {f['says']}" if "says" in f else f"{name}: installed (no /usr/bin/{name})")
+    return Check("system packages", not bad, "; ".join(bad or said), timeout)
 
 
 def cuda_libs_check(variant: Variant, probe_out: str, timeout: float | None = None) -> Check:

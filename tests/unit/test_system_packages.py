@@ -5,6 +5,7 @@ small fake index."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,39 @@ def test_the_debian_pins_are_in_the_build_context_so_the_content_tag_follows_the
     ctx2, digest2 = stage_context(project, moved, "FROM x")
     shutil.rmtree(ctx2)
     assert digest2 != digest
+
+
+# --- the smoke check ---------------------------------------------------------------------
+
+class LocalContainer:
+    """Runs the smoke's exec here: this Debian host plays the container."""
+
+    def exec(self, argv):
+        import subprocess
+        from types import SimpleNamespace
+
+        p = subprocess.run(argv, capture_output=True)
+        return SimpleNamespace(exit_code=p.returncode, output=p.stdout + p.stderr)
+
+
+@pytest.mark.skipif(not Path("/var/lib/dpkg/status").exists() or not shutil.which("bash"),
+                    reason="needs a Debian host (dpkg status) with bash")
+def test_the_smoke_runs_each_declared_binary_and_finds_library_packages():
+    from orchestrator import smoke
+
+    ok = smoke.system_packages_check(LocalContainer(), ("bash", "libc6"))
+    assert ok.ok and ok.name == "system packages", ok.detail
+    assert "bash: GNU bash, version" in ok.detail and "libc6: installed (no /usr/bin/libc6)" in ok.detail
+    missing = smoke.system_packages_check(LocalContainer(), ("bash", "no-such-package"))
+    assert not missing.ok and missing.detail == "no-such-package: not installed"
+
+
+def test_smoke_variants_carry_the_declared_packages_of_their_image():
+    from types import SimpleNamespace
+
+    from orchestrator import smoke
+
+    project = spec.load(FIXTURES / "mini" / "project.yaml")
+    image = next(i for i in _plan(project).images if i.key == "echo" and i.platform == ARM)
+    (v,) = smoke.variants_from_builds(project, [SimpleNamespace(image=image, digest="sha256:" + "0" * 64)])
+    assert v.system_packages == ("jq", "ffmpeg") and v.platform == ARM
