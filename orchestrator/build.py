@@ -378,6 +378,11 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
             how = "built" if built.fragment is not None else "cached"
             log(f"  {image.key}/{image.backend.name} {image.arch} {stage.name}: Debian packages layer {how} "
                 f"({built.layer.digest[7:19]}, {len(stage.lock.pins)} packages)")
+            if built.fragment is not None:  # what the skipped maintainer scripts would have done
+                for pkg, did in built.fragment.maintainer_scripts_that_matter().items():
+                    log(f"    {pkg}: maintainer scripts not run (alternatives made as links): {'; '.join(did)}")
+                for note in built.fragment.notes:
+                    log(f"    note: {note}")
             uploader.submit(name, built.layer, mount_from)
             new_layers.append(built.layer)
             history.append(f"orchestrator: {stage.name} layer (apt lock {stage.lock_file}, "
