@@ -60,6 +60,10 @@ class Compat:
         entry = (self._torch(torch) or {}).get("cuda", {}).get(cuda) or {}
         return tuple(entry.get("archs", ()))
 
+    def emulation_blocker(self, torch: str, platform: str) -> str | None:
+        """Why this torch cannot run under QEMU for platform (measured), or None."""
+        return ((self._torch(torch) or {}).get("emulation_blockers") or {}).get(platform)
+
     def cuda_release_pins(self, cuda: str) -> dict[str, str]:
         """Every nvidia-* wheel version any known torch pins for this CUDA release."""
         pins: dict[str, str] = {}

@@ -51,6 +51,8 @@ class Variant:
     cuda: str | None  # expected torch.version.cuda / CUDA release, None for cpu
     archs: tuple[str, ...] = ()  # expected torch arch list (compat data); () = take the image's CUDA_ARCHS
     system_packages: tuple[str, ...] = ()  # Debian packages the project file asks for (names)
+    # Why this torch cannot run under QEMU on this platform (compat data), or None.
+    emulation_blocker: str | None = None
 
 
 @dataclass
@@ -113,7 +115,8 @@ def variants_from_builds(project: Project, results) -> list[Variant]:
         torch = backend.torch_for(r.image.platform)
         archs = compat_mod.load().archs(torch, backend.cuda) if (torch and backend.cuda) else ()
         out.append(Variant(svc.name, backend.name, r.image.platform, f"{r.image.repository}@{r.digest}",
-                           svc.port, svc.version, torch, backend.cuda, tuple(archs), r.image.system_packages()))
+                           svc.port, svc.version, torch, backend.cuda, tuple(archs), r.image.system_packages(),
+                           compat_mod.load().emulation_blocker(torch, r.image.platform) if torch else None))
     return out
 
 
@@ -329,6 +332,10 @@ def check_variant(variant: Variant, gpu, ready_timeout: float = READY_TIMEOUT,
             result.seconds = time.monotonic() - started
             return result
     image_env = _check_image_config(variant, result)
+    if variant.emulation_blocker and not _native(variant):
+        _check_emulated_without_service(variant, result, exec_timeout, strict_timeout, image_env)
+        result.seconds = time.monotonic() - started
+        return result
     # Whether it should serve on CUDA: a GPU was handed over, unless /info shows this host cannot run the line.
     serves_cuda = request.requested
     container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, request)
@@ -371,6 +378,34 @@ def check_variant(variant: Variant, gpu, ready_timeout: float = READY_TIMEOUT,
         result.checks.append(_check_strict_exit(variant, strict_timeout, request))
     result.seconds = time.monotonic() - started
     return result
+
+
+def _check_emulated_without_service(variant: Variant, result: VariantResult, exec_timeout: float,
+                                    strict_timeout: float, image_env: dict[str, str]) -> None:
+    """What QEMU allows when this torch crashes under emulation: everything but the service itself.
+
+    The entrypoint (stdlib) runs a sleep in place of the service, so the probe, the CUDA-libs layer,
+    the user and the system packages are checked in the real image; strict must still exit 78.
+    """
+    import dataclasses
+
+    container = _container(variant, {"BACKEND_POLICY": "fallback"}, gpu_mod.decide(None, cuda=False))
+    container = container.with_command(["python3", "-c", "import time; time.sleep(3600)"])
+    try:
+        container.start()
+        _check_inside(dataclasses.replace(variant, torch=None), False, container, result, exec_timeout, image_env)
+    except Exception as e:  # noqa: BLE001 - the engine refused to start it
+        result.checks.append(Check("container under emulation", False, f"did not start: {str(e)[:200]}"))
+    finally:
+        try:
+            container.stop()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    result.checks.append(Check("service (not started under emulation)", True,
+                               f"{variant.emulation_blocker}; checked instead: the entrypoint's probe, the CUDA-libs "
+                               "layer, the user, system packages and strict exit 78 (run it on a native host for the rest)"))
+    if variant.cuda:
+        result.checks.append(_check_strict_exit(variant, strict_timeout, gpu_mod.decide(None, cuda=False)))
 
 
 def expected_cuda(variant: Variant, request: gpu_mod.GpuRequest, info: dict) -> tuple[bool, str]:

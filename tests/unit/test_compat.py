@@ -106,3 +106,9 @@ def test_is_cuda_libs_package(compat, name, expected):
 def test_python_platforms(compat):
     assert compat.platforms() == ["linux/amd64", "linux/arm64"]
     assert compat.python_platform("linux/arm64") == "aarch64-manylinux_2_28"
+
+
+def test_a_torch_that_crashes_under_qemu_is_named_for_that_platform_only(compat):
+    assert "qemu" in compat.emulation_blocker("2.13.0", "linux/arm64")
+    assert compat.emulation_blocker("2.13.0", "linux/amd64") is None
+    assert compat.emulation_blocker("2.9.1", "linux/arm64") is None  # the arm64 CPU build runs under QEMU
