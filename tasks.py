@@ -158,16 +158,26 @@ def _manifest_for(proj, service, manifest):
     "manifest": "read the backend manifest from this file instead of the registry",
     "root": "probe a host root other than / (for inspecting a mounted system)",
     "json": "print backend, image, platform, reasons and host as JSON",
+    "gpus": "take the driver and GPUs from this report (what `python3 orchestrator/runtime/gpus.py` "
+            "printed on some host) instead of asking NVML here: which line would that host get?",
+    "machine": "the host's architecture with --root/--gpus (x86_64 or aarch64; default: this machine's)",
 })
 @friendly
-def select_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, root="/", json=False):
+def select_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, root="/", json=False,
+            gpus=None, machine=None):
     """Say which image this host should run for a service, and why (walks the fallback list)."""
     from orchestrator import probe, select as select_mod
 
     proj = pipeline.load_project(project)
     pipeline.one(service, proj.services, "service", proj.file.name)
     data, source = _manifest_for(proj, service, manifest)
-    host = probe.probe(root)
+    if gpus:
+        report = pipeline.read_gpu_report(gpus)
+        host = probe.probe(root, machine=machine, nvml=lambda: report.get("driver"),
+                           gpus=lambda: [probe.Gpu.from_report(g, report.get("source") or "report")
+                                         for g in report.get("gpus") or []])
+    else:
+        host = probe.probe(root, machine=machine)
     choice = select_mod.select(data, host, backend or os.environ.get("ORCH_BACKEND") or None, source)
     if json:
         print_json({**choice.as_json(), "host": host.as_json(), "manifest": source})

@@ -113,3 +113,20 @@ def positive_seconds(value, option: str) -> float:
     if not seconds > 0:
         raise UserError(f"{option} {value!r} is not a number of seconds above 0", f"e.g. {option} 180")
     return seconds
+
+
+def read_gpu_report(path: str) -> dict:
+    """A host report from runtime/gpus.py ({driver, gpus: [{index, uuid, name, cc}]}), checked enough to use."""
+    import json
+
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"--gpus {path}: cannot read it ({e.strerror})", "pass the file `python3 gpus.py > FILE` wrote")
+    except ValueError as e:
+        raise UserError(f"--gpus {path}: not JSON ({e})", "pass the file `python3 gpus.py > FILE` wrote") from None
+    if not isinstance(report, dict) or not isinstance(report.get("gpus", []), list) or \
+            any(not isinstance(g, dict) or "index" not in g for g in report.get("gpus", [])):
+        raise UserError(f"--gpus {path}: expected {{\"driver\": ..., \"gpus\": [{{\"index\": 0, \"cc\": \"9.0\", ...}}]}}",
+                        "pass the file `python3 orchestrator/runtime/gpus.py > FILE` wrote")
+    return report
