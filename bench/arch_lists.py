@@ -48,7 +48,7 @@ def main() -> int:
         blocker = compat.emulation_blocker(backend.torch_for(platform), platform)
         if blocker and platform != engine.host_platform():
             rows.append({"backend": backend.name, "platform": platform, "image": ref, "measured": False,
-                         "why": blocker, "compat": list(compat.archs(backend.torch_for(platform), backend.cuda))})
+                         "why": blocker, "compat": list(compat.archs(backend.torch_for(platform), backend.cuda, platform))})
             print(f"{backend.name} {platform}: not measured here: {blocker}", file=sys.stderr)
             continue
         started = time.monotonic()
@@ -59,7 +59,7 @@ def main() -> int:
         out = client.containers.run(ref, ["-c", PROBE], entrypoint="python3", platform=platform,
                                     remove=True, stderr=False).decode().strip().splitlines()[-1]
         measured = json.loads(out)
-        expected = list(compat.archs(backend.torch_for(platform), backend.cuda))
+        expected = list(compat.archs(backend.torch_for(platform), backend.cuda, platform))
         same = measured["archs"] == expected
         ok &= same
         rows.append({"backend": backend.name, "platform": platform, "image": ref, **measured,

@@ -94,6 +94,7 @@ COPY --from=app /out/ /
 FROM ${CUDA_LIBS_IMAGE}
 ARG BASE_IMAGE
 ARG TORCH_VERSION=none
+ARG CUDA_ARCHS
 COPY --from=torch /out/ /
 COPY --from=shared /out/ /
 COPY --from=service-tts /out/ /
@@ -113,7 +114,7 @@ ENV PYTHONPATH="/opt/app:/opt/runtime:/opt/site/service-tts:/opt/site/shared:/op
     PYTORCH_ALLOC_CONF="expandable_segments:True" \
     CUDA_MIN_DRIVER="525.60.13" \
     CUDA_RUNTIME_VERSION="12040" \
-    CUDA_ARCHS="sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90"
+    CUDA_ARCHS="${CUDA_ARCHS}"
 WORKDIR /opt/app
 USER 10001:10001
 EXPOSE 8000

@@ -55,10 +55,15 @@ class Compat:
         entry = (self._torch(torch) or {}).get("cuda", {}).get(cuda)
         return None if entry is None else dict(entry["pins"])
 
-    def archs(self, torch: str, cuda: str) -> tuple[str, ...]:
-        """The GPU architectures torch's build for this CUDA carries (torch.cuda.get_arch_list())."""
+    def archs(self, torch: str, cuda: str, platform: str) -> tuple[str, ...]:
+        """The GPU architectures torch's build for this CUDA carries on platform (torch.cuda.get_arch_list()).
+
+        `archs` is one list, or one per platform where the builds differ (torch 2.13.0's aarch64
+        build targets sm_80 and up, its x86_64 build sm_75 and up).
+        """
         entry = (self._torch(torch) or {}).get("cuda", {}).get(cuda) or {}
-        return tuple(entry.get("archs", ()))
+        archs = entry.get("archs", ())
+        return tuple(archs.get(platform, ()) if isinstance(archs, dict) else archs)
 
     def emulation_blocker(self, torch: str, platform: str) -> str | None:
         """Why this torch cannot run under QEMU for platform (measured), or None."""

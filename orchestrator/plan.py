@@ -222,7 +222,8 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
         torch = backend.torch_for(platform)
         if torch is not None:
             # What torch's kernels cover; the entrypoint checks the GPU against it.
-            env.append(("CUDA_ARCHS", " ".join(compat.archs(torch, backend.cuda))))
+            # Per platform (the builds differ), so it comes in as a build argument like the torch label.
+            env.append(("CUDA_ARCHS", "${CUDA_ARCHS}"))
         labels += [(f"{LABEL_PREFIX}.cuda", backend.cuda), (f"{LABEL_PREFIX}.min-driver", rel.min_driver),
                    (f"{LABEL_PREFIX}.cuda-libs", project.cuda_libs.tag(backend.cuda))]
     return ImagePlan(svc.name, "service", backend, platform, project.repository(svc.name),
@@ -306,13 +307,15 @@ def settings(image: ImagePlan, base_name: str, base_digest: str):
 
     torch = image.backend.torch_for(image.platform) or "none"
     labels = tuple((k, v.replace("${TORCH_VERSION}", torch)) for k, v in image.labels)
+    archs = " ".join(compat_mod.load().archs(torch, image.backend.cuda, image.platform)) if image.backend.is_cuda else ""
+    env = tuple((k, v.replace("${CUDA_ARCHS}", archs)) for k, v in image.env)
     labels += (("org.opencontainers.image.base.name", base_name),
                ("org.opencontainers.image.base.digest", base_digest))
     if image.kind != "service":
-        return Settings(env=image.env, labels=labels)
+        return Settings(env=env, labels=labels)
     svc = image.service
     hc = healthcheck(svc.port)
-    return Settings(env=image.env, labels=labels, user=f"{APP_UID}:{APP_UID}", workdir=APP_DIR,
+    return Settings(env=env, labels=labels, user=f"{APP_UID}:{APP_UID}", workdir=APP_DIR,
                     entrypoint=("python3", f"{RUNTIME_DIR}/entrypoint.py"), cmd=tuple(svc.command),
                     exposed_ports=(f"{svc.port}/tcp",),
                     healthcheck=hc_config(list(hc.test), hc.interval, hc.timeout, hc.start_period, hc.retries))

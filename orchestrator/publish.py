@@ -93,7 +93,7 @@ def backend_manifest(project: Project, service: str, results: list, indexes: dic
                 spec["requires"] = {"cuda": backend.cuda, "driver": ">=" + compat.cuda(backend.cuda).min_driver}
                 torch = backend.torch_for(platform)
                 if torch is not None:
-                    spec["requires"]["archs"] = list(compat.archs(torch, backend.cuda))
+                    spec["requires"]["archs"] = list(compat.archs(torch, backend.cuda, platform))
                 spec["cuda_libs"] = {"tag": libs.image.human_tags[0], "digest": libs.digest}
             entry["backends"][bname] = spec
         platforms[platform] = entry

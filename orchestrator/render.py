@@ -147,6 +147,8 @@ def render_image(image: ImagePlan, project_file: str) -> str:
         out.append(app_stage_text() + "\n")
         out.append("FROM ${CUDA_LIBS_IMAGE}\n" if image.from_image == "cuda-libs" else "FROM ${BASE_IMAGE}\n")
         out.append("ARG BASE_IMAGE\nARG TORCH_VERSION=none\n")
+        if any(k == "CUDA_ARCHS" for k, _ in image.env):
+            out.append("ARG CUDA_ARCHS\n")
         for stage in image.layers:
             out.append(f"COPY --from={stage.name} /out/ /\n")
         out.append("COPY --from=app /out/ /\n")

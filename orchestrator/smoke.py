@@ -113,7 +113,7 @@ def variants_from_builds(project: Project, results) -> list[Variant]:
             continue
         svc, backend = r.image.service, r.image.backend
         torch = backend.torch_for(r.image.platform)
-        archs = compat_mod.load().archs(torch, backend.cuda) if (torch and backend.cuda) else ()
+        archs = compat_mod.load().archs(torch, backend.cuda, r.image.platform) if (torch and backend.cuda) else ()
         out.append(Variant(svc.name, backend.name, r.image.platform, f"{r.image.repository}@{r.digest}",
                            svc.port, svc.version, torch, backend.cuda, tuple(archs), r.image.system_packages(),
                            compat_mod.load().emulation_blocker(torch, r.image.platform) if torch else None))

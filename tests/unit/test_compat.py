@@ -71,8 +71,9 @@ def test_every_build_carries_pins_platforms_and_a_measured_arch_list(compat):
     for torch, cuda in builds(compat):
         assert compat.cuda_pins(torch, cuda), (torch, cuda)
         assert set(compat.platforms_for("cuda", torch, cuda)) <= set(compat.platforms()), (torch, cuda)
-        archs = compat.archs(torch, cuda)
-        assert archs and all(re.fullmatch(r"(sm|compute)_\d+[a-z]?", a) for a in archs), (torch, cuda, archs)
+        for platform in compat.platforms_for("cuda", torch, cuda):
+            archs = compat.archs(torch, cuda, platform)
+            assert archs and all(re.fullmatch(r"(sm|compute)_\d+[a-z]?", a) for a in archs), (torch, cuda, platform)
 
 
 def test_cuda13_drops_gpus_below_turing(compat):
@@ -80,8 +81,14 @@ def test_cuda13_drops_gpus_below_turing(compat):
         digits = arch.split("_")[1].rstrip("abcdefghijklmnopqrstuvwxyz")
         return int(digits[:-1]), int(digits[-1])
 
-    assert min(cc(a) for a in compat.archs("2.13.0", "13.0")) >= (7, 5)
-    assert "sm_70" in compat.archs("2.5.1", "12.4")
+    assert min(cc(a) for a in compat.archs("2.13.0", "13.0", "linux/amd64")) >= (7, 5)
+    assert "sm_70" in compat.archs("2.5.1", "12.4", "linux/amd64")
+
+
+def test_the_two_architectures_builds_of_one_torch_carry_different_arch_lists(compat):
+    # Read from the built images: x86_64 keeps Turing, aarch64 (GH200, GB200, DGX Spark, Thor) adds sm_110.
+    assert compat.archs("2.13.0", "13.0", "linux/amd64") == ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+    assert compat.archs("2.13.0", "13.0", "linux/arm64") == ("sm_80", "sm_90", "sm_100", "sm_110", "sm_120")
 
 
 def test_newer_lines_need_newer_drivers_and_runtime_libs_are_pinned(compat):
