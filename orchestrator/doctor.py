@@ -245,14 +245,20 @@ def check_nvidia(info: dict | None) -> list[Finding]:
 
     host = probe.probe()
     if host.driver_version:
-        detail = f"driver {host.driver_version} ({host.driver_source}), libcuda {host.libcuda or 'not found'}, " \
-                 f"{len(host.devices)} device(s)"
+        gpus = ", ".join(f"{g.label} {g.sm or 'cc unknown'}" for g in host.gpus) or f"{len(host.devices)} device(s)"
+        detail = f"driver {host.driver_version} ({host.driver_source}), libcuda {host.libcuda or 'not found'}, {gpus}"
         gpu = Finding("nvidia driver", True, False, detail)
     else:
         gpu = Finding("nvidia driver", False, False, "no NVIDIA driver: cuda images run as CPU fallback here",
                       "informational: install the NVIDIA driver on GPU hosts")
+    from . import gpu_request
+
     runtimes = sorted((info or {}).get("Runtimes", {}))
-    if "nvidia" in runtimes:
+    # What `invoke run` and smoke would ask the engine for: the nvidia runtime, or CDI where configured.
+    request = gpu_request.decide(gpu_request.host_facts(info))
+    if request.requested:
+        rt = Finding("nvidia container runtime", True, False, request.description)
+    elif "nvidia" in runtimes:
         rt = Finding("nvidia container runtime", True, False, f"docker runtimes: {', '.join(runtimes)}")
     else:
         rt = Finding("nvidia container runtime", False, False,
