@@ -123,6 +123,9 @@ def stage_context(project: Project, image: ImagePlan, dockerfile: str) -> tuple[
         (ctx / system.context_lock).write_text(system.context_text())
     for whl in _local_wheels(project, image):
         _link_or_copy(whl, ctx / "wheelhouse" / whl.name)
+    # Wheels `invoke lock` built from allowed sdists: pinned by their sha256 like any other.
+    for whl in lock_mod.built_wheels(project, image.backend, image.platform, [s.lock for s in image.layers]):
+        _link_or_copy(whl, ctx / "wheelhouse" / whl.name)
     if image.service is not None:
         shutil.copytree(image.service.path, ctx / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         runtime = ctx / "runtime"

@@ -33,6 +33,7 @@ from packaging.utils import canonicalize_name
 
 from . import apt
 from . import compat as compat_mod
+from . import sdist as sdist_mod
 from .errors import EnvironmentProblem, UserError
 from .files import atomic_write
 from .spec import Backend, Project
@@ -205,6 +206,9 @@ def inputs_hash(project: Project, backend: Backend, inp: LayerInput, lower: list
         "resolver": UV_FLAGS,
         "lower": [hashlib.sha256("".join(p.block for p in lk.pins).encode()).hexdigest() for lk in lower],
     }, sort_keys=True).encode())
+    allowed = sdist_mod.policy(project.allow_sdist, inp.layer)
+    if allowed is not None:  # only then: locks of projects that refuse sdists (the default) keep their hash
+        h.update(json.dumps({"allow_sdist": allowed}).encode())
     return h.hexdigest()
 
 
@@ -236,7 +240,8 @@ def _uv() -> str:
 
 
 def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: dict[str, str],
-             preferences: tuple[Pin, ...] = ()) -> tuple[Pin, ...]:
+             preferences: tuple[Pin, ...] = ()) -> tuple[tuple[Pin, ...], tuple[str, ...]]:
+    """The layer's pins, and the packages among them that come from an sdist (allow_sdist)."""
     compat = compat_mod.load()
     work = project.root / ".build" / "lock" / f"{backend.name}-{inp.arch}"
     work.mkdir(parents=True, exist_ok=True)
@@ -264,14 +269,25 @@ def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: d
         cmd += ["--extra-index-url", url]
     for fl in src.find_links:
         cmd += ["--find-links", fl]
-    proc = subprocess.run(cmd, cwd=project.root, capture_output=True, text=True, env=uv_env())
-    if proc.returncode != 0:
-        raise UserError(
-            f"could not resolve layer {inp.layer!r} for backend {backend.name} on {inp.platform}:\n"
-            + "\n".join("  " + line for line in proc.stderr.strip().splitlines()[-12:]),
-            "check the requirement versions and the backend's index_url/find_links in the project file",
-        )
-    return parse_pins(out_file.read_text())
+    # Wheels only, so a source-only dependency fails here and not at build time; a package the
+    # project allows (allow_sdist) may come from its sdist where it has no usable wheel.
+    sdists: list[str] = []
+    while True:
+        flags = ["--only-binary", ":all:", *[a for name in sdists for a in ("--no-binary", name)]]
+        proc = subprocess.run(cmd + flags, cwd=project.root, capture_output=True, text=True, env=uv_env())
+        if proc.returncode == 0:
+            return parse_pins(out_file.read_text()), tuple(sdists)
+        missing = sdist_mod.missing_wheel(proc.stderr)
+        if missing is None:
+            break
+        if missing[0] in sdists or not sdist_mod.allows(project.allow_sdist, missing[0], inp.layer):
+            raise sdist_mod.refusal(missing[0], missing[1], inp.layer, inp.platform, project.file.name)
+        sdists.append(missing[0])
+    raise UserError(
+        f"could not resolve layer {inp.layer!r} for backend {backend.name} on {inp.platform}:\n"
+        + "\n".join("  " + line for line in proc.stderr.strip().splitlines()[-12:]),
+        "check the requirement versions and the backend's index_url/find_links in the project file",
+    )
 
 
 def read_pins(path: Path) -> tuple[Pin, ...]:
@@ -298,7 +314,9 @@ def resolve_backend(project: Project, backend: Backend, platform: str,
     for inp in layer_inputs(project, backend, platform):
         prefs = tuple(p for name in ((inp.layer, "cuda-libs") if inp.layer == "torch" else (inp.layer,))
                       for p in previous.get(name, ()))
-        pins = _compile(project, backend, inp, pinned, prefs)
+        pins, sdists = _compile(project, backend, inp, pinned, prefs)
+        if sdists:
+            pins = _built_from_sdists(project, backend, platform, pins, sdists)
         if inp.layer == "torch":
             torch = backend.torch_for(platform)
             libs = tuple(p for p in pins if compat.is_cuda_libs_package(p.name)) if backend.is_cuda else ()
@@ -320,6 +338,45 @@ def resolve_backend(project: Project, backend: Backend, platform: str,
             base.append(lk)
         pinned = {p.name: p.version for lk in base for p in lk.pins}
     return locks
+
+
+def _built_from_sdists(project: Project, backend: Backend, platform: str, pins: tuple[Pin, ...],
+                       sdists: tuple[str, ...]) -> tuple[Pin, ...]:
+    """Build each allowed sdist into a wheel (once per sdist, platform and base) and pin that wheel."""
+    from . import base as base_mod
+    from .layers import default_cache
+    from .registry import Registry
+
+    base, _ = base_mod.ensure(project, platform, Registry(project.registry), default_cache())
+    out = []
+    for pin in pins:
+        if pin.name not in sdists:
+            out.append(pin)
+            continue
+        hashes = sdist_mod.HASH_RE.findall(pin.block)
+        if len(hashes) != 1:
+            raise UserError(f"{pin.name} {pin.version}: expected the one sdist hash uv locks for a source-only "
+                            f"package, found {len(hashes)}", "report this: the sdist policy cannot pick the file")
+        wheel, sha = sdist_mod.ensure_wheel(pin.name, pin.version, hashes[0], platform, base.ref,
+                                            base.image.config_digest, backend.sources)
+        out.append(Pin(pin.name, pin.version, sdist_mod.record(pin.block, sdist_mod.Built(hashes[0], wheel.name, sha))))
+    return tuple(out)
+
+
+def built_wheels(project: Project, backend: Backend, platform: str, locks: list[Lock], log=print) -> list[Path]:
+    """The wheels the locks pin that `invoke lock` built from sdists: from the cache, or built again
+    the same way and checked against the lock's sha256."""
+    pinned = [(p, sdist_mod.recorded(p.block)) for lk in locks for p in lk.pins]
+    pinned = [(p, b) for p, b in pinned if b is not None]
+    if not pinned:
+        return []
+    from . import base as base_mod
+    from .layers import default_cache
+    from .registry import Registry
+
+    base, _ = base_mod.ensure(project, platform, Registry(project.registry), default_cache(), log=log)
+    return [sdist_mod.ensure_wheel(p.name, p.version, b.sdist_sha256, platform, base.ref, base.image.config_digest,
+                                   backend.sources, log=log, expect=b.wheel_sha256)[0] for p, b in pinned]
 
 
 def write_locks(project: Project, locks: list[Lock]) -> list[Path]:
