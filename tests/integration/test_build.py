@@ -109,13 +109,13 @@ def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(
     app = mini_project.services["echo"].path / "app.py"
     app.write_text(app.read_text() + f"\n# release {uuid.uuid4()}\n")  # never pushed before
     results = by_key(build.build(mini_project, log=lambda *_: None))
-    assert results[("cuda-libs", "cuda")].built is False
-    cuda, cpu = results[("echo", "cuda")], results[("echo", "cpu")]
-    assert cuda.built and cpu.built
-    # One new blob in all: the app layer is byte-identical in both variants.
-    assert cuda.pushed_layers + cpu.pushed_layers == 1
-    assert cuda.uploaded_bytes + cpu.uploaded_bytes < 200_000  # app layer, configs and manifests only
-    for r in (cuda, cpu):
+    assert results[("cuda-libs", "cuda")].built is False and results[("cuda-libs", "cuda13")].built is False
+    cuda13, cuda, cpu = results[("echo", "cuda13")], results[("echo", "cuda")], results[("echo", "cpu")]
+    assert cuda13.built and cuda.built and cpu.built
+    # One new blob in all: the app layer is byte-identical in every variant.
+    assert cuda13.pushed_layers + cuda.pushed_layers + cpu.pushed_layers == 1
+    assert cuda13.uploaded_bytes + cuda.uploaded_bytes + cpu.uploaded_bytes < 300_000  # app layer, configs, manifests
+    for r in (cuda13, cuda, cpu):
         before = layers(mini_project, "echo", first_build[("echo", r.image.backend.name)].digest)
         after = layers(mini_project, "echo", r.digest)
         changed = [i for i, (a, b) in enumerate(zip(after, before)) if a != b]

@@ -27,7 +27,8 @@ def test_a_service_dependency_bump_changes_only_that_service_lock(mini):
     changed = pipeline.lock(spec.load(mini / "project.yaml"), log=lambda *_: None)
     after = snapshot(mini)
     assert sorted(p.relative_to(mini).as_posix() for p in changed) == [
-        "locks/cpu-amd64/service-echo.txt", "locks/cpu-arm64/service-echo.txt", "locks/cuda-amd64/service-echo.txt"]
+        "locks/cpu-amd64/service-echo.txt", "locks/cpu-arm64/service-echo.txt", "locks/cuda-amd64/service-echo.txt",
+        "locks/cuda13-amd64/service-echo.txt", "locks/cuda13-arm64/service-echo.txt"]
     assert {k: v for k, v in after.items() if "service-echo" not in k} == \
         {k: v for k, v in before.items() if "service-echo" not in k}
     assert "six==1.17.0" in after["locks/cuda-amd64/service-echo.txt"]

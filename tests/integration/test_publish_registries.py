@@ -56,6 +56,17 @@ def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credent
     assert report.uploaded_bytes > 0
 
 
+def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_machines_ca(tls_env, first_build, tmp_path):
+    from ..secrets_scan import credential_needles, local_ca_needles, scan
+
+    project = spec.load(project_copy(tmp_path, tls_env.host))
+    publish.publish(project, log=lambda *_: None, smoke=False)
+    needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles()}
+    hits, blobs = scan(Registry(tls_env.host), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
+    assert blobs > 20  # every platform's manifests, configs and layers, not a sample
+    assert hits == []
+
+
 def test_a_wrong_password_exits_non_zero_pushes_nothing_and_prints_no_secret(tls_env, first_build, tmp_path):
     path = project_copy(tmp_path, tls_env.host)
     wrong = f"wrong-{uuid.uuid4().hex}"
