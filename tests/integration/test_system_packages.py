@@ -9,7 +9,6 @@ changing one service's packages re-sends that one layer.
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import time
@@ -48,17 +47,21 @@ def _pulled(variant) -> str:
 
 
 @pytest.fixture(scope="module")
-def ogg(variants) -> bytes:
+def ogg(variants, tmp_path_factory) -> bytes:
     """One second of a 440 Hz tone as Ogg Vorbis, made by the ffmpeg inside the amd64 image.
 
     Not by an arm64 one: under qemu-user, arm64 ffmpeg crashes encoding Vorbis (decoding works).
+    Written to a mounted directory: the engine's log stream of a container that exits at once is
+    sometimes empty.
     """
-    image = _pulled(variants[("cpu", "linux/amd64")])
-    out = engine.docker_client().containers.run(
-        image, entrypoint=["sh", "-c"], remove=True, stdout=True, stderr=False,
-        command=["ffmpeg -hide_banner -loglevel error -f lavfi -i sine=frequency=440:duration=1 "
-                 "-c:a libvorbis -f ogg pipe:1 | base64 -w0"])
-    data = base64.b64decode(out)
+    out = tmp_path_factory.mktemp("ogg")
+    out.chmod(0o777)  # the image runs as uid 10001
+    engine.docker_client().containers.run(
+        _pulled(variants[("cpu", "linux/amd64")]), entrypoint=["ffmpeg"], remove=True,
+        volumes={str(out): {"bind": "/out", "mode": "rw"}},
+        command=["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+                 "-c:a", "libvorbis", "/out/tone.ogg"])
+    data = (out / "tone.ogg").read_bytes()
     assert data.startswith(b"OggS") and b"vorbis" in data[:64]
     return data
 
