@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 from .errors import EnvironmentProblem, UserError
-from .files import atomic_write
+from .files import atomic_write, sha256_file
 
 APT_LOCK_FORMAT = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -571,7 +571,7 @@ class Downloader:
         fix: what to do when a mirror serves other bytes; missing: when no URL has the file.
         """
         path = self.cached(sha256)
-        if path.is_file() and (size is None or path.stat().st_size == size) and _sha256_file(path) == sha256:
+        if path.is_file() and (size is None or path.stat().st_size == size) and sha256_file(path) == sha256:
             return path
         urls = list(urls)
         problem = None
@@ -591,14 +591,6 @@ class Downloader:
         if problem:
             raise EnvironmentProblem(problem[0], f"downloaded from {problem[1]}")
         raise EnvironmentProblem(f"{what}: not found at {', '.join(urls)}", missing or fix)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

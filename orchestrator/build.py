@@ -141,11 +141,7 @@ def stage_context(project: Project, image: ImagePlan, dockerfile: str) -> tuple[
 
 def _pip_sources(image: ImagePlan) -> str:
     src = image.backend.sources.expanded()
-    parts = []
-    if src.index_url:
-        parts += ["--index-url", src.index_url]
-    for u in src.extra_index_urls:
-        parts += ["--extra-index-url", u]
+    parts = image.backend.sources.index_args(find_links=False)
     # Remote find-links the lock used reach the build too (local ones are staged as the wheelhouse).
     parts += [a for f in src.find_links if "://" in f and not f.startswith("file://") for a in ("--find-links", f)]
     return " ".join(parts)

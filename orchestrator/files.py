@@ -33,6 +33,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Replace path with data. The file gets the mode of the file it replaces,
     or 0o666 & ~umask for a new one (mkstemp's 0o600 would leak into the tree)."""

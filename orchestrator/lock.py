@@ -262,13 +262,7 @@ def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: d
         cfile = work / f"{inp.layer}.constraints.txt"
         cfile.write_text("".join(f"{n}=={v}\n" for n, v in sorted(constraints.items())))
         cmd += ["--constraint", os.path.relpath(cfile, project.root)]
-    src = backend.sources.expanded()
-    if src.index_url:
-        cmd += ["--index-url", src.index_url]
-    for url in src.extra_index_urls:
-        cmd += ["--extra-index-url", url]
-    for fl in src.find_links:
-        cmd += ["--find-links", fl]
+    cmd += backend.sources.index_args()
     # Wheels only, so a source-only dependency fails here and not at build time; a package the
     # project allows (allow_sdist) may come from its sdist where it has no usable wheel.
     sdists: list[str] = []

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EnvironmentProblem, UserError
+from .files import sha256_file
 
 WHEEL_ONLY_LAYERS = ("torch", "cuda-libs")
 # uv's words when a package has no wheel it may use (uv 0.4+; checked against 0.13).
@@ -125,14 +126,6 @@ def _key(sdist_sha256: str, platform: str, base_config: str) -> str:
     return hashlib.sha256(f"sdist-wheel v1 {sdist_sha256} {platform} {base_config}".encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(name: str, version: str, sdist_sha256: str, sources, dest: Path) -> Path:
     """The sdist, by pip from the backend's sources, checked against its locked sha256."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -140,15 +133,9 @@ def download(name: str, version: str, sdist_sha256: str, sources, dest: Path) ->
     req.write_text(f"{name}=={version} --hash=sha256:{sdist_sha256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
            "--disable-pip-version-check", "--quiet", "-d", str(dest), "-r", str(req)]
-    src = sources.expanded()
-    if src.index_url:
-        cmd += ["--index-url", src.index_url]
-    for url in src.extra_index_urls:
-        cmd += ["--extra-index-url", url]
-    for fl in src.find_links:
-        cmd += ["--find-links", fl]
+    cmd += sources.index_args()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = [p for p in dest.iterdir() if p.name != "sdist.txt" and _sha256(p) == sdist_sha256]
+    found = [p for p in dest.iterdir() if p.name != "sdist.txt" and sha256_file(p) == sdist_sha256]
     if proc.returncode != 0 or not found:
         raise EnvironmentProblem(f"cannot download the sdist of {name} {version} (sha256 {sdist_sha256[:12]}):\n"
                                  + proc.stderr.strip()[-1500:], "check the network and the backend's index")
@@ -202,13 +189,13 @@ def ensure_wheel(name: str, version: str, sdist_sha256: str, platform: str, base
     entry = cache_dir() / _key(sdist_sha256, platform, base_config)
     found = sorted(entry.glob("*.whl")) if entry.is_dir() else []
     if len(found) == 1:
-        sha = _sha256(found[0])
+        sha = sha256_file(found[0])
         if expect is None or sha == expect:
             return found[0], sha
     with tempfile.TemporaryDirectory(prefix="orch-sdist-dl-") as tmp:
         sdist = download(name, version, sdist_sha256, sources, Path(tmp))
         fresh = build_wheel(sdist, platform, base_ref, Path(tmp) / "wheel", log)
-        sha = _sha256(fresh)
+        sha = sha256_file(fresh)
         if expect is not None and sha != expect:
             raise EnvironmentProblem(f"the wheel built from the sdist of {name} {version} for {platform} has sha256 "
                                      f"{sha}, not the {expect} the lock records: the build is not reproducible "

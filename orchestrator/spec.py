@@ -65,6 +65,13 @@ class Sources:
             find_links=tuple(p for f in self.find_links for p in exp(f).split() if p),
         )
 
+    def index_args(self, find_links: bool = True) -> list[str]:
+        """The expanded sources as pip/uv options (--index-url, --extra-index-url, --find-links)."""
+        src = self.expanded()
+        args = ["--index-url", src.index_url] if src.index_url else []
+        args += [a for u in src.extra_index_urls for a in ("--extra-index-url", u)]
+        return args + ([a for f in src.find_links for a in ("--find-links", f)] if find_links else [])
+
 
 @dataclass(frozen=True)
 class Backend:
