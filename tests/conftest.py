@@ -86,6 +86,14 @@ def first_build(mini_project):
     return by_key(build.build(mini_project, log=lambda *_: None))
 
 
+@pytest.fixture(scope="session")
+def published(mini_project, first_build):
+    """The mini fixture published once for the session, with the smoke gate, as users run it."""
+    from orchestrator import publish
+
+    return publish.publish(mini_project, log=lambda *_: None)
+
+
 def cleanup_namespace(project) -> None:
     """Delete the project's tags from the registry and its local images."""
     from orchestrator import engine

@@ -20,11 +20,6 @@ from ..conftest import unavailable
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def published(mini_project, first_build):
-    return publish.publish(mini_project, log=lambda *_: None)  # with the smoke gate, as users run it
-
-
 def index_platforms(reg, name, tag) -> list[str]:
     m = reg.get_manifest(name, tag)
     assert m.media_type == OCI_INDEX
