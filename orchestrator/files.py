@@ -78,3 +78,46 @@ def exclusive(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_RECORD = 120
+
+
+def _holder(fd: int) -> str:
+    """What the holder of a lock file wrote into it ("<pid> <what>"), or '' when it wrote nothing."""
+    try:
+        return os.pread(fd, _RECORD, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def held(path: Path, *, shared: bool = False, note: str = "", on_wait=None):
+    """Hold an advisory flock on path (created if missing) for the body of the with.
+
+    The holder of an exclusive lock writes "<pid> <note>" into the file, so a
+    process that has to wait can say whom it waits for: on_wait(holder) is
+    called once, with that text ('' when unknown), before blocking. A shared
+    holder writes too (the last one's text stays), which is enough to name one
+    of them. The file is opened without truncating, so a waiter never erases
+    what the holder wrote; the lock goes away with the process if it dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(_holder(fd))
+            fcntl.flock(fd, mode)
+        try:
+            # One fixed-size record written at once: shared holders writing together never interleave.
+            os.pwrite(fd, f"{os.getpid()} {note}".strip()[:_RECORD - 1].ljust(_RECORD - 1).encode() + b"\n", 0)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

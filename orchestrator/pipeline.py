@@ -4,14 +4,17 @@ thin layer of argument parsing and printing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
 from pathlib import Path
 
 from . import lock as lock_mod
 from . import spec as spec_mod
 from .build import load_all_locks
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, held
 from .plan import make_plan
 from .render import HEADER, render_all
 
@@ -50,6 +53,79 @@ def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Pa
             (project.root / stale.path).unlink()
             log(f"removed {stale.path} (no longer used)")
     return changed
+
+
+RUN_LOCK = ".build/run.lock"
+
+
+def registry_lock_path(host: str, state: Path | None = None) -> Path:
+    """The lock pushes to a registry share and `engine.gc` takes alone (one file per registry host)."""
+    from .state import state_dir
+
+    return (state or state_dir()) / "locks" / ("registry-" + re.sub(r"[^A-Za-z0-9.-]", "_", host) + ".lock")
+
+
+def _stderr(msg: str) -> None:
+    # Waiting is news, not output: stdout may be JSON (--json).
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _holder_pid(text: str) -> str:
+    return text.split()[0] if text.split() else "unknown"
+
+
+def _holder_what(text: str, default: str) -> str:
+    return text.split(None, 1)[1] if len(text.split()) > 1 else default
+
+
+@contextlib.contextmanager
+def run_lock(project: spec_mod.Project, what: str, log=_stderr, state: Path | None = None):
+    """What `invoke build`, `publish` and `lock` hold while they run.
+
+    The project's run lock, alone: a second run on the same project waits
+    (saying for whom), then finds in the registry what the first pushed and
+    re-uses it; locks, Dockerfiles and manifests are never written by two
+    runs at once. Then the registry's push lock, shared with every other
+    push: `engine.gc` takes it alone, so it never deletes blobs a push has
+    uploaded but not yet named in a manifest, and never stops the registry
+    under a push.
+    """
+    def project_busy(holder: str) -> None:
+        log(f"waiting for another {_holder_what(holder, 'build/publish')} of this project "
+            f"(pid {_holder_pid(holder)}) to finish ({project.root / RUN_LOCK}) …")
+
+    def gc_running(holder: str) -> None:
+        log(f"waiting for {_holder_what(holder, 'engine.gc')} on {project.registry} (pid {_holder_pid(holder)}) "
+            "to finish before pushing …")
+
+    with held(project.root / RUN_LOCK, note=what, on_wait=project_busy), \
+            held(registry_lock_path(project.registry, state), shared=True, note=what, on_wait=gc_running):
+        yield
+
+
+@contextlib.contextmanager
+def gc_lock(host: str, log=_stderr, state: Path | None = None):
+    """`engine.gc` holds the registry's push lock alone: it waits for running pushes, and new ones wait for it."""
+    def pushing(holder: str) -> None:
+        log(f"waiting for pushes to {host} to finish ({_holder_what(holder, 'a push')}, pid {_holder_pid(holder)}"
+            " and any others) …")
+
+    with held(registry_lock_path(host, state), note="engine.gc", on_wait=pushing):
+        yield
+
+
+def gc(host: str, keep: int, dry_run: bool = False, log=print, config: Path | None = None,
+       state: Path | None = None):
+    """`engine.gc`: apply the retention policy to a registry (see orchestrator.retention).
+
+    A dry run reads only, so it takes no lock; a real run holds the push lock alone.
+    """
+    from . import registry_server
+
+    if dry_run:
+        return registry_server.gc(host, keep, dry_run=True, log=log, config=config)
+    with gc_lock(host, log, state):
+        return registry_server.gc(host, keep, dry_run=False, log=log, config=config)
 
 
 def rendered(project: spec_mod.Project) -> dict[str, str]:
@@ -113,6 +189,14 @@ def positive_seconds(value, option: str) -> float:
     if not seconds > 0:
         raise UserError(f"{option} {value!r} is not a number of seconds above 0", f"e.g. {option} 180")
     return seconds
+
+
+def count(value, option: str) -> int:
+    """A CLI whole number >= 0; anything else is an input error, not a traceback."""
+    text = str(value).strip()
+    if not text.isdigit():
+        raise UserError(f"{option} {value!r} is not a whole number of 0 or more", f"e.g. {option} 2")
+    return int(text)
 
 
 def read_gpu_report(path: str) -> dict:
