@@ -102,6 +102,7 @@ ENV PYTHONPATH="/opt/app:/opt/runtime:/opt/site/service-tts:/opt/site/shared:/op
     PYTHONDONTWRITEBYTECODE="1" \
     PYTHONUNBUFFERED="1" \
     HOME="/home/app" \
+    TMPDIR="/tmp" \
     SERVICE_NAME="tts" \
     SERVICE_VERSION="0.1.0" \
     SERVICE_PORT="8000" \
@@ -119,6 +120,7 @@ LABEL org.opencontainers.image.title="morgan/tts" \
     org.opencontainers.image.version="0.1.0" \
     io.orchestrator.service="tts" \
     io.orchestrator.backend="cpu" \
+    io.orchestrator.writable-dirs="/tmp /home/app" \
     io.orchestrator.torch="${TORCH_VERSION}" \
     org.opencontainers.image.base.name="${BASE_IMAGE}"
 ENTRYPOINT ["python3", "/opt/runtime/entrypoint.py"]

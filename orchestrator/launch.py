@@ -22,6 +22,7 @@ import requests
 from . import engine
 from . import gpu_request as gpu_mod
 from .errors import EnvironmentProblem, UserError
+from .plan import run_options
 from .select import walk_order
 
 EX_CONFIG = 78
@@ -148,7 +149,7 @@ def launch(manifest: dict, platform: str, port: int, name: str, override: str | 
             container = client.containers.run(image, name=name, detach=True,
                                                environment={"BACKEND_POLICY": "strict", **gpu.environment},
                                                ports={f"{port}/tcp": ("127.0.0.1", host_port or None)},
-                                               **gpu.kwargs())
+                                               **gpu.kwargs(), **run_options())
         except docker.errors.APIError as e:
             if (not gpu.requested or isinstance(e, docker.errors.NotFound)
                     or not gpu_start_error(str(e.explanation or e))):

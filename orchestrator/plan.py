@@ -20,6 +20,17 @@ APP_DIR = "/opt/app"
 RUNTIME_DIR = "/opt/runtime"
 APP_UID = 10001
 LABEL_PREFIX = "io.orchestrator"
+HOME_DIR = "/home/app"
+# The only paths a service writes: everything else may be mounted read-only.
+# Declared in a label, and `invoke run`/smoke mount a tmpfs on each.
+WRITABLE_DIRS = ("/tmp", HOME_DIR)
+
+
+def run_options() -> dict:
+    """docker-py run() arguments for a service container: read-only root, a tmpfs per declared writable dir."""
+    return {"read_only": True,
+            "tmpfs": {"/tmp": "rw,nosuid,nodev,mode=1777",
+                      HOME_DIR: f"rw,nosuid,nodev,uid={APP_UID},gid={APP_UID},mode=0700"}}
 
 
 @dataclass(frozen=True)
@@ -198,7 +209,8 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
         ("PATH", ":".join(f"{d}/bin" for d in site_dirs) + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
         ("PYTHONDONTWRITEBYTECODE", "1"),
         ("PYTHONUNBUFFERED", "1"),
-        ("HOME", "/home/app"),
+        ("HOME", HOME_DIR),
+        ("TMPDIR", "/tmp"),
         ("SERVICE_NAME", svc.name),
         ("SERVICE_VERSION", svc.version),
         ("SERVICE_PORT", str(svc.port)),
@@ -213,6 +225,8 @@ def service_plan(project: Project, svc: Service, backend: Backend, platform: str
         ("org.opencontainers.image.version", svc.version),
         (f"{LABEL_PREFIX}.service", svc.name),
         (f"{LABEL_PREFIX}.backend", backend.name),
+        # For runtimes with a read-only root (docker --read-only, Kubernetes readOnlyRootFilesystem).
+        (f"{LABEL_PREFIX}.writable-dirs", " ".join(WRITABLE_DIRS)),
         # Per platform, so it comes in as a build argument (see render).
         (f"{LABEL_PREFIX}.torch", "${TORCH_VERSION}"),
     ]

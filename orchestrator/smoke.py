@@ -28,6 +28,7 @@ from . import compat as compat_mod  # noqa: E402
 from . import engine  # noqa: E402
 from . import gpu_request as gpu_mod  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .plan import APP_DIR, WRITABLE_DIRS, run_options  # noqa: E402
 from .registry import Registry, docker_auth_config, split_ref  # noqa: E402
 from .spec import Project  # noqa: E402
 
@@ -164,8 +165,12 @@ def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest):
     for k, v in {**env, **gpu.environment}.items():
         c = c.with_env(k, v)
     # One with_kwargs call: testcontainers keeps only the last one's arguments.
-    kwargs = {**({} if _native(variant) else {"platform": variant.platform}), **gpu.kwargs()}
-    return c.with_kwargs(**kwargs) if kwargs else c
+    # Read-only root with a tmpfs per declared writable dir, as `invoke run` starts it.
+    # (testcontainers passes its own tmpfs dict to the engine: fill that one.)
+    hardening = run_options()
+    c.tmpfs.update(hardening.pop("tmpfs"))
+    kwargs = {**({} if _native(variant) else {"platform": variant.platform}), **gpu.kwargs(), **hardening}
+    return c.with_kwargs(**kwargs)
 
 
 def _logs_tail(container, lines: int = 15) -> str:
@@ -205,11 +210,12 @@ def _check_image_config(variant: Variant, result: VariantResult) -> dict[str, st
     user = attrs.get("User", "")
     result.checks.append(Check("non-root user", bool(user) and user.split(":")[0] not in ("0", "root"), f"User={user!r}"))
     want_labels = {"io.orchestrator.backend": variant.backend, "io.orchestrator.service": variant.service,
-                   "org.opencontainers.image.version": variant.version}
+                   "org.opencontainers.image.version": variant.version,
+                   "io.orchestrator.writable-dirs": " ".join(WRITABLE_DIRS)}
     if variant.cuda:
         want_labels["io.orchestrator.cuda"] = variant.cuda
     bad = {k: labels.get(k) for k, v in want_labels.items() if labels.get(k) != v}
-    result.checks.append(Check("labels", not bad, f"wrong or missing: {bad}" if bad else "backend, service, version"
+    result.checks.append(Check("labels", not bad, f"wrong or missing: {bad}" if bad else "backend, service, version, writable-dirs"
                                + (", cuda" if variant.cuda else "")))
     want_env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "PYTORCH_ALLOC_CONF": "expandable_segments:True",
                 "SERVICE_BACKEND_KIND": "cuda" if variant.cuda else "cpu"}
@@ -365,6 +371,7 @@ def check_variant(variant: Variant, gpu, ready_timeout: float = READY_TIMEOUT,
                 serves_cuda, why = expected_cuda(variant, request, info)
                 _check_info(variant, serves_cuda, info, result, why)
         _check_inside(variant, serves_cuda, container, result, exec_timeout, image_env)
+        result.checks.append(healthcheck_check(container, variant, exec_timeout))
         if not result.ok:
             result.logs = _logs_tail(container)
     finally:
@@ -512,6 +519,7 @@ def _check_inside(variant: Variant, gpu: bool, container, result: VariantResult,
         result.checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}", timeout))
     except TimeoutError as e:
         result.checks.append(Check("runs as non-root", False, f"timed out: {e}", timeout))
+    result.checks.append(read_only_check(container, timeout))
     if variant.system_packages:
         result.checks.append(system_packages_check(container, variant.system_packages, timeout))
     if variant.cuda:
@@ -541,6 +549,49 @@ for name in sys.argv[1:]:
                  'says': ((p.stdout or p.stderr).strip().splitlines() or [''])[0][:80]}
 print(json.dumps(out))
 """
+
+
+def healthcheck_check(container, variant: Variant, timeout: float = EXEC_TIMEOUT) -> Check:
+    """The image's HEALTHCHECK asks /health on the service's port, and passes against the running service."""
+    hc = engine.docker_client().images.get(variant.image).attrs["Config"].get("Healthcheck") or {}
+    test = list(hc.get("Test") or [])
+    if not test or test[0] != "CMD" or f":{variant.port}/health" not in " ".join(test):
+        return Check("HEALTHCHECK", False, f"does not ask /health on port {variant.port}: {test}")
+    try:
+        code, out = _exec(container, test[1:], timeout)
+    except TimeoutError as e:
+        return Check("HEALTHCHECK", False, f"timed out: {e}", timeout)
+    return Check("HEALTHCHECK", code == 0, f"GET :{variant.port}/health from inside: exit {code}"
+                 + (f": {out.strip()[-160:]}" if code else ""), timeout)
+
+
+# Inside the container: the app dir refuses writes (read-only root), each declared writable dir takes one.
+READ_ONLY_PROBE = """
+import json, os, sys, tempfile
+out = {}
+for d in sys.argv[1:]:
+    try:
+        with tempfile.NamedTemporaryFile(dir=d):
+            out[d] = 'writable'
+    except OSError as e:
+        out[d] = os.strerror(e.errno)
+print(json.dumps(out))
+"""
+
+
+def read_only_check(container, timeout: float = EXEC_TIMEOUT) -> Check:
+    """Started like `invoke run` starts it (read-only root, tmpfs on WRITABLE_DIRS): only those take writes."""
+    try:
+        code, out = _exec(container, ["python3", "-c", READ_ONLY_PROBE, APP_DIR, *WRITABLE_DIRS], timeout)
+        found = json.loads(out.strip().splitlines()[-1])
+    except TimeoutError as e:
+        return Check("read-only root", False, f"timed out: {e}", timeout)
+    except (ValueError, IndexError):
+        return Check("read-only root", False, f"probe failed: {out.strip()[-200:]}", timeout)
+    want = {APP_DIR: os.strerror(30), **{d: "writable" for d in WRITABLE_DIRS}}  # 30: EROFS
+    bad = {d: v for d, v in found.items() if v != want[d]}
+    return Check("read-only root", not bad, f"unexpected: {bad}" if bad else
+                 f"{APP_DIR} read-only; writable: {', '.join(WRITABLE_DIRS)}", timeout)
 
 
 def system_packages_check(container, packages: tuple[str, ...], timeout: float = EXEC_TIMEOUT) -> Check:
@@ -594,7 +645,7 @@ def _check_strict_exit(variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT,
     kwargs = {} if _native(variant) else {"platform": variant.platform}
     started = time.monotonic()
     container = client.containers.run(variant.image, environment={"BACKEND_POLICY": "strict", **gpu.environment},
-                                      detach=True, **kwargs, **gpu.kwargs())
+                                      detach=True, **kwargs, **gpu.kwargs(), **run_options())
     try:
         code = container.wait(timeout=timeout)["StatusCode"]
         elapsed = time.monotonic() - started

@@ -321,7 +321,7 @@ def test_smoke_container_carries_the_device_request(monkeypatch):
     assert [dict(r) for r in c._kwargs["device_requests"]] == [
         {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
     c = smoke._container(variant(platform="linux/arm64"), {}, smoke.gpu_for(variant(platform="linux/arm64"), True))
-    assert c._kwargs == {"platform": "linux/arm64"}
+    assert c._kwargs == {"platform": "linux/arm64", "read_only": True}  # no GPU for an emulated platform
 
 
 def test_smoke_strict_check_uses_the_same_request(monkeypatch):
