@@ -22,7 +22,7 @@
 
           python = pkgs.python311;
           # pyproject.toml's [project.dependencies], from nixpkgs.
-          runtimeDeps = ps: (with ps; [ invoke docker pyyaml packaging requests jsonschema rich isal zstandard ]) ++ maybe ps "uv";
+          runtimeDeps = ps: (with ps; [ invoke docker pyyaml packaging requests jsonschema rich isal zstandard cyclonedx-python-lib ]) ++ maybe ps "uv";
           testDeps = ps: [ ps.pytest ] ++ maybe ps "testcontainers" ++ maybe ps "check-jsonschema";
 
           # `invoke engine.up` starts the embedded registry as `docker-registry
