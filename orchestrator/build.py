@@ -115,6 +115,14 @@ def stage_context(project: Project, image: ImagePlan, dockerfile: str) -> tuple[
     ctx = project.root / ".build" / "ctx" / f"{image.key}-{image.backend.name}-{image.arch}-{os.getpid()}"
     if ctx.exists():
         shutil.rmtree(ctx)
+    try:
+        return _fill_context(project, image, dockerfile, ctx)
+    except BaseException:  # Ctrl-C halfway through a copy leaves no context behind
+        shutil.rmtree(ctx, ignore_errors=True)
+        raise
+
+
+def _fill_context(project: Project, image: ImagePlan, dockerfile: str, ctx: Path) -> tuple[Path, str]:
     (ctx / "locks").mkdir(parents=True)
     (ctx / "wheelhouse").mkdir()
     for stage in image.layers:
@@ -224,13 +232,33 @@ def _run_export(cmd: list[str], env: dict, label: str, log, started: float, cons
                 raise
             except (tarfile.TarError, OSError) as e:  # the build failed and the stream ended early
                 failure = e
+    except BaseException:
+        # Ctrl-C or an error of ours: the build client must not outlive us. A terminal's
+        # Ctrl-C reached it already (same process group); a signal sent to us alone did not.
+        _stop(proc)
+        raise
     finally:
         code = proc.wait()
         reader.join(timeout=10)
     if code != 0 or failure is not None:
+        if not engine.engine_running():
+            raise EnvironmentProblem(
+                f"the Docker Engine at {engine.engine_address()} stopped answering during the build of {label}",
+                "start it again (`invoke engine.up`, or the engine DOCKER_HOST names) and re-run; "
+                "this image was not pushed or tagged, and what was already built is reused")
         text = "\n".join(tail)
         raise EnvironmentProblem(f"build of {label} failed:\n" + "\n".join("    " + t for t in tail), _hint(text))
     return result
+
+
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def engine_docker_config(host: str) -> str | None:
@@ -310,6 +338,7 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     results: list[BuildResult] = []
     libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
     contexts: list[Path] = []
+    failed = True
     try:
         for image in plan.images:
             base = bases[image.platform]
@@ -340,8 +369,11 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
                 r.pending = None
                 log(f"{r.image.key}/{r.image.backend.name} {r.image.platform}: registry received "
                     f"{r.uploaded_bytes:,} bytes")
+        failed = False
     finally:
-        uploader.close()
+        # On an error or Ctrl-C, queued uploads and manifest pushes are dropped: no tag is
+        # written after the run has failed, and a dead registry is not retried once per blob.
+        uploader.close(cancel=failed)
         if docker_config:
             shutil.rmtree(docker_config, ignore_errors=True)
         for ctx in contexts:

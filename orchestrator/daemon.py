@@ -26,6 +26,14 @@ def ca_bundle() -> str:
 
 # --- the engine ---------------------------------------------------------
 
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+def engine_address() -> str:
+    """Where the engine is: $DOCKER_HOST, which docker-py and every docker CLI we start both honour."""
+    return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+
+
 def docker_client(timeout: int = 600):
     import docker  # local import: unit tests of pure stages need no docker-py
 
@@ -34,7 +42,7 @@ def docker_client(timeout: int = 600):
         client.ping()
         return client
     except Exception as e:  # noqa: BLE001 - docker-py raises several kinds
-        raise EnvironmentProblem(f"no Docker Engine answers ({type(e).__name__})",
+        raise EnvironmentProblem(f"no Docker Engine answers at {engine_address()} ({type(e).__name__})",
                                  "start one with `invoke engine.up` (as root) or set DOCKER_HOST") from None
 
 

@@ -5,12 +5,12 @@ and older callers import: the status table and the names re-exported."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from . import base as base_mod
 from .daemon import (BuildClient, CA_BUNDLE_CANDIDATES, _host_arch, base_platforms, build_client,  # noqa: F401
-                     ca_bundle, docker_client, engine_running, ensure_binfmt, ensure_engine, host_platform)
+                     ca_bundle, docker_client, engine_address, engine_running, ensure_binfmt, ensure_engine,
+                     host_platform)
 from .errors import EnvironmentProblem
 from .registry import Registry
 from .registry_server import down, ensure_registry, gc  # noqa: F401
@@ -22,7 +22,7 @@ def status(project: Project) -> list[tuple[str, str]]:
     rows = []
     if engine_running():
         info = docker_client().info()
-        rows.append(("engine", f"Docker {info.get('ServerVersion')} ({os.environ.get('DOCKER_HOST', 'unix:///var/run/docker.sock')})"))
+        rows.append(("engine", f"Docker {info.get('ServerVersion')} ({engine_address()})"))
         runtimes = ", ".join(sorted(info.get("Runtimes", {})))
         rows.append(("runtimes", runtimes + ("" if "nvidia" in runtimes else " (no NVIDIA runtime: GPU checks run as CPU fallback)")))
     else:

@@ -123,9 +123,17 @@ class Uploader:
                     blobs += n > 0
         return sent, blobs
 
-    def close(self) -> None:
-        self.manifests.shutdown(wait=True)
-        self.pool.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the work in flight; with cancel, drop what has not started (the run has failed).
+
+        A manifest push waiting on a dropped upload ends there, without its tag.
+        """
+        if cancel:
+            with self.lock:
+                for f in [*self.futures.values(), *self.pushes]:
+                    f.cancel()  # only those not yet running
+        self.manifests.shutdown(wait=True, cancel_futures=cancel)
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 def push_image(reg: Registry, name: str, img: Image, tag: str | None, log=None, mount_from=(),

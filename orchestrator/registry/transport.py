@@ -33,7 +33,24 @@ DAEMON_JSON = Path("/etc/docker/daemon.json")
 PROBE_TIMEOUT_S = 3.0  # a loopback TLS server answers a ClientHello in milliseconds
 MAX_REDIRECTS = 10
 REDIRECTS = (301, 302, 303, 307, 308)
+DEFAULT_TIMEOUT_S = 30.0  # connect, and each read: a registry silent this long is taken as gone
+DEFAULT_RETRIES = 4
+FIRST_BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5, 1, 2, 4 s
 sleep = time.sleep  # tests replace it to skip the backoff
+
+
+def backoff_seconds(retries: int) -> float:
+    """The sleeps between the attempts of one request: FIRST_BACKOFF_S doubling, none after the last."""
+    return FIRST_BACKOFF_S * (2 ** retries - 1)
+
+
+def worst_case_seconds(timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES) -> float:
+    """The longest one logical request can take against a registry that never answers.
+
+    Every attempt may wait out the timeout (connect or read); a dead process
+    refuses at once, so in practice only the backoff counts.
+    """
+    return (retries + 1) * timeout + backoff_seconds(retries)
 
 
 class TransportError(EnvironmentProblem):
@@ -162,7 +179,7 @@ def _is_cert_error(e: BaseException) -> bool:
 class Transport:
     """A requests session bound to one registry host."""
 
-    def __init__(self, host: str, timeout: float = 30.0, retries: int = 4):
+    def __init__(self, host: str, timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES):
         self.host = host
         self.timeout = timeout
         self.retries = retries
@@ -239,7 +256,7 @@ class Transport:
             retry = method in ("GET", "HEAD", "DELETE")
         auth_host = self.host if auth_host == "" else auth_host
         attempts = self.retries + 1 if retry else 1
-        delay = 0.5
+        delay = FIRST_BACKOFF_S
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
@@ -254,9 +271,11 @@ class Transport:
                                       "is it serving HTTPS on this port? " + trust_hint(self.host)) from None
             except (requests.ConnectionError, requests.Timeout, OSError) as e:
                 if last:
-                    raise Unreachable(f"registry {self.host} is unreachable ({type(e).__name__})",
-                                      "start the embedded one with `invoke engine.up`, or set ORCH_REGISTRY / "
-                                      "`registry:`") from None
+                    raise Unreachable(f"registry {self.host} is unreachable ({type(e).__name__}, "
+                                      f"{attempts} attempt{'s' if attempts > 1 else ''})",
+                                      "start it (the embedded one: `invoke engine.up`) or point ORCH_REGISTRY / "
+                                      "`registry:` at one that runs; a re-run skips what was already uploaded"
+                                      ) from None
             else:
                 if resp.status_code < 500 or last:
                     return resp

@@ -1,0 +1,524 @@
+"""Faults injected for real: a registry killed with SIGKILL in the middle of
+an upload, a Docker Engine killed while it builds, and Ctrl-C (SIGINT to the
+process group, as a terminal sends it) during `invoke lock`, `build` and
+`publish`.
+
+Every fault runs the CLI as a subprocess against real processes: a private
+`docker-registry serve` on a port of its own (never the shared one on
+127.0.0.1:5000) and a second dockerd on its own socket and data root (never
+the shared one). What is checked is what a user relies on afterwards: a
+clear message and a non-zero exit (130 for Ctrl-C), no traceback, nothing
+half-written next to locks and manifests, no tag for an image that was not
+finished, the previous backend manifest still served, no child process
+left, and a re-run that sends only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator import registry_server
+from orchestrator.registry import Registry
+from orchestrator.registry import transport as transport_mod
+
+from ..conftest import ROOT, cleanup_namespace, copy_fixture, unavailable
+from .conftest import _free_port
+
+pytestmark = pytest.mark.engine
+
+SERVICE = "echo"
+ARTIFACT_TAG = "0.1.0-backends"
+APP_BLOB_BYTES = 40 * 1024 * 1024  # incompressible: an upload that lasts long enough to be caught in flight
+STARTUP_S = 60  # generous: invoke starting, the project loading, the first registry round trips
+
+
+# -- the CLI as a user runs it --------------------------------------------
+
+class Cli:
+    """`invoke <task>` in its own process group, its merged output read as it comes."""
+
+    def __init__(self, args: list[str], project: Path, env: dict | None = None):
+        environ = {k: v for k, v in os.environ.items() if k != "ORCH_REGISTRY"}
+        environ.update(env or {}, PYTHONUNBUFFERED="1", COLUMNS="200")
+        self.started = time.monotonic()
+        self.wall_started = time.time()
+        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), *args, "--project", str(project)]
+        self.proc = subprocess.Popen(argv, cwd=project.parent, env=environ, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._seen:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        """The first output line matching pattern; fails the test if the process ends or time runs out first."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines:
+                    if rx.search(line):
+                        return line
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(f"the CLI ended (rc {self.proc.returncode}) before printing /{pattern}/:\n"
+                                + "\n".join(self.lines[-40:]))
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no /{pattern}/ within {timeout:.0f} s:\n" + "\n".join(self.lines[-40:]))
+                self._seen.wait(0.2)
+
+    def interrupt(self, group: bool = True) -> None:
+        """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group.
+
+        group=False: to the task's process alone, as `kill -INT` or a supervisor sends it;
+        its children (uv, the docker build client) then hear of it only from the task.
+        """
+        if group:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        else:
+            os.kill(self.proc.pid, signal.SIGINT)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the CLI did not exit within {timeout:.0f} s:\n" + self.output[-4000:])
+        self._reader.join(10)
+        return rc
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def group_alive(self) -> list[str]:
+        """Processes still in the CLI's process group (uv, docker build...): there must be none."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                try:
+                    found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+                except OSError:
+                    pass
+        return found
+
+
+def run_cli(args: list[str], project: Path, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
+    cli = Cli(args, project, env)
+    rc = cli.finish(timeout)
+    return rc, cli.output
+
+
+def assert_clean_exit_output(output: str) -> None:
+    assert "Traceback" not in output, output[-4000:]
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temp files atomic_write (`.<name>.*.tmp`) or anything else might leave next to locks, manifests, Dockerfiles."""
+    found = []
+    for sub in ("locks", "manifests", "dockerfiles"):
+        d = root / sub
+        if d.is_dir():
+            found += [str(p.relative_to(root)) for p in d.rglob("*") if p.name.endswith(".tmp") or
+                      (p.name.startswith(".") and not p.name.endswith(".lock"))]
+    ctx = root / ".build" / "ctx"
+    if ctx.is_dir():
+        found += [str(p.relative_to(root)) for p in ctx.iterdir()]
+    return found
+
+
+def project_copy(tmp_path: Path, *, registry: str | None = None, amd64_only: bool = True) -> Path:
+    path = copy_fixture("mini", tmp_path, f"orch-fault-{uuid.uuid4().hex[:8]}")
+    text = path.read_text()
+    if registry:
+        text = text.replace('python: "3.11"', f'python: "3.11"\nregistry: {registry}')
+    if amd64_only:  # half the images; the faults do not depend on the platform
+        text = text.replace("platforms: [linux/amd64, linux/arm64]", "platforms: [linux/amd64]")
+    path.write_text(text)
+    return path
+
+
+def change_app(project_file: Path, size: int = 8 * 1024 * 1024) -> None:
+    """A new release: the app gains an incompressible file, so its layer must be built and uploaded."""
+    (project_file.parent / "services" / SERVICE / "payload.bin").write_bytes(secrets.token_bytes(size))
+
+
+def artifact_digest(registry: str, project_name: str) -> str | None:
+    m = Registry(registry).get_manifest(f"{project_name}/{SERVICE}", ARTIFACT_TAG)
+    return m.digest if m else None
+
+
+# -- a registry of our own, to kill ----------------------------------------
+
+class PrivateRegistry:
+    """Debian's docker-registry on a free loopback port with its own storage (plain HTTP)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.host = f"127.0.0.1:{_free_port()}"
+        self.config = root / "config.yml"
+        self.config.write_text(registry_server.REGISTRY_CONFIG.format(root=root / "data", addr=self.host))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.root / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen(["docker-registry", "serve", str(self.config)], stdout=log, stderr=log,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not Registry(self.host, retries=0, timeout=2).ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                unavailable(f"docker-registry did not come up on {self.host}: "
+                            f"{(self.root / 'registry.log').read_text()[-500:]}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def uploads_receiving(self, at_least: int = 1_000_000) -> list[Path]:
+        """Layer uploads the registry is writing bytes into right now (they vanish when completed).
+
+        Configs and manifests are kilobytes; at_least picks a layer's upload.
+        """
+        found = []
+        for data in (self.root / "data").glob("docker/registry/v2/repositories/**/_uploads/*/data"):
+            try:
+                if data.stat().st_size >= at_least:
+                    found.append(data)
+            except OSError:
+                pass
+        return found
+
+
+@pytest.fixture
+def private_registry(engine_ready, tmp_path):
+    if not shutil.which("docker-registry"):
+        unavailable("Debian's docker-registry is not installed (ci/setup.sh installs it)")
+    reg = PrivateRegistry(tmp_path / "registry")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def test_a_registry_killed_mid_upload_fails_in_bounded_time_keeps_the_old_manifest_and_a_rerun_sends_the_rest(
+        private_registry, first_build, tmp_path):
+    project = project_copy(tmp_path, registry=private_registry.host)
+    name = project.read_text().split("project: ", 1)[1].split()[0]
+    rc, out = run_cli(["publish", "--no-smoke", "--json"], project)
+    assert rc == 0, out[-4000:]
+    full_release = json.loads(out[out.index("{"):])["uploaded_bytes"]
+    old = artifact_digest(private_registry.host, name)
+    assert old is not None
+
+    change_app(project, APP_BLOB_BYTES)
+    publishing = Cli(["publish", "--no-smoke"], project)
+    deadline = time.monotonic() + 300
+    while not private_registry.uploads_receiving():
+        if publishing.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("the new app layer never started uploading:\n" + publishing.output[-4000:])
+        time.sleep(0.01)
+    private_registry.kill()
+    killed = time.monotonic()
+
+    # The bound follows from the client's settings. One logical request against a registry that never
+    # answers takes at most worst_case_seconds (every attempt timing out, backing off in between). After
+    # the kill: the PATCH in flight fails (one attempt), the upload asks the registry how far it got (one
+    # request, retried) and gives up; the run then waits for what another thread has in flight (one more
+    # request) and drops the rest. A killed process refuses at once, so in practice only backoff counts.
+    one_request = transport_mod.worst_case_seconds(transport_mod.DEFAULT_TIMEOUT_S, transport_mod.DEFAULT_RETRIES)
+    bound = transport_mod.DEFAULT_TIMEOUT_S + transport_mod.FIRST_BACKOFF_S + 2 * one_request + 10  # 10: exiting
+    rc = publishing.finish(timeout=bound)
+    took = time.monotonic() - killed
+    out = publishing.output
+    print(f"publish failed {took:.1f} s after the registry was killed (bound {bound:.0f} s), rc {rc}")
+    print("\n".join(out.splitlines()[-3:]))
+    assert rc == 1
+    assert_clean_exit_output(out)
+    assert f"registry {private_registry.host} is unreachable" in out
+    assert publishing.group_alive() == []
+
+    private_registry.start()  # the same storage
+    assert artifact_digest(private_registry.host, name) == old  # the previous release is still the one served
+
+    rc, out = run_cli(["publish", "--no-smoke", "--json"], project)
+    assert rc == 0, out[-4000:]
+    rerun = json.loads(out[out.index("{"):])["uploaded_bytes"]
+    print(f"full release {full_release:,} bytes; re-run after the kill {rerun:,} bytes")
+    assert artifact_digest(private_registry.host, name) != old
+    # Only what the first release lacked: the new app layer (incompressible; it did not land before the
+    # kill, and an upload session does not outlive its run) and the new configs and manifests.
+    assert APP_BLOB_BYTES <= rerun < APP_BLOB_BYTES + 1_000_000
+
+
+# -- an engine of our own, to kill -----------------------------------------
+
+class SecondEngine:
+    """A second dockerd on its own socket, data root, exec root and bridge, next to the shared one.
+
+    Never `--bridge none`: a dockerd started so deletes the host's docker0 (moby's
+    removeDefaultBridgeInterface), which breaks every container of the shared engine.
+    Its own bridge, made here and removed afterwards, leaves docker0 alone;
+    --iptables/--ip-masq/--ip-forward off leave the host's firewall and sysctls alone.
+    """
+
+    def __init__(self):
+        # Short: containerd's sockets live under the exec root and unix socket paths stop at 108 bytes.
+        self.dir = Path(tempfile.mkdtemp(prefix="orch-dk-", dir="/tmp"))
+        self.socket = self.dir / "docker.sock"
+        self.address = f"unix://{self.socket}"
+        self.bridge = f"orchft{uuid.uuid4().hex[:6]}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        octet = 16 + int(uuid.uuid4().hex[:2], 16) % 200
+        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", f"10.213.{octet}.1/24", "dev", self.bridge], check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        (self.dir / "daemon.json").write_text("{}")  # not the host's /etc/docker/daemon.json
+        with open(self.dir / "dockerd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["dockerd", "--config-file", str(self.dir / "daemon.json"), "--host", self.address,
+                 "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
+                 "--pidfile", str(self.dir / "dockerd.pid"), "--bridge", self.bridge,
+                 "--iptables=false", "--ip-masq=false", "--ip-forward=false"],
+                stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            ok = subprocess.run(["/usr/bin/docker", "-H", self.address, "version"], capture_output=True).returncode == 0
+            if ok:
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                unavailable(f"a second dockerd did not come up: {(self.dir / 'dockerd.log').read_text()[-800:]}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def processes(self) -> list[int]:
+        """Our daemon's processes (dockerd, its containerd and shims): their command lines name our dir."""
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(self.dir).encode() in cmdline.read_bytes():
+                    pids.append(int(cmdline.parent.name))
+            except OSError:
+                pass
+        return pids
+
+    def remove(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.kill()
+        deadline = time.monotonic() + 15
+        while self.processes() and time.monotonic() < deadline:
+            for pid in self.processes():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.dir))]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+
+
+@pytest.fixture
+def second_engine(engine_ready):
+    for tool in ("dockerd", "ip"):
+        if not shutil.which(tool):
+            unavailable(f"{tool} is not installed (ci/setup.sh installs docker.io and iproute2)")
+    if os.geteuid() != 0:
+        unavailable("a second dockerd needs root")
+    eng = SecondEngine()
+    try:
+        eng.start()
+        yield eng
+    finally:
+        eng.remove()
+
+
+def test_an_engine_killed_during_a_build_is_named_in_a_clear_error_and_no_tag_is_written(
+        second_engine, first_build, tmp_path):
+    from orchestrator import spec
+
+    path = project_copy(tmp_path)
+    project = spec.load(path)
+    change_app(path)  # the app stage must run: no cached layer stands in for it
+    try:
+        building = Cli(["build", "--backend", "cpu", "--platform", "linux/amd64"], path,
+                       env={"DOCKER_HOST": second_engine.address})
+        step = building.wait_for(r"echo/cpu amd64 app .*#\d+ \[app \d/\d\] (COPY|RUN)", timeout=300)
+        second_engine.kill()
+        rc = building.finish(timeout=120)
+        out = building.output
+        print(f"killed the engine at: {step.strip()}\n" + "\n".join(out.splitlines()[-3:]))
+        assert rc == 1
+        assert_clean_exit_output(out)
+        assert (f"the Docker Engine at {second_engine.address} stopped answering "
+                "during the build of echo/cpu amd64") in out
+        assert building.group_alive() == []  # the docker build client is gone too
+        assert Registry(project.registry).tags(f"{project.name}/{SERVICE}") == []
+        assert leftovers(path.parent) == []
+    finally:
+        cleanup_namespace(project)
+
+
+# -- Ctrl-C ----------------------------------------------------------------
+
+def open_files() -> set[str]:
+    found = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            found.add(os.readlink(fd))
+        except OSError:
+            pass
+    return found
+
+
+def orphaned_temp_blobs(since: float) -> list[str]:
+    """Half-written layer blobs (`.blob-*` in the blob cache) made since then that no process holds open.
+
+    The cache is shared with whatever else runs on this machine: a temp blob
+    another build is writing is open, one of ours that leaked is not.
+    """
+    from orchestrator import layers
+
+    root = layers.default_cache().root
+    candidates = [p for p in root.glob(".blob-*") if p.stat().st_mtime >= since]
+    held = open_files() if candidates else set()
+    return [p.name for p in candidates if str(p) not in held]
+
+
+def assert_interrupted_cleanly(cli: Cli, root: Path) -> None:
+    rc = cli.finish(timeout=120)
+    out = cli.output
+    print("\n".join(out.splitlines()[-2:]) + f"\n(rc {rc})")
+    assert rc == 130
+    assert out.rstrip().endswith("interrupted")
+    assert_clean_exit_output(out)
+    assert cli.group_alive() == []  # uv, the docker build client: none outlives the task
+    assert leftovers(root) == []
+    assert orphaned_temp_blobs(since=cli.wall_started) == []
+
+
+def lock_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "locks").rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engine_ready, tmp_path):
+    from orchestrator import lock as lock_mod
+
+    path = copy_fixture("mini", tmp_path)
+    root = path.parent
+    before = lock_files(root)
+    (root / "requirements" / "shared.in").write_text("idna==3.9\n")  # every target re-locks, one uv run per layer
+    (root / "requirements" / "echo.in").write_text("six==1.17.0\n")
+
+    locking = Cli(["lock"], path)
+    locking.wait_for(r"^locking cuda13 for linux/arm64", timeout=120)  # the first target's locks are written
+    locking.interrupt()
+    assert_interrupted_cleanly(locking, root)
+
+    after = lock_files(root)
+    assert after.keys() == before.keys()
+    rewritten = [name for name in after if after[name] != before[name]]
+    print(f"rewritten before Ctrl-C: {rewritten}")
+    for name in rewritten:
+        assert lock_mod.parse_pins(after[name].decode())  # whole, with its pins, never a torn file
+    rc, out = run_cli(["lock", "--check"], path)
+    assert rc == 1 and "Traceback" not in out and "error" not in out.lower(), out
+    stale = {line.split(": ")[1] for line in out.splitlines() if line.startswith("stale: ")}
+    print(f"named stale by lock --check: {sorted(stale)}")
+    assert stale and not stale & set(rewritten)  # what was rewritten is complete and fresh; the rest is named
+
+    rc, out = run_cli(["lock"], path)
+    assert rc == 0, out
+    rc, out = run_cli(["lock", "--check"], path)
+    assert rc == 0, out
+
+
+@pytest.mark.parametrize("to", ["process group", "task alone"])
+def test_ctrl_c_during_build_stops_the_build_client_and_tags_nothing(engine_ready, first_build, tmp_path, to):
+    from orchestrator import spec
+
+    path = project_copy(tmp_path)
+    project = spec.load(path)
+    change_app(path)
+    try:
+        building = Cli(["build", "--backend", "cpu", "--platform", "linux/amd64"], path)
+        building.wait_for(r"echo/cpu amd64 app .*#\d+ \[app \d/\d\] (COPY|RUN)", timeout=300)
+        building.interrupt(group=to == "process group")
+        assert_interrupted_cleanly(building, path.parent)
+        assert Registry(project.registry).tags(f"{project.name}/{SERVICE}") == []
+    finally:
+        cleanup_namespace(project)
+
+
+def test_ctrl_c_during_publish_keeps_the_previous_backend_manifest_served_and_on_disk(engine_ready, first_build,
+                                                                                       tmp_path):
+    from orchestrator import spec
+
+    path = project_copy(tmp_path)
+    project = spec.load(path)
+    try:
+        rc, out = run_cli(["publish", "--no-smoke"], path)
+        assert rc == 0, out[-4000:]
+        old = artifact_digest(project.registry, project.name)
+        written = path.parent / "manifests" / f"{SERVICE}-0.1.0.backends.json"
+        old_bytes = written.read_bytes()
+
+        change_app(path)
+        publishing = Cli(["publish", "--no-smoke"], path)
+        publishing.wait_for(rf"{SERVICE}/cpu: pushing .* in the background", timeout=300)
+        publishing.interrupt()
+        assert_interrupted_cleanly(publishing, path.parent)
+        assert artifact_digest(project.registry, project.name) == old
+        assert written.read_bytes() == old_bytes
+    finally:
+        cleanup_namespace(project)
