@@ -269,7 +269,10 @@ class Transport:
                 if last:
                     raise Unreachable(f"registry {self.host}: TLS failed ({type(e).__name__})",
                                       "is it serving HTTPS on this port? " + trust_hint(self.host)) from None
-            except (requests.ConnectionError, requests.Timeout, OSError) as e:
+            # ChunkedEncodingError: the body broke off (a registry killed while it answered),
+            # which a non-streamed request reads here, before it returns.
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    OSError) as e:
                 if last:
                     raise Unreachable(f"registry {self.host} is unreachable ({type(e).__name__}, "
                                       f"{attempts} attempt{'s' if attempts > 1 else ''})",
