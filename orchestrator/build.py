@@ -242,10 +242,11 @@ def _run_export(cmd: list[str], env: dict, label: str, log, started: float, cons
         reader.join(timeout=10)
     if code != 0 or failure is not None:
         if not engine.engine_running():
+            start = "start it again" if os.environ.get("DOCKER_HOST") else "start it again (`invoke engine.up`)"
             raise EnvironmentProblem(
                 f"the Docker Engine at {engine.engine_address()} stopped answering during the build of {label}",
-                "start it again (`invoke engine.up`, or the engine DOCKER_HOST names) and re-run; "
-                "this image was not pushed or tagged, and what was already built is reused")
+                f"{start} and re-run: this image was neither pushed nor tagged, and the layers already built "
+                "are reused")
         text = "\n".join(tail)
         raise EnvironmentProblem(f"build of {label} failed:\n" + "\n".join("    " + t for t in tail), _hint(text))
     return result

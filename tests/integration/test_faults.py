@@ -451,7 +451,8 @@ def lock_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "locks").rglob("*")) if p.is_file()}
 
 
-def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engine_ready, tmp_path):
+@pytest.mark.parametrize("to", ["process group", "task alone"])
+def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engine_ready, tmp_path, to):
     from orchestrator import lock as lock_mod
 
     path = copy_fixture("mini", tmp_path)
@@ -462,7 +463,7 @@ def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engin
 
     locking = Cli(["lock"], path)
     locking.wait_for(r"^locking cuda13 for linux/arm64", timeout=120)  # the first target's locks are written
-    locking.interrupt()
+    locking.interrupt(group=to == "process group")
     assert_interrupted_cleanly(locking, root)
 
     after = lock_files(root)
