@@ -2,7 +2,8 @@
 
 Order: blobs -> per-arch manifests under content tags (both by `build`,
 which skips what the registry has) -> smoke tests of exactly those digests
--> promotion: one OCI image index per (service, version, backend) under its
+-> promotion: each image's CycloneDX SBOM attached to it (orchestrator.sbom),
+then one OCI image index per (service, version, backend) under its
 human tags, then the nested backend manifest, pushed as an OCI artifact
 under `<version>-backends` only after everything it names exists. A
 publish that fails midway, or whose smoke fails, leaves the previous
@@ -22,6 +23,7 @@ import jsonschema
 from . import build as build_mod
 from . import compat as compat_mod
 from . import image as image_mod
+from . import sbom as sbom_mod
 from .errors import EnvironmentProblem, UserError
 from .files import atomic_write
 from .registry import EMPTY_JSON, OCI_EMPTY, OCI_MANIFEST, Registry, sha256_digest, split_ref
@@ -40,6 +42,7 @@ class PublishReport:
     smoke: list = field(default_factory=list)
     manifests: dict[str, Path] = field(default_factory=dict)  # service -> file written
     artifacts: dict[str, str] = field(default_factory=dict)  # service -> ref@digest
+    sboms: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (image, backend, platform) -> artifact digest
     uploaded_bytes: int = 0
 
 
@@ -66,10 +69,11 @@ def fallback_order(project: Project) -> list[str]:
 
 
 def backend_manifest(project: Project, service: str, results: list, indexes: dict, smoke_ran: bool,
-                     smoked: int = 0) -> dict:
+                     smoked: int = 0, sboms: dict | None = None) -> dict:
     """The nested manifest for one service from this run's build results.
 
     indexes: (key, backend) -> the index digest promoted for it.
+    sboms: (key, backend, platform) -> the digest of the SBOM attached to that image.
     """
     compat = compat_mod.load()
     svc = project.services[service]
@@ -88,6 +92,8 @@ def backend_manifest(project: Project, service: str, results: list, indexes: dic
             spec = {"image": f"{r.image.repository}@{r.digest}",
                     "index": f"{r.image.repository}@{indexes[(service, bname)]}",
                     "size": r.assembled.size(), "torch": backend.torch_for(platform)}
+            if sboms and (service, bname, platform) in sboms:
+                spec["sbom"] = sboms[(service, bname, platform)]
             if backend.is_cuda:
                 libs = by[("cuda-libs", bname, platform)]
                 spec["requires"] = {"cuda": backend.cuda, "driver": ">=" + compat.cuda(backend.cuda).min_driver}
@@ -150,6 +156,29 @@ def fetch_manifest(ref: str) -> dict:
     return manifest
 
 
+def published_sbom(project: Project, service: str, backend: str, platform: str) -> tuple[str, bytes]:
+    """The SBOM of the promoted image of one variant: (image ref, CycloneDX JSON bytes).
+
+    The image comes from the promoted backend manifest; its SBOM is found
+    through the referrers of the image digest, and every digest on the way
+    is checked (see sbom.fetch).
+    """
+    svc = project.services[service]
+    if backend not in svc.backends or platform not in project.backends[backend].platforms:
+        offered = [b for b in svc.backends if platform in project.backends[b].platforms]
+        raise UserError(f"{service} has no {backend} image for {platform} in {project.file.name}; "
+                        f"there it has {offered}", f"pick one of {offered}, or another --platform")
+    ref = f"{project.repository(service)}:{artifact_tag(svc.version)}"
+    manifest = fetch_manifest(ref)
+    spec = ((manifest["platforms"].get(platform) or {}).get("backends") or {}).get(backend)
+    if spec is None:
+        raise UserError(f"{ref} names no {backend} image for {platform} (published before that variant existed)",
+                        "run `invoke publish`")
+    image = spec["image"]
+    _, name, digest = split_ref(image)
+    return image, sbom_mod.fetch(Registry(project.registry), name, digest, spec.get("sbom"))
+
+
 def load_manifest_file(path: str) -> dict:
     try:
         manifest = json.loads(Path(path).read_text())
@@ -173,6 +202,9 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
     """
     report = PublishReport(builds=results)
     reg = Registry(project.registry)
+    # SBOMs before any human tag moves: an image reachable by tag has its SBOM attached.
+    report.sboms, sent = attach_sboms(project, reg, results, log)
+    report.uploaded_bytes += sent
     groups: dict[tuple[str, str], list] = {}
     for r in results:
         groups.setdefault((r.image.key, r.image.backend.name), []).append(r)
@@ -193,7 +225,7 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
         indexes[(key, bname)] = image_mod.digest_of(body)
     # Backend manifests last: everything they name now exists.
     for service in services:
-        manifest = backend_manifest(project, service, results, indexes, smoke_ran, smoked)
+        manifest = backend_manifest(project, service, results, indexes, smoke_ran, smoked, report.sboms)
         _, name, _ = split_ref(project.repository(service) + ":x")
         tag = artifact_tag(manifest["version"])
         title = f"{manifest['service']}-{manifest['version']}.backends.json"
@@ -204,6 +236,38 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
         report.artifacts[service] = f"{project.repository(service)}:{tag}@{digest}"
         log(f"{project.repository(service)}:{tag} -> {digest[:19]}" + ("" if sent else " (unchanged)"))
     return report
+
+
+def attach_sboms(project: Project, reg: Registry, results: list, log=print) -> tuple[dict, int]:
+    """One CycloneDX SBOM per built image, attached as a referrer of its per-platform manifest.
+
+    Returns ((key, backend, platform) -> SBOM artifact digest, bytes sent);
+    an SBOM already attached sends nothing.
+    """
+    from . import base as base_mod
+
+    by = {(r.image.key, r.image.backend.name, r.image.platform): r for r in results}
+    pins = base_mod.read_pins(project)
+    out: dict[tuple[str, str, str], str] = {}
+    sent_total = 0
+    for (key, bname, platform), r in sorted(by.items()):
+        parent = by.get(("cuda-libs", bname, platform)) if r.image.from_image == "cuda-libs" else None
+        if r.image.from_image == "cuda-libs" and parent is None:
+            raise EnvironmentProblem(f"{key}/{bname} {platform}: its CUDA-libs image was not built in this run, "
+                                     "so its SBOM cannot list the CUDA wheels", "run `invoke publish` for all images")
+        payload = sbom_mod.document(sbom_mod.contents(project.name, project.base.suite, r, parent, pins.get(platform)))
+        _, name, _ = split_ref(r.ref)
+        manifest = r.assembled.manifest()
+        if image_mod.digest_of(manifest) != r.digest:  # the subject's size must be the registry's: ask it
+            found = reg.get_manifest(name, r.digest)
+            manifest = found.body if found is not None else manifest
+        digest, sent = sbom_mod.push(reg, name, r.digest, len(manifest), platform, payload)
+        out[(key, bname, platform)] = digest
+        sent_total += sent
+        if sent:
+            log(f"{r.image.repository}@{r.digest[:19]} ({platform}): SBOM {digest[:19]} attached "
+                f"({len(payload):,} bytes)")
+    return out, sent_total
 
 
 def publish(project: Project, services: list[str] | None = None, log=print, smoke: bool = True,

@@ -225,6 +225,33 @@ class Registry:
             url = urljoin(resp.url, nxt) if nxt else None
         return sorted(set(found))
 
+    def referrers(self, name: str, digest: str, artifact_type: str | None = None) -> list[dict] | None:
+        """Descriptors of the manifests whose `subject` is digest (the referrers API, distribution spec 1.1).
+
+        None where the registry lacks the API: it answers 404, which a registry
+        that has it must not (callers then read the referrers tag schema).
+        Some registries answer an unknown route with 400, 405 or 501 instead.
+        """
+        found: list[dict] = []
+        url, seen = f"/v2/{name}/referrers/{digest}", set()
+        params = {"artifactType": artifact_type} if artifact_type else None
+        while url and url not in seen:
+            seen.add(url)
+            resp = self._request("GET", url, repo=name, params=params if len(seen) == 1 else None,
+                                 headers={"Accept": OCI_INDEX})
+            if resp.status_code in (400, 404, 405, 501):
+                return None
+            if resp.status_code != 200:
+                raise self._denied(resp, f"list referrers of {name}@{digest}")
+            try:
+                found += resp.json().get("manifests") or []
+            except ValueError:
+                raise TransportError(f"registry {self.host}: the referrers of {name}@{digest} are not JSON") from None
+            nxt = resp.links.get("next", {}).get("url")
+            url = urljoin(resp.url, nxt) if nxt else None
+        # The filter is optional for registries; apply it here when one was not applied.
+        return [d for d in found if not artifact_type or d.get("artifactType") == artifact_type]
+
     # -- blobs: reading ------------------------------------------------------
     def has_blob(self, name: str, digest: str) -> bool:
         return self._request("HEAD", f"/v2/{name}/blobs/{digest}", repo=name).status_code == 200
