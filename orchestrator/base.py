@@ -308,7 +308,7 @@ def bootstrap(project: Project, platform: str, cache: layers_mod.BlobCache, log=
                                   labels=(("org.opencontainers.image.title", f"Debian {b.suite} base"),))
     recipe = f"mmdebstrap --variant=minbase --include={','.join(sorted(b.include))} {b.suite}"
     cfg = image_mod.config(None, platform, (layer,), settings, (recipe,))
-    cache.blob_path(image_mod.digest_of(cfg)).write_bytes(cfg)
+    atomic_write(cache.blob_path(image_mod.digest_of(cfg)), cfg)  # a reader never sees half a config
     return image_mod.Image(platform, (layer,), cfg), packages
 
 
