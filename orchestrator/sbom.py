@@ -181,7 +181,9 @@ def document(c: Contents) -> bytes:
                   SOURCE_DATE_EPOCH, tz=datetime.timezone.utc)),
               components=[components[k] for k in sorted(components)])
     base = components[str(base_purl)]
-    bom.register_dependency(root, [x for x in bom.components if x not in in_base])
+    # By identity: Component equality compares every field, and this list is hundreds long.
+    base_ids = {id(x) for x in in_base}
+    bom.register_dependency(root, [x for x in components.values() if id(x) not in base_ids])
     bom.register_dependency(base, in_base)  # the base's own packages hang off the base
     text = JsonV1Dot6(bom).output_as_string(indent=2)
     # The library sorts sets itself; a round trip through sort_keys makes key order ours too.
