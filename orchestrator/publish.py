@@ -169,6 +169,10 @@ def published_sbom(project: Project, service: str, backend: str, platform: str) 
         raise UserError(f"{service} has no {backend} image for {platform} in {project.file.name}; "
                         f"there it has {offered}", f"pick one of {offered}, or another --platform")
     ref = f"{project.repository(service)}:{artifact_tag(svc.version)}"
+    reg = Registry(project.registry)
+    if not reg.has_manifest(split_ref(ref)[1], artifact_tag(svc.version)):
+        raise UserError(f"nothing is published for {service} {svc.version} yet: {ref} is not in the registry",
+                        "run `invoke publish` (it attaches an SBOM to every image it promotes)")
     manifest = fetch_manifest(ref)
     spec = ((manifest["platforms"].get(platform) or {}).get("backends") or {}).get(backend)
     if spec is None:
@@ -176,7 +180,7 @@ def published_sbom(project: Project, service: str, backend: str, platform: str) 
                         "run `invoke publish`")
     image = spec["image"]
     _, name, digest = split_ref(image)
-    return image, sbom_mod.fetch(Registry(project.registry), name, digest, spec.get("sbom"))
+    return image, sbom_mod.fetch(reg, name, digest, spec.get("sbom"))
 
 
 def load_manifest_file(path: str) -> dict:

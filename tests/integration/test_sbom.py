@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -14,7 +15,7 @@ from orchestrator import lock as lock_mod
 from orchestrator import publish, sbom
 from orchestrator.registry import OCI_INDEX, Registry, split_ref
 
-from ..conftest import ROOT
+from ..conftest import ROOT, copy_fixture
 
 pytestmark = pytest.mark.engine  # `published` (tests/conftest.py): the mini fixture published once per session
 
@@ -69,10 +70,14 @@ def test_the_cuda_sbom_lists_the_cuda_wheels_with_their_lock_hashes(mini_project
     assert artifact["artifactType"] == sbom.MEDIA_TYPE
 
 
+def invoke_sbom(project_file, *args):
+    return subprocess.run([sys.executable, "-m", "invoke", "sbom", "--project", str(project_file), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_invoke_sbom_prints_it_and_refuses_what_the_project_lacks(mini_project, published):
     def invoke(*args):
-        return subprocess.run([sys.executable, "-m", "invoke", "sbom", "--project", str(mini_project.file), *args],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return invoke_sbom(mini_project.file, *args)
 
     ok = invoke("--service", "echo", "--backend", "cuda13", "--platform", "linux/arm64")
     assert ok.returncode == 0, ok.stderr
@@ -85,3 +90,10 @@ def test_invoke_sbom_prints_it_and_refuses_what_the_project_lacks(mini_project, 
                            "echo has no cuda image for linux/arm64")):
         bad = invoke(*args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_invoke_sbom_says_when_nothing_is_published_yet(engine_ready, tmp_path):
+    never = copy_fixture("mini", tmp_path, f"orch-test-{uuid.uuid4().hex[:8]}")
+    out = invoke_sbom(never, "--service", "echo", "--backend", "cuda", "--platform", "linux/amd64")
+    assert out.returncode == 2
+    assert "nothing is published for echo 0.1.0 yet" in out.stderr and "invoke publish" in out.stderr
