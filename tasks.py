@@ -37,14 +37,15 @@ def lock(c, project=DEFAULT_PROJECT, check=False, upgrade=False):
             raise Exit("locks are stale; run `invoke lock`", code=1)
         log("locks are up to date")
         return
-    changed = pipeline.lock(proj, log, upgrade=upgrade)
+    with pipeline.run_lock(proj, "lock"):
+        changed = pipeline.lock(proj, log, upgrade=upgrade)
     log(f"{len(changed)} lock file(s) changed" if changed else "locks unchanged")
 
 
 @task(help={"project": PROJECT_HELP, "check": "write nothing; exit 1 if dockerfiles/ differs from a fresh render"})
 @friendly
 def render(c, project=DEFAULT_PROJECT, check=False):
-    """Write the CUDA 12.4 and CPU Dockerfiles into dockerfiles/ (deterministic, diffable)."""
+    """Write one Dockerfile per image and backend (every CUDA line, CPU) into dockerfiles/ (deterministic, diffable)."""
     proj = pipeline.load_project(project)
     differ = pipeline.render(proj, check=check)
     if check and differ:
@@ -69,8 +70,10 @@ def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="al
     backends = pipeline.parse_list(backend, proj.backends, "backend", proj.file.name)
     services = pipeline.parse_list(service, proj.services, "service", proj.file.name)
     platforms = pipeline.parse_list(platform, proj.platforms, "platform", proj.file.name)
-    pipeline.render(proj)
-    results = build_mod.build(proj, backends, services, platforms, log=log, force=force)
+    with pipeline.run_lock(proj, "build"):
+        pipeline.render(proj)
+        results = build_mod.build(proj, backends, services, platforms, log=(lambda *_: None) if json else log,
+                                  force=force)
     if json:
         print_json([{"image": r.image.key, "backend": r.image.backend.name, "platform": r.image.platform,
                      "ref": r.ref, "content_tag": r.content_tag, "built": r.built,
@@ -130,8 +133,9 @@ def publish(c, project=DEFAULT_PROJECT, service="all", no_smoke=False, json=Fals
 
     proj = pipeline.load_project(project)
     services = pipeline.parse_list(service, proj.services, "service", proj.file.name)
-    pipeline.render(proj)
-    report = publish_mod.publish(proj, services, log=(lambda *_: None) if json else log, smoke=not no_smoke)
+    with pipeline.run_lock(proj, "publish"):
+        pipeline.render(proj)
+        report = publish_mod.publish(proj, services, log=(lambda *_: None) if json else log, smoke=not no_smoke)
     if json:
         print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts,
                     "manifests": {k: str(v) for k, v in report.manifests.items()}})
@@ -142,13 +146,23 @@ def publish(c, project=DEFAULT_PROJECT, service="all", no_smoke=False, json=Fals
 
 
 def _manifest_for(proj, service, manifest):
+    """(backend manifest, where it came from, its artifact ref in the registry)."""
     from orchestrator import publish as publish_mod
 
+    ref = f"{proj.repository(service)}:{publish_mod.artifact_tag(proj.services[service].version)}"
     if manifest:
-        return publish_mod.load_manifest_file(manifest), manifest
-    svc = proj.services[service]
-    ref = f"{proj.repository(service)}:{publish_mod.artifact_tag(svc.version)}"
-    return publish_mod.fetch_manifest(ref), ref
+        return publish_mod.load_manifest_file(manifest), manifest, ref
+    return publish_mod.fetch_manifest(ref), ref, ref  # fetch_manifest checks the artifact's digests
+
+
+def _verify(data, source, ref, platform, backends):
+    """Refuse a manifest file the registry does not serve, and backends whose images or tags moved."""
+    from orchestrator import verify as verify_mod
+
+    if source != ref:
+        verify_mod.check_file_matches_registry(data, source, ref)
+    for backend in backends:
+        verify_mod.check_backend(data, platform, backend, source)
 
 
 @task(name="select", help={
@@ -161,16 +175,17 @@ def _manifest_for(proj, service, manifest):
     "gpus": "take the driver and GPUs from this report (what `python3 orchestrator/runtime/gpus.py` "
             "printed on some host) instead of asking NVML here: which line would that host get?",
     "machine": "the host's architecture with --root/--gpus (x86_64 or aarch64; default: this machine's)",
+    "no-verify": "do not check the manifest and its images against the registry (offline what-if questions "
+                 "with --manifest); the answer then says it is unverified",
 })
 @friendly
 def select_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, root="/", json=False,
-            gpus=None, machine=None):
+            gpus=None, machine=None, no_verify=False):
     """Say which image this host should run for a service, and why (walks the fallback list)."""
     from orchestrator import probe, select as select_mod
 
     proj = pipeline.load_project(project)
     pipeline.one(service, proj.services, "service", proj.file.name)
-    data, source = _manifest_for(proj, service, manifest)
     if gpus:
         report = pipeline.read_gpu_report(gpus)
         host = probe.probe(root, machine=machine, nvml=lambda: report.get("driver"),
@@ -178,13 +193,16 @@ def select_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=Non
                                          for g in report.get("gpus") or []])
     else:
         host = probe.probe(root, machine=machine)
+    data, source, ref = _manifest_for(proj, service, manifest)
     choice = select_mod.select(data, host, backend or os.environ.get("ORCH_BACKEND") or None, source)
+    if not no_verify:
+        _verify(data, source, ref, choice.platform, [choice.backend])
     if json:
-        print_json({**choice.as_json(), "host": host.as_json(), "manifest": source})
+        print_json({**choice.as_json(), "host": host.as_json(), "manifest": source, "verified": not no_verify})
         return
     for reason in choice.reasons:
         log(f"  {reason}")
-    log(f"{choice.backend}: {choice.image}")
+    log(f"{choice.backend}: {choice.image}" + (" (not verified against the registry: --no-verify)" if no_verify else ""))
 
 
 @task(name="run", help={
@@ -207,9 +225,12 @@ def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, 
         raise UserError(f"--port {port!r} is not a port number", "pass 1-65535, or leave it out for a free port")
     proj = pipeline.load_project(project)
     pipeline.one(service, proj.services, "service", proj.file.name)
-    data, _ = _manifest_for(proj, service, manifest)
+    host = probe.probe()
+    data, source, ref = _manifest_for(proj, service, manifest)
+    # Always verified: run may walk the whole fallback list, and starts each image by digest.
+    _verify(data, source, ref, host.platform, sorted((data["platforms"].get(host.platform) or {}).get("backends") or {}))
     svc = proj.services[service]
-    result = launch.launch(data, probe.probe().platform, svc.port, f"orch-{proj.name}-{service}",
+    result = launch.launch(data, host.platform, svc.port, f"orch-{proj.name}-{service}",
                            override=backend, host_port=int(port), log=log)
     for a, b in zip(result.attempts, result.attempts[1:]):
         gap = (f"{b.container_started - a.container_finished:.2f} s" if None not in (b.container_started,
@@ -220,6 +241,28 @@ def run_(c, service=None, project=DEFAULT_PROJECT, backend=None, manifest=None, 
             f"({result.attempts[0].backend}) to {result.backend} serving /health")
     log(f"{service} serving on {result.backend} at {result.url} (container {result.container}; "
         f"stop with: docker rm -f {result.container})")
+
+
+@task(help={
+    "project": PROJECT_HELP,
+    "service": "the service (required)",
+    "backend": "the backend, e.g. cuda (required)",
+    "platform": "linux/amd64 or linux/arm64 (default: this machine's)",
+})
+@friendly
+def sbom(c, service=None, backend=None, platform=None, project=DEFAULT_PROJECT):
+    """Print the CycloneDX SBOM of a promoted image, found through its digest's referrers (digests checked)."""
+    import sys
+
+    from orchestrator import publish as publish_mod
+
+    proj = pipeline.load_project(project)
+    pipeline.one(service, proj.services, "service", proj.file.name)
+    pipeline.one(backend, proj.backends, "backend", proj.file.name)
+    platform = pipeline.one(platform or engine.host_platform(), proj.platforms, "platform", proj.file.name)
+    image, data = publish_mod.published_sbom(proj, service, backend, platform)
+    sys.stdout.write(data.decode())
+    sys.stderr.write(f"SBOM of {image} ({platform})\n")
 
 
 @task(name="up", help={"project": PROJECT_HELP})
@@ -256,12 +299,17 @@ def engine_down(c):
         log(line)
 
 
-@task(name="gc", help={"project": PROJECT_HELP})
+@task(name="gc", help={
+    "project": PROJECT_HELP,
+    "keep": "content tags kept per image line beyond what human tags and backend manifests reference (default 2)",
+    "dry_run": "list what would be deleted and how much it would free; change nothing",
+})
 @friendly
-def engine_gc(c, project=DEFAULT_PROJECT):
-    """Free registry disk: delete blobs no manifest references (briefly stops the embedded registry)."""
+def engine_gc(c, project=DEFAULT_PROJECT, keep="2", dry_run=False):
+    """Free registry disk: delete unreferenced content tags (keeping the newest --keep), then their blobs."""
     proj = pipeline.load_project(project)
-    log(engine.gc(proj.registry))
+    report = pipeline.gc(proj.registry, pipeline.count(keep, "--keep"), dry_run=dry_run, log=log)
+    log(report if isinstance(report, str) else report.summary())
 
 
 @task(help={"project": PROJECT_HELP, "json": "print the findings and an overall \"ok\" as JSON"})
@@ -289,4 +337,4 @@ def doctor(c, project=DEFAULT_PROJECT, json=False):
 
 
 engine_ns = Collection("engine", engine_up, engine_status, engine_down, engine_gc)
-ns = Collection(lock, render, build, publish, smoke, select_, run_, doctor, engine_ns)
+ns = Collection(lock, render, build, publish, smoke, select_, run_, sbom, doctor, engine_ns)

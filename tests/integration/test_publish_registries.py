@@ -60,11 +60,15 @@ def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_mach
     from ..secrets_scan import credential_needles, local_ca_needles, scan
 
     project = spec.load(project_copy(tmp_path, tls_env.host))
-    publish.publish(project, log=lambda *_: None, smoke=False)
+    logged: list[str] = []
+    publish.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)
     needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles()}
+    # Every tag: images, indexes, configs (history, labels), layers, backend manifests, SBOM referrers.
     hits, blobs = scan(Registry(tls_env.host), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
     assert blobs > 20  # every platform's manifests, configs and layers, not a sample
     assert hits == []
+    log = "\n".join(logged).encode()
+    assert logged and [label for label, needle in needles.items() if needle in log] == []  # nor any log line
 
 
 def test_a_wrong_password_exits_non_zero_pushes_nothing_and_prints_no_secret(tls_env, first_build, tmp_path):
