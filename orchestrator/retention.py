@@ -23,6 +23,9 @@ Dockerfile or the app makes a new one, so they pile up. The policy:
   content tag only if it looks like one (`<prefix>-<12 hex>`) *and* names an
   image this tool built (its config carries `io.orchestrator.*` labels), so
   nobody else's `v1-0123456789ab` is touched.
+* Deleted with an image: its referrers (the SBOMs `publish` attaches), found
+  through the referrers tag schema (`sha256-<hex of the image digest>`, an
+  index whose children are the referrer artifacts).
 
 Keeping works on digests across the whole registry: a digest kept in one
 repository is kept in every repository (the same bytes; deleting it
@@ -40,6 +43,7 @@ from typing import Mapping
 from .plan import LABEL_PREFIX
 
 CONTENT_TAG = re.compile(r"^(?P<prefix>.+)-(?P<hash>[0-9a-f]{12})$")
+REFERRERS_TAG = re.compile(r"^sha256-(?P<hex>[0-9a-f]{64})$")  # OCI 1.1 referrers tag schema
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,13 @@ def plan(inventory: Inventory, keep: int) -> Plan:
     for t in content:
         if t.digest not in kept:
             by_repo.setdefault((t.repository, t.digest), []).append(t.tag)
+    gone_images = {d for _, d in by_repo}
+    for t in human:  # an image's referrers go with it: the referrers index, then each artifact it lists
+        m = REFERRERS_TAG.match(t.tag)
+        if m and "sha256:" + m["hex"] in gone_images and (t.repository, "sha256:" + m["hex"]) in by_repo:
+            by_repo.setdefault((t.repository, t.digest), []).append(t.tag)
+            for child in manifests[t.digest].children if t.digest in manifests else ():
+                by_repo.setdefault((t.repository, child), [])
     delete = tuple(Deletion(repo, d, tuple(sorted(tags))) for (repo, d), tags in sorted(by_repo.items()))
 
     gone = {d.digest for d in delete}

@@ -108,6 +108,8 @@ def cleanup_namespace(project) -> None:
             m = reg.get_manifest(name, tag)
             if m:
                 digests.add(m.digest)
+                if tag.startswith("sha256-"):  # a referrers index: its SBOM artifacts have no tag of their own
+                    digests |= {c["digest"] for c in m.json.get("manifests") or []}
         for d in digests:
             reg.delete_manifest(name, d)
         for img in client.images.list(name=f"{project.registry}/{name}"):

@@ -95,7 +95,8 @@ class _StreamWindow:
 class Registry:
     """One registry host. `Registry("ghcr.io/acme")` talks to https://ghcr.io/v2/; names are full repository paths."""
 
-    def __init__(self, host: str, timeout: float = 30.0, retries: int = 4):
+    def __init__(self, host: str, timeout: float = _transport.DEFAULT_TIMEOUT_S,
+                 retries: int = _transport.DEFAULT_RETRIES):
         self.host = registry_host(host)
         self.namespace = host.split("://", 1)[-1].partition("/")[2].strip("/")
         self.timeout = timeout
@@ -270,8 +271,12 @@ class Registry:
         return resp
 
     def get_blob(self, name: str, digest: str) -> bytes:
-        with self.open_blob(name, digest) as resp:
-            data = resp.content
+        try:
+            with self.open_blob(name, digest) as resp:
+                data = resp.content  # read here, outside the transport's retries: a body that breaks off lands below
+        except requests.RequestException as e:
+            raise Unreachable(f"registry {self.host}: reading {name}@{digest[:19]} broke off ({type(e).__name__})",
+                              "check that the registry is still running, then re-run") from None
         if sha256_digest(data) != digest:
             raise UserError(f"registry {self.host}: blob {name}@{digest} does not match its digest",
                             "the registry content was tampered with or corrupted; re-publish")

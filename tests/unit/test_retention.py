@@ -198,3 +198,19 @@ def test_built_here_means_orchestrator_labels():
     assert is_built_here({"io.orchestrator.backend": "cpu"})
     assert not is_built_here({"org.opencontainers.image.title": "x"})
     assert not is_built_here(None)
+
+
+def test_an_images_sbom_referrers_go_with_it_and_a_kept_images_stay():
+    reg = Registry()
+    old, new = reg.image("old", ["base", "a"]), reg.image("new", ["base", "b"])
+    reg.tag("p/svc", "0.1.0-cpu-000000000000", old)
+    reg.tag("p/svc", "0.1.0-cpu-000000000001", new)
+    for image in (old, new):  # publish attached an SBOM to each: referrers tag schema
+        sbom = reg.image("sbom of " + image, ["sbom json " + image], platform=None, ours=False)
+        reg.tag("p/svc", "sha256-" + image[7:], reg.index("referrers of " + image, [sbom]))
+    p = plan(reg.inventory(), keep=1)
+    gone = {x.digest for x in p.delete}
+    assert deleted(p) == {("p/svc", "0.1.0-cpu-000000000000"), ("p/svc", "sha256-" + old[7:])}
+    assert {old, d("index referrers of " + old), d("manifest sbom of " + old)} == gone
+    assert d("sbom json " + old) in {b for b, _ in reg.manifests[d("manifest sbom of " + old)].blobs}
+    assert p.reclaimable >= 2 * 100  # the old SBOM's blobs are freed too
