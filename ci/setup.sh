@@ -10,9 +10,15 @@ cd "$(dirname "$0")/.."
 # anything a tool only "recommends" but we need is listed by name: arch-test
 # (mmdebstrap's foreign-architecture check), nix-bin (the flake checks),
 # gpgv + debian-archive-keyring (system_packages: the archive's InRelease
-# signature is checked before any index is trusted).
+# signature is checked before any index is trusted), git (ci/test.sh and the
+# bad-input tests check that the suite leaves nothing in the checkout with
+# `git status`; a minimal Debian 12 has no git), and two that a full Debian
+# install has but a minbase root (a container) lacks: procps (pkill:
+# engine.down stops the registry it started) and iproute2 (ip: the
+# second-engine tests).
 packages=(python3 python3-venv python3-pip ca-certificates openssl docker.io docker-registry
-          mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin gpgv debian-archive-keyring)
+          mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin gpgv debian-archive-keyring
+          git procps iproute2)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,7 +28,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# The venv is made from Debian's python3 (installed above), not whichever
+# python3 comes first on PATH (a pyenv or /usr/local build here would hide
+# what a fresh Debian 12 runs: 3.11.2). An existing .venv is left as it is.
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 stamp=.venv/.orchestrator-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
