@@ -16,6 +16,14 @@ Order: CUDA-libs first, then the services on it (cuda) or on the base (cpu).
 An image whose content tag is already in the registry is not rebuilt. Only
 content tags are written here: human tags, indexes and backend manifests
 are promoted by `publish` after smoke tests pass.
+
+Builders: each platform builds on its engine (`builders:`, else the default
+one). With several engines, each gets a thread and builds its platforms'
+images in plan order, pip stages on its own native platform (its build
+base); the first failure, or Ctrl-C, stops the others' build clients, and
+no manifest is pushed once the run has failed. The layers are made by the
+tool from exported files, so the engine that ran a stage does not show in
+any digest.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from .plan import BuildPlan, ImagePlan, SystemStage, content_tag, make_plan, set
 from .push import Uploader
 from .registry import Registry, split_ref
 from .render import app_stage_text, export_target, layer_stage_text, render_all
-from .spec import Project
+from .spec import Builder, Project
 
 SOURCE_DATE_EPOCH = str(layers_mod.SOURCE_DATE_EPOCH)
 
@@ -155,7 +163,13 @@ def _pip_sources(image: ImagePlan) -> str:
     return " ".join(parts)
 
 
-def _hint(text: str) -> str | None:
+def _hint(text: str, builder: Builder | None = None, registry: str | None = None) -> str | None:
+    engine_name = f"the engine at {builder.host}" if builder is not None else "the engine"
+    if registry and ("failed to resolve source metadata" in text or "failed to do request" in text) and \
+            ("connection refused" in text or "no such host" in text or "i/o timeout" in text):
+        return (f"{engine_name} cannot reach registry {registry} to pull the build base: every builder must reach "
+                "the registry under that name (a builder on another machine does not see this machine's 127.0.0.1); "
+                "use a registry address every builder reaches")
     if "failed to prepare" in text and "no such file or directory" in text:
         # Seen after `docker image prune`: BuildKit records point at removed layers.
         return "BuildKit's cache refers to layers that were pruned; run `docker builder prune -af` and retry"
@@ -168,7 +182,8 @@ def _hint(text: str) -> str | None:
 
 
 def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, str], cache: layers_mod.BlobCache,
-                 c: layers_mod.Codec, log=print, no_cache: bool = False, docker_config: str | None = None
+                 c: layers_mod.Codec, log=print, no_cache: bool = False, docker_config: str | None = None,
+                 builder: Builder | None = None, halt: "Halt | None" = None, registry: str | None = None
                  ) -> layers_mod.Layer:
     """Run one layer stage with BuildKit and turn its exported files into a layer blob.
 
@@ -184,20 +199,22 @@ def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, 
            "--secret", f"id=ca,src={engine.ca_bundle()}", "-f", str(ctx / "Dockerfile")]
     for k, v in build_args.items():
         cmd += ["--build-arg", f"{k}={v}"]
-    env = dict(os.environ, **dict(client.env))
+    env = {**engine.builder_env(builder), **dict(client.env)}  # DOCKER_HOST (and TLS) of this platform's engine
     if docker_config:
         env["DOCKER_CONFIG"] = docker_config
     label = f"{image.key}/{image.backend.name} {image.arch} {stage}"
     started = time.monotonic()
     rate = layers_mod.Rate(f"{label}: exporting and compressing", log)
+    where = {"builder": builder, "halt": halt, "registry": registry}
     try:
         layer = _run_export([*cmd, "--output", "type=tar,dest=-", str(ctx)], env, label, log, started,
-                            lambda out: layers_mod.write_layer(out, cache, c, progress=rate))
+                            lambda out: layers_mod.write_layer(out, cache, c, progress=rate), **where)
     except layers_mod.UnsortedStream:
         log(f"  {label}: BuildKit's tar is not in sorted order; exporting to a file to sort it")
         with tempfile.TemporaryDirectory(prefix="orch-export-") as tmp:
             out = Path(tmp) / "layer.tar"
-            _run_export([*cmd, "--output", f"type=tar,dest={out}", str(ctx)], env, label, log, started, None)
+            _run_export([*cmd, "--output", f"type=tar,dest={out}", str(ctx)], env, label, log, started, None,
+                        **where)
             layer = layers_mod.write_layer_from_file(out, cache, c, progress=rate)
     took = time.monotonic() - started
     log(f"  {label}: layer {layer.size / 1e6:,.1f} MB -> {layer.blob_size / 1e6:,.1f} MB {c.name} in {took:.1f} s "
@@ -205,11 +222,14 @@ def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, 
     return layer
 
 
-def _run_export(cmd: list[str], env: dict, label: str, log, started: float, consume):
+def _run_export(cmd: list[str], env: dict, label: str, log, started: float, consume,
+                builder: Builder | None = None, halt: "Halt | None" = None, registry: str | None = None):
     """Run a BuildKit export; consume(stdout) reads the tar when it goes to stdout. Progress goes to log."""
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if consume else subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    if halt is not None:
+        halt.track(proc)
 
     def pump() -> None:
         assert proc.stderr is not None
@@ -240,16 +260,105 @@ def _run_export(cmd: list[str], env: dict, label: str, log, started: float, cons
     finally:
         code = proc.wait()
         reader.join(timeout=10)
+        if halt is not None:
+            halt.untrack(proc)
     if code != 0 or failure is not None:
-        if not engine.engine_running():
-            start = "start it again" if os.environ.get("DOCKER_HOST") else "start it again (`invoke engine.up`)"
+        if halt is not None and halt.stopped:  # stopped by us: another builder failed, or Ctrl-C
+            raise Halted(label)
+        if not engine.engine_running(builder):
+            own = os.environ.get("DOCKER_HOST") or (builder is not None and builder.key)
+            start = "start it again" if own else "start it again (`invoke engine.up`)"
             raise EnvironmentProblem(
-                f"the Docker Engine at {engine.engine_address()} stopped answering during the build of {label}",
+                f"the Docker Engine at {engine.engine_address(builder)} stopped answering during the build of {label}",
                 f"{start} and re-run: this image was neither pushed nor tagged, and the layers already built "
                 "are reused")
         text = "\n".join(tail)
-        raise EnvironmentProblem(f"build of {label} failed:\n" + "\n".join("    " + t for t in tail), _hint(text))
+        on = f" on {builder}" if builder is not None and builder.key else ""
+        raise EnvironmentProblem(f"build of {label} failed{on}:\n" + "\n".join("    " + t for t in tail),
+                                 _hint(text, builder, registry))
     return result
+
+
+class Halted(Exception):
+    """A builder's work stopped because another builder failed or the run was interrupted."""
+
+
+class Halt:
+    """Stops every builder's work at once: no new image or stage starts, running build clients are stopped.
+
+    Set when one builder fails or the run is interrupted; the others unwind
+    with Halted, so the first failure is the one reported.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self.stopped:
+            raise Halted()
+
+    def track(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.add(proc)
+        if self.stopped:  # started just as the run was stopped
+            _stop(proc)
+
+    def untrack(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def stop(self) -> None:
+        self._event.set()
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            _stop(proc)
+
+
+def on_builders(groups: list[tuple[Builder, list]], work, halt: Halt) -> None:
+    """work(builder, images) for every builder: in this thread for one, else one thread per builder.
+
+    The first failure stops the other builders and is raised once they have
+    unwound; Ctrl-C (which reaches this thread only) stops them all.
+    """
+    if len(groups) == 1:
+        work(*groups[0])
+        return
+    errors: list[BaseException] = []
+
+    def run(builder: Builder, images: list) -> None:
+        try:
+            work(builder, images)
+        except Halted:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            errors.append(e)
+            halt.stop()
+
+    threads = [threading.Thread(target=run, args=group, name=f"build on {group[0].host}", daemon=True)
+               for group in groups]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException:
+        halt.stop()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
 
 
 def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -324,24 +433,38 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
                                 f"clients on {p} use another backend; see `invoke select`")
     reg = Registry(project.registry)
     reg.check()
-    engine.docker_client()
     locks = load_all_locks(project, backends, platforms)
     plan: BuildPlan = make_plan(project, locks, backends, services, platforms,
                                 system=lock_mod.load_apt_locks(project, platforms))
+    # Only the engines of the platforms this run builds must answer.
+    builders = {p: engine.builder_for(project, p) for p in dict.fromkeys(i.platform for i in plan.images)}
+    natives = connect_builders(project, builders, log)  # each engine answers; the platform it runs natively
     texts = render_all(plan)
     cache = layers_mod.default_cache()
     c = layers_mod.codec(project.compression)
+    # Pip stages run on each engine's own platform: its build base is that platform's base.
     bases = {p: base_mod.ensure(project, p, reg, cache, log=log)[0]
-             for p in dict.fromkeys([*(i.platform for i in plan.images), engine.host_platform()])}
-    build_base = bases[engine.host_platform()]
+             for p in dict.fromkeys([*(i.platform for i in plan.images), *natives.values()])}
     uploader = Uploader(reg.host, log)
     docker_config = engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
-    results: list[BuildResult] = []
-    libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
+    groups: dict[Builder, list[tuple[int, ImagePlan]]] = {}
+    for i, image in enumerate(plan.images):  # each builder keeps the plan's order: CUDA-libs, then services
+        groups.setdefault(builders[image.platform], []).append((i, image))
+    if len(groups) > 1:
+        log(f"building on {len(groups)} engines at once: " + "; ".join(
+            f"{', '.join(dict.fromkeys(im.platform for _, im in members))} on {b.host}"
+            for b, members in groups.items()))
+    results: dict[int, BuildResult] = {}
     contexts: list[Path] = []
-    failed = True
-    try:
-        for image in plan.images:
+    halt = Halt()
+
+    def on_builder(builder: Builder, images: list[tuple[int, ImagePlan]]) -> None:
+        here = Registry(project.registry) if len(groups) > 1 else reg  # a client per thread
+        build_base = bases[natives[builder]]
+        where = f" on {builder.host}" if project.builders else ""
+        libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
+        for i, image in images:
+            halt.check()
             base = bases[image.platform]
             parent = libs[(image.backend.cuda, image.platform)] if image.from_image == "cuda-libs" else None
             parent_img = parent.assembled if parent else base.image
@@ -351,19 +474,26 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
             tag = content_tag(image, texts[image.dockerfile], ctx_digest, identity)
             _, name, _ = split_ref(image.ref(tag))
             started = time.monotonic()
-            existing = None if force else reg.get_manifest(name, tag)
+            existing = None if force else here.get_manifest(name, tag)
             if existing is not None:
-                log(f"{image.key}/{image.backend.name} {image.platform}: {tag} is already in the registry; not rebuilt")
+                log(f"{image.key}/{image.backend.name} {image.platform}: {tag} is already in the registry; "
+                    "not rebuilt")
                 result = BuildResult(image, tag, existing.digest, built=False,
-                                     assembled=_existing(reg, name, image, existing.digest))
+                                     assembled=_existing(here, name, image, existing.digest))
             else:
                 result = _build_one(project, image, ctx, tag, name, base, build_base, parent_img, parent,
-                                    cache, c, uploader, reg, log, force or no_cache, no_cache, docker_config)
+                                    cache, c, uploader, here, log, force or no_cache, no_cache, docker_config,
+                                    builder, halt, where)
             result.seconds = time.monotonic() - started
-            results.append(result)
+            results[i] = result
             if image.kind == "cuda-libs":
                 libs[(image.backend.cuda, image.platform)] = result
-        for r in results:  # every manifest is up before build returns
+
+    failed = True
+    try:
+        on_builders(list(groups.items()), on_builder, halt)
+        ordered = [results[i] for i in sorted(results)]
+        for r in ordered:  # every manifest is up before build returns
             if r.pending is not None:
                 r.uploaded_bytes, r.pushed_layers = r.pending.result()
                 r.reused_layers = len(r.assembled.layers) - r.pushed_layers
@@ -380,14 +510,38 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
         for ctx in contexts:
             shutil.rmtree(ctx, ignore_errors=True)
     if stats is not None:
-        stats["uploaded_bytes"] = sum(r.uploaded_bytes for r in results)
-    return results
+        stats["uploaded_bytes"] = sum(r.uploaded_bytes for r in ordered)
+    return ordered
+
+
+def connect_builders(project: Project, builders: dict[str, Builder], log=print) -> dict[Builder, str]:
+    """Every builder answers (else EnvironmentProblem naming it); returns each one's native platform.
+
+    With `builders:` configured, says which engine builds which platform,
+    and warns when a builder on another machine is pointed at a loopback
+    registry it cannot see.
+    """
+    natives: dict[Builder, str] = {}
+    for builder in dict.fromkeys(builders.values()):
+        natives[builder] = engine.engine_platform(engine.docker_client(timeout=30, builder=builder), builder.host)
+    if project.builders:
+        from .preflight import is_loopback
+
+        for platform, builder in builders.items():
+            log(f"{platform}: builds on {builder}, a {natives[builder]} engine")
+        for builder in natives:
+            if is_loopback(project.registry) and not engine.is_local(builder):
+                log(f"warning: {builder} is another machine, but registry {project.registry} is this machine's "
+                    "loopback: that engine would look for it on its own; use a registry address every builder "
+                    "reaches")
+    return natives
 
 
 def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, build_base, parent_img, parent,
                cache, c, uploader: Uploader, reg: Registry, log, rebuild: bool, no_cache: bool,
-               docker_config: str | None) -> BuildResult:
-    log(f"{image.key}/{image.backend.name} {image.platform}: building {image.ref(tag)}")
+               docker_config: str | None, builder: Builder | None = None, halt: Halt | None = None,
+               where: str = "") -> BuildResult:
+    log(f"{image.key}/{image.backend.name} {image.platform}: building {image.ref(tag)}{where}")
     pip_sources = _pip_sources(image)
     # BuildKit parses every FROM even for one --target: name the final stage's parents too
     # (the export targets never pull them).
@@ -403,6 +557,8 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
     mount_from = [split_ref(base.ref)[1]] + ([split_ref(parent.image.ref("x"))[1]] if parent else [])
     new_layers, history = [], []
     for stage in stages:
+        if halt is not None:
+            halt.check()
         if isinstance(stage, SystemStage):
             # Not BuildKit: the tool unpacks the locked .debs itself (no emulation for arm64),
             # cached by the pins, so every image of the platform shares the one blob.
@@ -424,7 +580,8 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
         key = stage_key(image, stage, text, inputs, build_base.image.config_digest, pip_sources, c)
         layer = None if rebuild else cache.recall(key, c)
         if layer is None:
-            layer = export_stage(image, stage, ctx, args, cache, c, log, no_cache=no_cache, docker_config=docker_config)
+            layer = export_stage(image, stage, ctx, args, cache, c, log, no_cache=no_cache, docker_config=docker_config,
+                                 builder=builder, halt=halt, registry=project.registry)
             cache.remember(key, layer)
         else:
             log(f"  {image.key}/{image.backend.name} {image.arch} {stage}: layer cached ({layer.digest[7:19]})")

@@ -1,6 +1,11 @@
 """The Docker Engine and its build client: start dockerd when none answers,
 find a client that runs BuildKit builds, register binfmt for foreign
-platforms. Idempotent: a machine that is ready is left as it is."""
+platforms. Idempotent: a machine that is ready is left as it is.
+
+Builders: each platform builds on the engine `builders:` names for it
+(unix://, tcp:// with TLS, ssh://), the rest on the default engine
+($DOCKER_HOST or the local socket). docker-py and every docker CLI started
+for a builder get that builder's DOCKER_HOST (and TLS variables)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EnvironmentProblem
+from .spec import Builder
 from .state import apt_install, is_root, say, state_dir
 
 CA_BUNDLE_CANDIDATES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
@@ -29,26 +35,40 @@ def ca_bundle() -> str:
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
-def engine_address() -> str:
-    """Where the engine is: $DOCKER_HOST, which docker-py and every docker CLI we start both honour."""
-    return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+def engine_address(builder: Builder | None = None) -> str:
+    """Where the engine is: the builder's host, else $DOCKER_HOST, which docker-py and every docker CLI we start honour."""
+    return builder.host if builder is not None else os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
 
 
-def docker_client(timeout: int = 600):
+def docker_client(timeout: int = 600, builder: Builder | None = None):
+    """A docker-py client of the default engine, or of a builder; EnvironmentProblem when none answers."""
     import docker  # local import: unit tests of pure stages need no docker-py
 
+    address = engine_address(builder)
+    configured = builder is not None and builder.key
+    if configured and builder.cert_path:
+        missing = [f for f in CERT_FILES if not (Path(builder.cert_path) / f).is_file()]
+        if missing:
+            raise EnvironmentProblem(f"{builder.key}.cert_path {builder.cert_path} lacks {', '.join(missing)}",
+                                     "put the engine's CA (ca.pem) and this client's certificate and key "
+                                     "(cert.pem, key.pem) there, as for DOCKER_CERT_PATH")
     try:
-        client = docker.from_env(timeout=timeout)
+        client = docker.from_env(timeout=timeout, environment=builder_env(builder),
+                                 use_ssh_client=address.startswith("ssh://"))
         client.ping()
         return client
     except Exception as e:  # noqa: BLE001 - docker-py raises several kinds
-        raise EnvironmentProblem(f"no Docker Engine answers at {engine_address()} ({type(e).__name__})",
+        if configured:
+            raise EnvironmentProblem(f"no Docker Engine answers at {address} ({builder.key}; {type(e).__name__})",
+                                     f"start that engine, or fix {builder.key} in the project file; "
+                                     + _reach_hint(builder)) from None
+        raise EnvironmentProblem(f"no Docker Engine answers at {address} ({type(e).__name__})",
                                  "start one with `invoke engine.up` (as root) or set DOCKER_HOST") from None
 
 
-def engine_running() -> bool:
+def engine_running(builder: Builder | None = None) -> bool:
     try:
-        docker_client(timeout=5)
+        docker_client(timeout=5, builder=builder)
         return True
     except EnvironmentProblem:
         return False
@@ -110,6 +130,76 @@ def build_client() -> BuildClient:
             return BuildClient((c, "build"), (("DOCKER_BUILDKIT", "1"),), f"{c} (built-in BuildKit, client {major}.x)")
     raise EnvironmentProblem("no docker client that can run BuildKit builds",
                              "install the buildx plugin, or Debian's docker.io (its 20.10 CLI has BuildKit built in)")
+
+
+# --- builders: the engine each platform builds on ----------------------
+
+CERT_FILES = ("ca.pem", "cert.pem", "key.pem")  # Docker's DOCKER_CERT_PATH layout
+TLS_ENV = ("DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
+ENGINE_PLATFORMS = {"x86_64": "linux/amd64", "amd64": "linux/amd64", "aarch64": "linux/arm64", "arm64": "linux/arm64"}
+
+
+def default_builder(environ=None) -> Builder:
+    """The engine platforms without a `builders:` entry build on: $DOCKER_HOST or the local socket."""
+    environ = os.environ if environ is None else environ
+    return Builder(environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST)
+
+
+def builder_for(project, platform: str, environ=None) -> Builder:
+    """The engine that builds platform: its `builders:` entry, else the default engine."""
+    return project.builders.get(platform) or default_builder(environ)
+
+
+def builder_env(builder: Builder | None, environ=None) -> dict[str, str]:
+    """The environment for a docker CLI or docker-py that talks to builder.
+
+    The default engine keeps the environment as it is (DOCKER_HOST,
+    DOCKER_TLS_VERIFY, DOCKER_CERT_PATH: Docker's own convention). A
+    configured builder gets its DOCKER_HOST (a DOCKER_CONTEXT would override
+    it, so it goes); with cert_path also DOCKER_TLS_VERIFY=1 and
+    DOCKER_CERT_PATH; a tcp:// builder without cert_path keeps the TLS
+    variables the environment has, while unix:// and ssh:// drop them.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if builder is None or not builder.key:
+        return env
+    env.pop("DOCKER_CONTEXT", None)
+    env["DOCKER_HOST"] = builder.host
+    if builder.cert_path:
+        env.update(DOCKER_TLS_VERIFY="1", DOCKER_CERT_PATH=builder.cert_path)
+    elif builder.scheme != "tcp":
+        for k in TLS_ENV:
+            env.pop(k, None)
+    return env
+
+
+def _reach_hint(builder: Builder) -> str:
+    if builder.scheme == "ssh":
+        return f"`docker -H {builder.host} version` must work (key-based ssh login, docker on the remote PATH)"
+    if builder.scheme == "tcp":
+        return ("TLS: cert_path with ca.pem, cert.pem and key.pem, or DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH "
+                f"in the environment; `docker -H {builder.host} --tlsverify version` must work")
+    return f"is the socket {builder.host[len('unix://'):]} there and readable by this user?"
+
+
+def engine_platform(client, address: str) -> str:
+    """The platform an engine runs natively (its BUILDPLATFORM): linux/amd64 or linux/arm64."""
+    info = client.info()
+    arch = info.get("Architecture", "")
+    platform = ENGINE_PLATFORMS.get(arch)
+    if platform is None or info.get("OSType", "linux") != "linux":
+        raise EnvironmentProblem(f"the Docker Engine at {address} runs {info.get('OSType')}/{arch}; "
+                                 "builds need a linux/amd64 or linux/arm64 engine")
+    return platform
+
+
+def is_local(builder: Builder) -> bool:
+    """Whether the builder runs on this machine, so it sees this machine's loopback registry."""
+    if builder.scheme == "unix":
+        return True
+    hostport = builder.host.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    name = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+    return name in ("localhost", "::1", "[::1]") or name.startswith("127.")
 
 
 # --- binfmt for running arm64 containers -------------------------------

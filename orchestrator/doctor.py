@@ -108,6 +108,50 @@ def check_buildkit() -> list[Finding]:
     return [Finding("buildkit", True, True, client.description)]
 
 
+UNREACHABLE = ("connection refused", "no such host", "i/o timeout", "no route to host", "network is unreachable")
+
+
+def check_builders(project: Project, connect: Callable | None = None) -> list[Finding]:
+    """Each engine `builders:` names answers, what it runs natively, and that it reaches the registry.
+
+    A builder pulls the build base from the project registry itself, so it is
+    asked to resolve a manifest there (the engine's own distribution lookup):
+    a 404 or 401 means it got through; a refused connection or an unknown
+    host means it did not. connect(builder) -> docker-py client (tests fake it).
+    """
+    connect = connect or (lambda b: engine.docker_client(timeout=10, builder=b))
+    findings = []
+    for platform, builder in project.builders.items():
+        name = f"builder {platform}"
+        try:
+            client = connect(builder)
+            native = engine.engine_platform(client, builder.host)
+            version = client.version().get("Version", "?")
+        except OrchestratorError as e:
+            findings.append(Finding(name, False, True, e.message, e.hint or ""))
+            continue
+        how = "native" if native == platform else f"its pip stages run on {native}: no emulation either way"
+        findings.append(Finding(name, True, True, f"{builder}: Docker {version}, a {native} engine ({how})"))
+        probe = f"{preflight.registry_hostport(project.registry)}/{project.name}/{PROBE_REPOSITORY}:absent"
+        try:
+            client.api.inspect_distribution(probe)
+            problem = None
+        except Exception as e:  # noqa: BLE001 - docker-py's APIError carries the engine's own words
+            text = str(getattr(e, "explanation", None) or e)
+            problem = text if any(u in text.lower() for u in UNREACHABLE) else None
+        if problem:
+            loop = (f" ({project.registry} is this machine's loopback; that engine looks on its own)"
+                    if preflight.is_loopback(project.registry) and not engine.is_local(builder) else "")
+            findings.append(Finding(f"{name} reaches {project.registry}", False, True,
+                                    f"{builder.host} cannot reach the registry{loop}: {problem[:200]}",
+                                    "every builder pulls the build base from the registry: use a registry address "
+                                    "every builder reaches (registry: in the project file, or ORCH_REGISTRY)"))
+        else:
+            findings.append(Finding(f"{name} reaches {project.registry}", True, True,
+                                    "the engine resolves manifests there"))
+    return findings
+
+
 def tls_problem(host: str, timeout: float = 10) -> str | None:
     """Why HTTPS to host is not trusted, or None (also None when it is unreachable: check() says that)."""
     import requests
@@ -302,6 +346,7 @@ def run(project: Project | None, project_error: OrchestratorError | None = None)
     findings += _guard("buildkit", True, check_buildkit)
     if project is not None:
         findings += check_registries(project)
+        findings += _guard("builders", True, lambda: check_builders(project))
         findings += _guard("binfmt", True, lambda: check_binfmt(project))
         findings += _guard("disk", True, lambda: check_disk(project, info))
     findings += _guard("ca bundle", True, check_ca_bundle)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import base as base_mod
 from .daemon import (BuildClient, CA_BUNDLE_CANDIDATES, _host_arch, base_platforms, build_client,  # noqa: F401
-                     ca_bundle, docker_client, engine_address, engine_running, ensure_binfmt, ensure_engine,
-                     host_platform)
+                     builder_env, builder_for, ca_bundle, default_builder, docker_client, engine_address,
+                     engine_platform, engine_running, ensure_binfmt, ensure_engine, host_platform, is_local)
 from .errors import EnvironmentProblem
 from .registry import Registry
 from .registry_server import down, ensure_registry, gc  # noqa: F401
@@ -31,6 +31,13 @@ def status(project: Project) -> list[tuple[str, str]]:
         rows.append(("build client", build_client().description))
     except EnvironmentProblem as e:
         rows.append(("build client", str(e)))
+    for platform, builder in project.builders.items():
+        try:
+            client = docker_client(timeout=10, builder=builder)
+            rows.append((f"builder {platform}", f"{builder}: Docker {client.version().get('Version')}, "
+                                                f"a {engine_platform(client, builder.host)} engine"))
+        except EnvironmentProblem as e:
+            rows.append((f"builder {platform}", e.message))
     reg = Registry(project.registry, retries=0, timeout=5)
     rows.append(("registry", f"{project.registry} " + ("answering" if reg.ping() else "not answering (invoke engine.up)")))
     for platform in project.platforms:

@@ -138,6 +138,28 @@ class Base:
 
 
 @dataclass(frozen=True)
+class Builder:
+    """The Docker Engine that builds a platform (`builders:` in the project file).
+
+    host is a Docker endpoint as DOCKER_HOST takes it: unix:///path, tcp://host:port
+    or ssh://[user@]host. cert_path (tcp:// only) is a directory laid out as Docker's
+    DOCKER_CERT_PATH (ca.pem, cert.pem, key.pem): TLS with the server verified.
+    Two builders with the same host and certificates are one engine.
+    """
+
+    host: str
+    cert_path: str | None = None
+    key: str = field(default="", compare=False)  # where it is configured, e.g. builders.linux/arm64; "" for the default
+
+    @property
+    def scheme(self) -> str:
+        return self.host.split("://", 1)[0]
+
+    def __str__(self) -> str:
+        return f"{self.host} ({self.key or 'the default engine'})"
+
+
+@dataclass(frozen=True)
 class Project:
     file: Path
     root: Path
@@ -155,6 +177,8 @@ class Project:
     system_packages: tuple[str, ...] = ()  # Debian packages every service gets (name or name=version)
     # Python packages that may come from a source distribution: False (none), True (any), or names.
     allow_sdist: bool | tuple[str, ...] = False
+    # Platform -> the engine that builds it; platforms not listed build on the default engine.
+    builders: dict[str, Builder] = field(default_factory=dict)
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
@@ -247,6 +271,9 @@ PATTERN_HINTS = {
 ONE_OF = {
     "allow_sdist": ("false, true or a list of Python package names",
                     "write allow_sdist: false (refuse source-only packages), true, or [name, ...]"),
+    "builders.*": ("a Docker endpoint string, or {host: tcp://..., cert_path: DIR}",
+                   "write e.g. linux/arm64: ssh://builder@arm-host, or {host: tcp://arm-host:2376, "
+                   "cert_path: /etc/orchestrator/arm-host} for TLS (ca.pem, cert.pem, key.pem)"),
 }
 
 
@@ -307,8 +334,9 @@ def _schema_error_bare(file: str, err: jsonschema.ValidationError) -> SpecError:
         return SpecError(file, key, f"expected at least one entry, found an empty {empty}")
     if v in ("minimum", "maximum"):
         return SpecError(file, key, f"expected {v} {err.validator_value}, found {err.instance}")
-    if v == "oneOf" and key in ONE_OF:
-        want, fix = ONE_OF[key]
+    one_of = ONE_OF.get(key) or ONE_OF.get(key.split(".", 1)[0] + ".*")
+    if v == "oneOf" and one_of:
+        want, fix = one_of
         return SpecError(file, key, f"expected {want}, found {_describe(err.instance)}", fix)
     return SpecError(file, key, err.message)
 
@@ -562,6 +590,51 @@ def _allow_sdist(file: str, value) -> bool | tuple[str, ...]:
     return tuple(sorted(set(names)))
 
 
+BUILDER_SCHEMES = ("unix", "tcp", "ssh")
+BUILDER_EXAMPLES = "ssh://builder@arm-host, tcp://arm-host:2376 or unix:///var/run/docker.sock"
+
+
+def endpoint_problem(host: str) -> str | None:
+    """Why host is not a Docker endpoint this tool can build on (unix, tcp or ssh), or None."""
+    scheme, sep, rest = host.partition("://")
+    if not sep or scheme not in BUILDER_SCHEMES:
+        return f"the scheme must be unix://, tcp:// or ssh://, found {(scheme + '://') if sep else 'no scheme'}"
+    if any(c.isspace() for c in host):
+        return "it contains white space"
+    if scheme == "unix":
+        return None if rest.startswith("/") else "a unix:// endpoint needs an absolute socket path (unix:///path)"
+    authority = rest.split("/", 1)[0]
+    hostport = authority.rsplit("@", 1)[-1]
+    name, _, port = hostport.rpartition(":") if hostport.count(":") == 1 else (hostport, "", "")
+    if not name:
+        return f"a {scheme}:// endpoint needs a host name"
+    if port and not (port.isdigit() and 0 < int(port) <= 65535):
+        return f"port {port!r} is not a port number (1-65535)"
+    return None
+
+
+def _builders(file: str, data: dict, platforms: tuple[str, ...], root: Path) -> dict[str, Builder]:
+    """`builders:` checked: each key one of the project's platforms, each value an endpoint we can build on."""
+    out: dict[str, Builder] = {}
+    for platform, value in data.items():
+        key = f"builders.{platform}"
+        if platform not in platforms:
+            raise SpecError(file, key, f"{platform!r} is not one of the project's platforms {list(platforms)}",
+                            f"add {platform} to platforms, or remove {key}")
+        host, cert_path = (value, None) if isinstance(value, str) else (value["host"], value.get("cert_path"))
+        where = key if isinstance(value, str) else f"{key}.host"
+        if why := endpoint_problem(host):
+            raise SpecError(file, where, f"{host!r} is not a Docker endpoint: {why}",
+                            f"write e.g. {BUILDER_EXAMPLES} (as DOCKER_HOST takes it)")
+        if cert_path is not None and not host.startswith("tcp://"):
+            raise SpecError(file, f"{key}.cert_path", f"TLS certificates are for tcp:// endpoints, not {host!r}",
+                            f"remove {key}.cert_path (ssh:// and unix:// need no certificates)")
+        if cert_path is not None:  # `~` and paths relative to the project file, as written elsewhere in it
+            cert_path = str(root / Path(cert_path).expanduser())
+        out[platform] = Builder(host, cert_path, key)
+    return out
+
+
 def _check_python(file: str, python: str, base: Base, suite_given: bool, compat) -> None:
     """The locks are resolved for `python`; the base's interpreter must be that version."""
     debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
@@ -798,4 +871,5 @@ def _build(path: Path, data: dict) -> Project:
                         + "write host[:port][/path], e.g. 127.0.0.1:5000 or ghcr.io/acme")
     return Project(path.resolve(), root, data["project"], default_version, registry, python,
                    platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"),
-                   project_system, _allow_sdist(file, data.get("allow_sdist", False)))
+                   project_system, _allow_sdist(file, data.get("allow_sdist", False)),
+                   _builders(file, data.get("builders") or {}, platforms, root))

@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -293,95 +292,7 @@ def test_a_registry_killed_mid_upload_fails_in_bounded_time_keeps_the_old_manife
     assert APP_BLOB_BYTES <= rerun < APP_BLOB_BYTES + 1_000_000
 
 
-# -- an engine of our own, to kill -----------------------------------------
-
-class SecondEngine:
-    """A second dockerd on its own socket, data root, exec root and bridge, next to the shared one.
-
-    Never `--bridge none`: a dockerd started so deletes the host's docker0 (moby's
-    removeDefaultBridgeInterface), which breaks every container of the shared engine.
-    Its own bridge, made here and removed afterwards, leaves docker0 alone;
-    --iptables/--ip-masq/--ip-forward off leave the host's firewall and sysctls alone.
-    """
-
-    def __init__(self):
-        # Short: containerd's sockets live under the exec root and unix socket paths stop at 108 bytes.
-        self.dir = Path(tempfile.mkdtemp(prefix="orch-dk-", dir="/tmp"))
-        self.socket = self.dir / "docker.sock"
-        self.address = f"unix://{self.socket}"
-        self.bridge = f"orchft{uuid.uuid4().hex[:6]}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        octet = 16 + int(uuid.uuid4().hex[:2], 16) % 200
-        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
-        subprocess.run(["ip", "addr", "add", f"10.213.{octet}.1/24", "dev", self.bridge], check=True)
-        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
-        (self.dir / "daemon.json").write_text("{}")  # not the host's /etc/docker/daemon.json
-        with open(self.dir / "dockerd.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["dockerd", "--config-file", str(self.dir / "daemon.json"), "--host", self.address,
-                 "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
-                 "--pidfile", str(self.dir / "dockerd.pid"), "--bridge", self.bridge,
-                 "--iptables=false", "--ip-masq=false", "--ip-forward=false"],
-                stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            ok = subprocess.run(["/usr/bin/docker", "-H", self.address, "version"], capture_output=True).returncode == 0
-            if ok:
-                return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                unavailable(f"a second dockerd did not come up: {(self.dir / 'dockerd.log').read_text()[-800:]}")
-            time.sleep(0.5)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def processes(self) -> list[int]:
-        """Our daemon's processes (dockerd, its containerd and shims): their command lines name our dir."""
-        pids = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                if str(self.dir).encode() in cmdline.read_bytes():
-                    pids.append(int(cmdline.parent.name))
-            except OSError:
-                pass
-        return pids
-
-    def remove(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.kill()
-        deadline = time.monotonic() + 15
-        while self.processes() and time.monotonic() < deadline:
-            for pid in self.processes():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.dir))]
-        for mount in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", mount], capture_output=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
-
-
-@pytest.fixture
-def second_engine(engine_ready):
-    for tool in ("dockerd", "ip"):
-        if not shutil.which(tool):
-            unavailable(f"{tool} is not installed (ci/setup.sh installs docker.io and iproute2)")
-    if os.geteuid() != 0:
-        unavailable("a second dockerd needs root")
-    eng = SecondEngine()
-    try:
-        eng.start()
-        yield eng
-    finally:
-        eng.remove()
-
+# -- an engine of our own (the second_engine fixture, tests/integration/conftest.py), to kill --
 
 def test_an_engine_killed_during_a_build_is_named_in_a_clear_error_and_no_tag_is_written(
         second_engine, first_build, tmp_path):

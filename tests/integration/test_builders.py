@@ -1,0 +1,253 @@
+"""Builds on several engines: `builders:` maps a platform to a Docker endpoint.
+
+A second dockerd on this machine (its own socket, data root, exec root and
+bridge: the second_engine fixture) builds linux/arm64 while the shared
+engine builds linux/amd64, at the same time and from cold caches. What
+comes out is what one engine makes of the same inputs: the same layers,
+configs and image manifests, and so the same indexes under the human tags
+that publish promotes from the two-engine run.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import socketserver
+import subprocess
+import threading
+import uuid
+
+import docker
+import pytest
+
+from orchestrator import base, build, engine, pipeline, publish, spec
+from orchestrator import image as image_mod
+from orchestrator.errors import EnvironmentProblem
+from orchestrator.registry import Registry, split_ref
+
+from ..conftest import cleanup_namespace, copy_fixture
+
+pytestmark = pytest.mark.engine
+
+ARM = "linux/arm64"
+AMD = "linux/amd64"
+
+
+def quiet(*_):
+    pass
+
+
+def identity(results) -> dict:
+    """(image, backend, platform) -> (image digest, config digest, layer digests)."""
+    return {(r.image.key, r.image.backend.name, r.image.platform):
+            (r.digest, r.assembled.config_digest, [layer.digest for layer in r.assembled.layers]) for r in results}
+
+
+def indexes(results) -> dict:
+    """(image, backend) -> the digest of the OCI index over its platforms, as publish assembles it."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in results:
+        groups.setdefault((r.image.key, r.image.backend.name), []).append((r.image.platform, r.assembled))
+    return {k: image_mod.digest_of(image_mod.index(members)) for k, members in groups.items()}
+
+
+class Log:
+    """Build log lines as they come, with the thread that logged each."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: str) -> None:
+        with self.lock:
+            self.lines.append((threading.current_thread().name, msg))
+
+    def index(self, fragment: str) -> list[int]:
+        return [i for i, (_, msg) in enumerate(self.lines) if fragment in msg]
+
+    def text(self) -> str:
+        return "\n".join(f"[{t}] {m}" for t, m in self.lines)
+
+
+class ConnectProxy(socketserver.ThreadingTCPServer):
+    """An HTTP CONNECT proxy on the second engine's bridge, so its build containers reach PyPI.
+
+    The second engine leaves the host firewall alone (no NAT for its bridge),
+    so its containers reach this machine and nothing beyond; pip goes through
+    here instead. The docker CLI hands the proxy to the builds of that engine
+    alone (config.json `proxies`, keyed by engine), as for a remote builder
+    behind a proxy; BuildKit keeps proxy variables out of the build's cache
+    keys and of the layers.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            request = self.rfile.readline().decode("latin-1").split()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            if len(request) < 2 or request[0] != "CONNECT":
+                self.wfile.write(b"HTTP/1.1 405 CONNECT only\r\n\r\n")
+                return
+            host, _, port = request[1].rpartition(":")
+            try:
+                upstream = socket.create_connection((host, int(port)), timeout=30)
+            except OSError:
+                self.wfile.write(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+                return
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+            pair = {self.connection: upstream, upstream: self.connection}
+            with upstream:
+                while True:
+                    ready, _, _ = select.select(list(pair), [], [], 120)
+                    if not ready:
+                        return
+                    for s in ready:
+                        data = s.recv(1 << 16)
+                        if not data:
+                            return
+                        pair[s].sendall(data)
+
+    def __init__(self, address: str):
+        super().__init__((address, 0), self.Handler)
+        self.url = f"http://{address}:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def second_engine_online(second_engine, tmp_path, monkeypatch):
+    """The second engine, its builds reaching the Internet through a proxy on its bridge."""
+    info = json.loads(subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", second_engine.bridge],
+                                     capture_output=True, text=True, check=True).stdout)
+    proxy = ConnectProxy(info[0]["addr_info"][0]["local"])
+    config = tmp_path / "docker-config"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"proxies": {second_engine.address: {
+        "httpProxy": proxy.url, "httpsProxy": proxy.url, "noProxy": "localhost,127.0.0.1"}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    try:
+        yield second_engine
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@pytest.fixture
+def project_file(engine_ready, tmp_path):
+    """The mini fixture under its own namespace, locked, bases pinned; its tags deleted afterwards."""
+    path = copy_fixture("mini", tmp_path, f"orch-builders-{uuid.uuid4().hex[:8]}")
+    project = spec.load(path)
+    for platform in engine.base_platforms(project):
+        base.ensure(project, platform, log=quiet)
+    pipeline.lock(project, log=quiet)
+    try:
+        yield path
+    finally:
+        cleanup_namespace(project)
+
+
+def test_two_engines_build_their_platforms_at_once_and_make_the_digests_one_engine_makes(
+        second_engine_online, project_file):
+    second_engine = second_engine_online
+    one_engine = spec.load(project_file)
+    single = build.build(one_engine, log=quiet)
+
+    project_file.write_text(project_file.read_text() + f"builders:\n  {ARM}: {second_engine.address}\n")
+    two_engines = spec.load(project_file)
+    assert two_engines.builders[ARM].host == second_engine.address
+    log = Log()
+    # --force skips content tags and the layer cache, --no-cache BuildKit's cache: every stage runs again.
+    results = build.build(two_engines, force=True, no_cache=True, log=log)
+    print(log.text())
+
+    # Which engine builds which platform is said up front, and every image built names its engine.
+    assert log.index(f"{ARM}: builds on {second_engine.address} (builders.{ARM}), a linux/amd64 engine")
+    assert log.index(f"{AMD}: builds on {engine.engine_address()} (the default engine)")
+    arm_builds = log.index(f" {ARM}: building ")
+    amd_builds = log.index(f" {AMD}: building ")
+    assert {r.image.platform for r in results if r.built} == {AMD, ARM} and all(r.built for r in results)
+    assert len(arm_builds) == sum(r.image.platform == ARM for r in results)
+    assert all(log.lines[i][1].endswith(f" on {second_engine.address}") for i in arm_builds)
+    assert all(log.lines[i][1].endswith(f" on {engine.engine_address()}") for i in amd_builds)
+
+    # At once: each engine on its own thread, and each one's run overlaps the other's in the log.
+    assert len({log.lines[i][0] for i in arm_builds} | {log.lines[i][0] for i in amd_builds}) == 2
+    assert arm_builds[0] < amd_builds[-1] and amd_builds[0] < arm_builds[-1]
+    # Each engine keeps the plan's order: its CUDA-libs image before the services built on it.
+    for platform in (AMD, ARM):
+        assert log.index(f"cuda-libs/cuda13 {platform}: building")[0] < log.index(f"echo/cuda13 {platform}: building")[0]
+
+    # The arm64 images really were built by the second engine: its BuildKit, empty before, ran their stages.
+    second = docker.DockerClient(base_url=second_engine.address)
+    cache = second.df().get("BuildCache") or []
+    print(f"second engine build cache: {len(cache)} records, e.g. "
+          f"{sorted({c.get('Description', '')[:60] for c in cache})[:5]}")
+    assert cache
+
+    # Byte for byte what one engine made: layers, configs, image manifests, indexes.
+    assert identity(results) == identity(single)
+    assert indexes(results) == indexes(single)
+
+    # publish assembles the indexes from the two-engine run: the human tags name one engine's indexes.
+    publish.promote(two_engines, results, ["echo"], smoke_ran=False, smoked=0, log=quiet)
+    reg = Registry(two_engines.registry)
+    expected = indexes(single)
+    for r in results:
+        if r.image.platform != AMD:
+            continue
+        _, name, _ = split_ref(r.ref)
+        for human in r.image.human_tags:
+            assert reg.get_manifest(name, human).digest == expected[(r.image.key, r.image.backend.name)], human
+    print("digests (one engine == two engines):")
+    for (key, backend, platform), (digest, config, layers) in sorted(identity(single).items()):
+        print(f"  {key}/{backend} {platform}: image {digest[:19]} config {config[:19]} layers {len(layers)}")
+    for (key, backend), digest in sorted(expected.items()):
+        print(f"  {key}/{backend} index {digest[:19]}")
+
+
+def test_a_failing_builder_stops_the_other_and_the_first_failure_is_the_one_reported(
+        second_engine, project_file, monkeypatch):
+    project_file.write_text(project_file.read_text() + f"builders:\n  {ARM}: {second_engine.address}\n")
+    project = spec.load(project_file)
+    real = build.export_stage
+    amd64_building = threading.Event()
+
+    def arm64_fails_while_amd64_builds(image, stage, *args, **kwargs):
+        if image.platform == ARM:
+            assert amd64_building.wait(300), "the amd64 engine never started a stage"
+            raise EnvironmentProblem(f"simulated: {stage} failed on the arm64 engine")
+        amd64_building.set()
+        return real(image, stage, *args, **kwargs)
+
+    monkeypatch.setattr(build, "export_stage", arm64_fails_while_amd64_builds)
+    log = Log()
+    with pytest.raises(EnvironmentProblem, match="simulated: .* failed on the arm64 engine"):
+        build.build(project, backends=["cpu"], services=["echo"], force=True, log=log)
+    print(log.text())
+    # echo/cpu amd64 had stages left when arm64 failed: it was stopped, not finished, so nothing is tagged.
+    assert not log.index("echo/cpu amd64 app: layer")
+    assert Registry(project.registry).tags(f"{project.name}/echo") == []
+
+
+@pytest.mark.parametrize("to", ["process group", "task alone"])
+def test_ctrl_c_stops_the_build_clients_on_both_engines_and_tags_nothing_unfinished(second_engine, project_file, to):
+    from .test_faults import Cli, assert_interrupted_cleanly, change_app
+
+    project_file.write_text(project_file.read_text() + f"builders:\n  {ARM}: {second_engine.address}\n")
+    project = spec.load(project_file)
+    change_app(project_file)  # the app stage must run again, on both engines
+    building = Cli(["build", "--backend", "cpu"], project_file)
+    building.wait_for(r"echo/cpu arm64 app .*#\d+ \[app \d/\d\] (COPY|RUN)", timeout=300)
+    building.interrupt(group=to == "process group")
+    # Exit 130, no docker build client left on either engine, no temp files or contexts.
+    assert_interrupted_cleanly(building, project_file.parent)
+    # amd64 may have finished (and been tagged) first; the arm64 image was interrupted: it has no tag.
+    reg = Registry(project.registry)
+    name = f"{project.name}/echo"
+    for tag in reg.tags(name):
+        config = reg.get_manifest(name, tag).json["config"]["digest"]
+        assert json.loads(reg.get_blob(name, config))["architecture"] == "amd64", tag
