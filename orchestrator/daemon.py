@@ -53,8 +53,7 @@ def docker_client(timeout: int = 600, builder: Builder | None = None):
                                      "put the engine's CA (ca.pem) and this client's certificate and key "
                                      "(cert.pem, key.pem) there, as for DOCKER_CERT_PATH")
     try:
-        client = docker.from_env(timeout=timeout, environment=builder_env(builder),
-                                 use_ssh_client=address.startswith("ssh://"))
+        client = _from_env(builder_env(builder), timeout, ssh=address.startswith("ssh://"))
         client.ping()
         return client
     except Exception as e:  # noqa: BLE001 - docker-py raises several kinds
@@ -64,6 +63,30 @@ def docker_client(timeout: int = 600, builder: Builder | None = None):
                                      + _reach_hint(builder)) from None
         raise EnvironmentProblem(f"no Docker Engine answers at {address} ({type(e).__name__})",
                                  "start one with `invoke engine.up` (as root) or set DOCKER_HOST") from None
+
+
+def _from_env(env: dict, timeout: int, ssh: bool):
+    """docker.from_env(environment=env), except that an engine's TLS trusts DOCKER_CERT_PATH's ca.pem only.
+
+    requests lets REQUESTS_CA_BUNDLE (or CURL_CA_BUNDLE) replace a session's
+    CA on every request, so with a system bundle in the environment the
+    engine's own CA was ignored and its certificate refused.
+    """
+    import docker
+
+    kwargs = docker.utils.kwargs_from_env(environment=env)
+    if "tls" not in kwargs:
+        return docker.DockerClient(timeout=timeout, use_ssh_client=ssh, **kwargs)
+
+    class EngineAPI(docker.APIClient):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            settings["verify"] = self.verify if verify is None else verify
+            return settings
+
+    client = docker.DockerClient.__new__(docker.DockerClient)  # DockerClient.__init__ only makes its APIClient
+    client.api = EngineAPI(timeout=timeout, **kwargs)
+    return client
 
 
 def engine_running(builder: Builder | None = None) -> bool:

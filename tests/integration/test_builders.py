@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import select
+import shutil
 import socket
 import socketserver
+import ssl
 import subprocess
 import threading
 import uuid
@@ -136,6 +138,67 @@ def second_engine_online(second_engine, tmp_path, monkeypatch):
         proxy.server_close()
 
 
+class TLSFront(socketserver.ThreadingTCPServer):
+    """tcp://127.0.0.1:<port> with TLS that demands a client certificate, the second engine's socket behind it.
+
+    To the client this is a Docker Engine started with --tlsverify: what is
+    tested is our side, docker-py and the docker CLI finding the CA and the
+    client certificate through DOCKER_TLS_VERIFY and DOCKER_CERT_PATH.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, engine_socket: str, ca: str, cert: str, key: str):
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(cert, key)
+        self.tls.load_verify_locations(ca)
+        self.tls.verify_mode = ssl.CERT_REQUIRED
+        self.engine_socket = engine_socket
+        self.verified_clients = 0
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        self.address = f"tcp://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                conn = self.server.tls.wrap_socket(self.request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return  # no client certificate, or not ours
+            self.server.verified_clients += 1
+            with conn, socket.socket(socket.AF_UNIX) as engine_side:
+                engine_side.connect(self.server.engine_socket)
+                while True:
+                    ready = [conn] if conn.pending() else select.select([conn, engine_side], [], [], 300)[0]
+                    if not ready:
+                        return
+                    for src, dst in ((conn, engine_side), (engine_side, conn)):
+                        if src in ready:
+                            data = src.recv(1 << 16)
+                            if not data:
+                                return
+                            dst.sendall(data)
+
+
+def client_certificates(d) -> tuple[dict, str]:
+    """A CA, a server certificate for 127.0.0.1, and a client certificate in Docker's DOCKER_CERT_PATH layout."""
+    from ..tls import make_tls
+
+    tls = make_tls(d / "ca")
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem",
+        "-out", "client.csr", "-subj", "/CN=orch test client")
+    (d / "client.cnf").write_text("extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", "client.csr", "-CA", str(tls["ca"]), "-CAkey", str(d / "ca" / "ca.key"),
+        "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "client.cnf")
+    cert_path = d / "docker-certs"
+    cert_path.mkdir()
+    shutil.copy(tls["ca"], cert_path / "ca.pem")
+    shutil.copy(d / "cert.pem", cert_path / "cert.pem")
+    shutil.copy(d / "key.pem", cert_path / "key.pem")
+    return tls, str(cert_path)
+
+
 @pytest.fixture
 def project_file(engine_ready, tmp_path):
     """The mini fixture under its own namespace, locked, bases pinned; its tags deleted afterwards."""
@@ -251,3 +314,28 @@ def test_ctrl_c_stops_the_build_clients_on_both_engines_and_tags_nothing_unfinis
     for tag in reg.tags(name):
         config = reg.get_manifest(name, tag).json["config"]["digest"]
         assert json.loads(reg.get_blob(name, config))["architecture"] == "amd64", tag
+
+
+def test_a_tcp_builder_with_tls_builds_through_its_certificate_directory(second_engine, project_file, tmp_path,
+                                                                          monkeypatch):
+    from .test_faults import change_app
+
+    # A system CA bundle in the environment, as on many machines: requests would let it replace the engine's CA.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", engine.ca_bundle())
+    tls, cert_path = client_certificates(tmp_path / "tls")
+    front = TLSFront(str(second_engine.socket), str(tls["ca"]), str(tls["cert"]), str(tls["key"]))
+    try:
+        project_file.write_text(project_file.read_text() + f"builders:\n  {ARM}:\n    host: {front.address}\n"
+                                f"    cert_path: {cert_path}\n")
+        project = spec.load(project_file)
+        change_app(project_file)  # the app stage runs on the engine behind TLS
+        log = Log()
+        [result] = build.build(project, backends=["cpu"], services=["echo"], platforms=[ARM], log=log)
+        print(log.text())
+        assert result.built and result.image.platform == ARM
+        assert log.index(f"{ARM}: builds on {front.address} (builders.{ARM}), a linux/amd64 engine")
+        assert log.index("echo/cpu arm64 app: layer")  # BuildKit ran the stage, through the TLS endpoint
+        assert front.verified_clients >= 2  # docker-py and the docker CLI, each with the client certificate
+    finally:
+        front.shutdown()
+        front.server_close()
