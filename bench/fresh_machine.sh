@@ -110,11 +110,17 @@ def doctor(which):
         data = None
     log = os.path.join(work, "logs", f"doctor.{which}.log")
     text = open(log, errors="replace").read() if os.path.exists(log) else ""
-    return {"output": text.splitlines(), "json": data}
+    summary = None
+    if isinstance(data, dict):
+        f = data.get("findings", [])
+        summary = {"ok": data.get("ok"), "checks": len(f),
+                   "failed_required": [x["name"] for x in f if not x["ok"] and x.get("required")],
+                   "failed_optional": [x["name"] for x in f if not x["ok"] and not x.get("required")]}
+    return {"summary": summary, "output": text.splitlines(), "json": data}
 # doctor before engine.up is expected to exit 1 (required checks fail, each with its fix)
 ok = all(s["exit_code"] == (1 if s["stage"] == "doctor.before" else 0) for s in stages)
 result = {
-    "what": "bench/fresh_machine.sh: the README's first command on a fresh Debian 12 root in a privileged container",
+    "what": "bench/fresh_machine.sh: the README's first command on a fresh Debian 12 root in a container with its own dockerd and registry",
     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "commit": commit,
     "patched": {"file": patch, "diff": open(patch).read().splitlines()} if patch else None,
@@ -142,6 +148,11 @@ print(f"\nfresh machine (commit {commit}{', patched with ' + patch if patch else
 print(f"{'stage':<15} {'seconds':>8} {'exit':>6}")
 for s in stages:
     print(f"{s['stage']:<15} {s['seconds']:>8.1f} {str(s['exit_code']):>6}")
+for which in ("before", "after"):
+    d = result[f"doctor_{which}_engine_up"]["summary"]
+    if d:
+        print(f"doctor {which} engine.up: {'all required checks pass' if d['ok'] else 'failed: ' + ', '.join(d['failed_required'])}"
+              + (f" (optional: {', '.join(d['failed_optional'])})" if d["failed_optional"] else ""))
 print(f"example first run: {full_result}")
 if aborted:
     print(f"ABORTED: {aborted}")
