@@ -354,7 +354,7 @@ def merge(pins: tuple[AptPin, ...], debs: dict[str, Path], platform: str, out: B
             if name.startswith("etc/ld.so.conf.d/") and m.isreg():
                 notes.append(f"{p.name}: {name} adds a library directory that only ldconfig would make known; "
                              "set LD_LIBRARY_PATH for it in the image")
-            info = m.replace(name=name, deep=False)
+            info = layers_mod.tarinfo_replace(m, name=name)
             if m.islnk():
                 info.linkname = _usr_merged(_clean(m.linkname))
             add(name, p.name, _Item(info, raw, m.offset_data))
@@ -421,10 +421,10 @@ def _write_sorted(entries: dict[str, _Item], out: BinaryIO, notes: list[str]) ->
                 first = lead[info.linkname]
                 if first == n:  # this name sorts first: it carries the target's data
                     target = entries[info.linkname]
-                    write(target.info.replace(name=n, deep=False), target)
+                    write(layers_mod.tarinfo_replace(target.info, name=n), target)
                     size += target.info.size
                 else:
-                    write(info.replace(linkname=first, deep=False))
+                    write(layers_mod.tarinfo_replace(info, linkname=first))
                 continue
             if info.isreg() and lead.get(n, n) != n:
                 link = copy.copy(info)

@@ -37,6 +37,19 @@ from typing import BinaryIO, Callable
 from .errors import UserError
 from .files import atomic_write
 
+
+def tarinfo_replace(info: tarfile.TarInfo, **changes) -> tarfile.TarInfo:
+    """A copy of `info` with `changes` applied: TarInfo.replace() without it.
+
+    TarInfo.replace() is Python 3.11.4+ (PEP 706); Debian 12's python3 is
+    3.11.2 and lacks it.
+    """
+    new = copy.copy(info)
+    new.pax_headers = dict(info.pax_headers)
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
+
 SOURCE_DATE_EPOCH = 315532800  # 1980-01-01: the earliest time zip (wheels) can hold
 TAR_MEDIA = "application/vnd.oci.image.layer.v1.tar"
 
@@ -300,9 +313,9 @@ def _sorted_members(path: Path):
             if target not in seen:  # the link sorts first: it carries the data
                 src = first[target]
                 seen[target] = _clean_name(m.name)
-                out.append((src.replace(name=m.name), tf.extractfile(src)))
+                out.append((tarinfo_replace(src, name=m.name), tf.extractfile(src)))
                 continue
-            out.append((m.replace(linkname=seen[target]), None))
+            out.append((tarinfo_replace(m, linkname=seen[target]), None))
             continue
         if m.isreg():
             name = _clean_name(m.name)

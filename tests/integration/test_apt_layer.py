@@ -98,7 +98,9 @@ def _extract(layer: layers.Layer, dest: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(layer.path, "r:gz") as tf:
         names = tf.getnames()
-        tf.extractall(dest, filter="tar")  # absolute symlinks stay as they are: they are the image's paths
+        # Absolute symlinks stay as they are: they are the image's paths. (Python < 3.11.4, Debian 12's
+        # 3.11.2, has no extraction filters and extracts that way by default.)
+        tf.extractall(dest, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
     return names
 
 
