@@ -164,13 +164,20 @@ PY
 cleanup() {
   local status=$?
   report || status=1
-  [ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
-  if [ "$keep" = 1 ]; then
+  if [ -n "${watchdog:-}" ]; then kill "$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null; fi
+  if [ "$keep" = 1 ] && [ ! -e "$work/abort" ]; then
     say "kept: container $name, volume $volume, image $image (remove: docker rm -f $name; docker volume rm $volume; docker rmi $image)"
   else
-    docker rm -f "$name" >/dev/null 2>&1
-    docker volume rm "$volume" >/dev/null 2>&1
-    docker rmi "$image" >/dev/null 2>&1
+    # retried: a container the watchdog is still removing keeps its volume and image in use
+    for _ in 1 2 3 4 5 6; do
+      docker rm -f "$name" >/dev/null 2>&1
+      docker volume rm "$volume" >/dev/null 2>&1
+      docker rmi "$image" >/dev/null 2>&1
+      docker volume inspect "$volume" >/dev/null 2>&1 || docker image inspect "$image" >/dev/null 2>&1 || break
+      sleep 5
+    done
+    docker volume inspect "$volume" >/dev/null 2>&1 && say "could not remove volume $volume"
+    docker image inspect "$image" >/dev/null 2>&1 && say "could not remove image $image"
   fi
   rm -f "$work/rootfs.tar"
   rm -rf "$work/clone"
