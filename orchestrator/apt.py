@@ -513,13 +513,15 @@ def ca_verify() -> str | bool:
 class Downloader:
     """HTTP GETs (the system CA bundle, a session per thread), and a cache of files by sha256."""
 
-    def __init__(self, cache_dir: Path | None = None, session=None, retries: int = 3, timeout: float = 60):
+    # A name-resolution or connection blip lasts seconds: 5 tries, 2+4+8+16 s apart (30 s in all).
+    def __init__(self, cache_dir: Path | None = None, session=None, retries: int = 5, timeout: float = 60,
+                 backoff: float = 2.0):
         self.cache = (cache_dir or cache_root()) / "sha256"
         self.cache.mkdir(parents=True, exist_ok=True)
         self._session = session  # a given session is used as is (tests); otherwise one per thread
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.retries, self.timeout = retries, timeout
+        self.retries, self.timeout, self.backoff = retries, timeout, backoff
         self.downloaded = 0  # bytes fetched from the network (not the cache)
 
     @property
@@ -546,7 +548,7 @@ class Downloader:
                     raise EnvironmentProblem(f"cannot download {url}: {type(e).__name__}: {e}",
                                              "check the network, proxy and CA bundle (SSL_CERT_FILE), or point "
                                              "the sources at a reachable mirror") from None
-                time.sleep(1 + attempt)
+                time.sleep(self.backoff * 2 ** attempt)
                 continue
             if r.status_code == 404 and missing_ok:
                 return None
