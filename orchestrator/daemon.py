@@ -42,8 +42,6 @@ def engine_address(builder: Builder | None = None) -> str:
 
 def docker_client(timeout: int = 600, builder: Builder | None = None):
     """A docker-py client of the default engine, or of a builder; EnvironmentProblem when none answers."""
-    import docker  # local import: unit tests of pure stages need no docker-py
-
     address = engine_address(builder)
     configured = builder is not None and builder.key
     if configured and builder.cert_path:

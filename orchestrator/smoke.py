@@ -27,9 +27,8 @@ import requests  # noqa: E402
 from . import compat as compat_mod  # noqa: E402
 from . import engine  # noqa: E402
 from . import gpu_request as gpu_mod  # noqa: E402
-from .errors import UserError  # noqa: E402
 from .plan import APP_DIR, WRITABLE_DIRS, run_options  # noqa: E402
-from .registry import Registry, docker_auth_config, split_ref  # noqa: E402
+from .registry import docker_auth_config  # noqa: E402
 from .spec import Project  # noqa: E402
 
 EX_CONFIG = 78

@@ -72,10 +72,3 @@ def check_backend(manifest: dict, platform: str, backend: str, source: str, regi
         raise UserError(f"{source}: {host}/{index_name}:{tag} now points at {current.digest[:19]}, not the index "
                         f"{index_digest[:19]} the backend manifest names: it was re-tagged behind the manifest's back",
                         REPUBLISH + ", or find out who pushed that tag")
-
-
-def check_platform(manifest: dict, platform: str, source: str, registry: Registry | None = None) -> None:
-    """Every backend a host on this platform could start (run walks the whole fallback list)."""
-    entry = manifest["platforms"].get(platform)
-    for backend in sorted((entry or {}).get("backends") or {}):
-        check_backend(manifest, platform, backend, source, registry)

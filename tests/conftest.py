@@ -57,19 +57,23 @@ def copy_fixture(name: str, dest: Path, project_name: str | None = None) -> Path
 
 
 @pytest.fixture(scope="session")
+def ready_mini(dest: Path, prefix: str = "orch-test"):
+    """A copy of the mini fixture under a unique namespace, its bases pinned and its locks fresh."""
+    from orchestrator import base, engine, pipeline, spec
+
+    project = spec.load(copy_fixture("mini", dest, f"{prefix}-{uuid.uuid4().hex[:8]}"))
+    for platform in engine.base_platforms(project):
+        base.ensure(project, platform, log=lambda *_: None)
+    pipeline.lock(project, log=lambda *_: None)
+    return project
+
+
 def mini_project(engine_ready, tmp_path_factory):
     """The mini fixture under a unique namespace, locked and with a pinned base.
 
     Everything it pushes or builds is deleted afterwards.
     """
-    from orchestrator import base, engine, pipeline, spec
-
-    name = f"orch-test-{uuid.uuid4().hex[:8]}"
-    path = copy_fixture("mini", tmp_path_factory.mktemp("proj"), name)
-    project = spec.load(path)
-    for platform in engine.base_platforms(project):
-        base.ensure(project, platform, log=lambda *_: None)
-    pipeline.lock(project, log=lambda *_: None)
+    project = ready_mini(tmp_path_factory.mktemp("proj"))
     yield project
     cleanup_namespace(project)
 

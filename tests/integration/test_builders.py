@@ -18,17 +18,16 @@ import socketserver
 import ssl
 import subprocess
 import threading
-import uuid
 
 import docker
 import pytest
 
-from orchestrator import base, build, engine, pipeline, publish, spec
+from orchestrator import build, engine, publish, spec
 from orchestrator import image as image_mod
 from orchestrator.errors import EnvironmentProblem
 from orchestrator.registry import Registry, split_ref
 
-from ..conftest import cleanup_namespace, copy_fixture
+from ..conftest import cleanup_namespace, ready_mini
 
 pytestmark = pytest.mark.engine
 
@@ -202,13 +201,9 @@ def client_certificates(d) -> tuple[dict, str]:
 @pytest.fixture
 def project_file(engine_ready, tmp_path):
     """The mini fixture under its own namespace, locked, bases pinned; its tags deleted afterwards."""
-    path = copy_fixture("mini", tmp_path, f"orch-builders-{uuid.uuid4().hex[:8]}")
-    project = spec.load(path)
-    for platform in engine.base_platforms(project):
-        base.ensure(project, platform, log=quiet)
-    pipeline.lock(project, log=quiet)
+    project = ready_mini(tmp_path, "orch-builders")
     try:
-        yield path
+        yield project.file
     finally:
         cleanup_namespace(project)
 

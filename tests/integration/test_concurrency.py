@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 
 import pytest
 
-from orchestrator import base, engine, pipeline, spec
 from orchestrator.registry import Registry, split_ref
 
-from ..conftest import ROOT, cleanup_namespace, copy_fixture
+from ..conftest import ROOT, cleanup_namespace, ready_mini
 
 INVOKE = str(ROOT / ".venv" / "bin" / "invoke")
 
@@ -20,11 +18,7 @@ INVOKE = str(ROOT / ".venv" / "bin" / "invoke")
 @pytest.fixture
 def project(engine_ready, tmp_path):
     """The mini fixture under a namespace of its own, locked and with a pinned base (as mini_project)."""
-    path = copy_fixture("mini", tmp_path, f"orch-test-{uuid.uuid4().hex[:8]}")
-    proj = spec.load(path)
-    for platform in engine.base_platforms(proj):
-        base.ensure(proj, platform, log=lambda *_: None)
-    pipeline.lock(proj, log=lambda *_: None)
+    proj = ready_mini(tmp_path)
     yield proj
     cleanup_namespace(proj)
 

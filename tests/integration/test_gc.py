@@ -12,12 +12,11 @@ import shutil
 import threading
 import time
 import types
-from pathlib import Path
 
 import pytest
 
 from orchestrator import pipeline, publish, registry_server
-from orchestrator.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, canonical, digest_of
+from orchestrator.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, canonical
 from orchestrator.registry import Registry
 
 from ..conftest import unavailable
