@@ -102,6 +102,19 @@ def lock_path(root: Path, backend: str, platform: str, layer: str) -> Path:
 
 # --- parsing ---------------------------------------------------------------
 
+def _run_reaped(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with output captured, except that on Ctrl-C uv is killed and waited for
+    (run() gives it only 0.25 s), so no child outlives the task."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def parse_pins(text: str) -> tuple[Pin, ...]:
     """Split `uv pip compile` output (or a lock) into per-package blocks."""
     pins: list[Pin] = []
@@ -267,7 +280,7 @@ def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: d
     sdists: list[str] = []
     while True:
         flags = ["--only-binary", ":all:", *[a for name in sdists for a in ("--no-binary", name)]]
-        proc = subprocess.run(cmd + flags, cwd=project.root, capture_output=True, text=True, env=uv_env())
+        proc = _run_reaped(cmd + flags, cwd=project.root, env=uv_env())
         if proc.returncode == 0:
             return parse_pins(out_file.read_text()), tuple(sdists)
         missing = sdist_mod.missing_wheel(proc.stderr)

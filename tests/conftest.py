@@ -56,7 +56,6 @@ def copy_fixture(name: str, dest: Path, project_name: str | None = None) -> Path
     return target / "project.yaml"
 
 
-@pytest.fixture(scope="session")
 def ready_mini(dest: Path, prefix: str = "orch-test"):
     """A copy of the mini fixture under a unique namespace, its bases pinned and its locks fresh."""
     from orchestrator import base, engine, pipeline, spec
@@ -68,6 +67,7 @@ def ready_mini(dest: Path, prefix: str = "orch-test"):
     return project
 
 
+@pytest.fixture(scope="session")
 def mini_project(engine_ready, tmp_path_factory):
     """The mini fixture under a unique namespace, locked and with a pinned base.
 
