@@ -18,11 +18,13 @@ installed, so nothing is shipped twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sysconfig
 from dataclasses import dataclass
@@ -103,13 +105,15 @@ def lock_path(root: Path, backend: str, platform: str, layer: str) -> Path:
 # --- parsing ---------------------------------------------------------------
 
 def _run_reaped(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run with output captured, except that on Ctrl-C uv is killed and waited for
-    (run() gives it only 0.25 s), so no child outlives the task."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+    """subprocess.run with output captured, except that on Ctrl-C uv and the interpreter probes it
+    started are killed and waited for (run() kills uv alone after 0.25 s), so none outlives the task."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:  # its own group: killed as one
         try:
             out, err = proc.communicate()
         except BaseException:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
