@@ -13,6 +13,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=locks/cuda-libs.txt,target=/tmp/lock.txt \
     --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
+    --mount=type=bind,source=tools/layer_split.py,target=/tmp/layer_split.py \
     case "${TARGETARCH}" in amd64) arch=x86_64 ;; arm64) arch=aarch64 ;; *) echo "unsupported TARGETARCH ${TARGETARCH}" >&2; exit 1 ;; esac \
  && plats="--platform manylinux2014_${arch} --platform linux_${arch}" \
  && for v in $(seq 36 -1 17); do plats="$plats --platform manylinux_2_${v}_${arch}"; done \
@@ -23,10 +24,12 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
       --find-links /tmp/wheelhouse ${PIP_SOURCES} \
       --target /out/opt/site/cuda-libs -r /tmp/lock.txt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
- && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
+ && python3 /tmp/layer_split.py --root /out --site opt/site/cuda-libs --out /parts \
+      --own-mb 8 --max-layers 12 \
+ && find /out /parts -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
 FROM scratch AS cuda-libs-layer
-COPY --from=cuda-libs /out/ /
+COPY --from=cuda-libs /parts/ /
 
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE

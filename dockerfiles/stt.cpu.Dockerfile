@@ -17,6 +17,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=locks/torch.txt,target=/tmp/lock.txt \
     --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
+    --mount=type=bind,source=tools/layer_split.py,target=/tmp/layer_split.py \
     case "${TARGETARCH}" in amd64) arch=x86_64 ;; arm64) arch=aarch64 ;; *) echo "unsupported TARGETARCH ${TARGETARCH}" >&2; exit 1 ;; esac \
  && plats="--platform manylinux2014_${arch} --platform linux_${arch}" \
  && for v in $(seq 36 -1 17); do plats="$plats --platform manylinux_2_${v}_${arch}"; done \
@@ -27,10 +28,12 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
       --find-links /tmp/wheelhouse ${PIP_SOURCES} \
       --target /out/opt/site/torch -r /tmp/lock.txt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
- && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
+ && python3 /tmp/layer_split.py --root /out --site opt/site/torch --out /parts \
+      --own-mb 8 --max-layers 12 \
+ && find /out /parts -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
 FROM scratch AS torch-layer
-COPY --from=torch /out/ /
+COPY --from=torch /parts/ /
 
 FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS shared
 ARG SOURCE_DATE_EPOCH
@@ -40,6 +43,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=locks/shared.txt,target=/tmp/lock.txt \
     --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
+    --mount=type=bind,source=tools/layer_split.py,target=/tmp/layer_split.py \
     case "${TARGETARCH}" in amd64) arch=x86_64 ;; arm64) arch=aarch64 ;; *) echo "unsupported TARGETARCH ${TARGETARCH}" >&2; exit 1 ;; esac \
  && plats="--platform manylinux2014_${arch} --platform linux_${arch}" \
  && for v in $(seq 36 -1 17); do plats="$plats --platform manylinux_2_${v}_${arch}"; done \
@@ -50,10 +54,12 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
       --find-links /tmp/wheelhouse ${PIP_SOURCES} \
       --target /out/opt/site/shared -r /tmp/lock.txt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
- && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
+ && python3 /tmp/layer_split.py --root /out --site opt/site/shared --out /parts \
+      --own-mb 8 --max-layers 12 \
+ && find /out /parts -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
 FROM scratch AS shared-layer
-COPY --from=shared /out/ /
+COPY --from=shared /parts/ /
 
 FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS service-stt
 ARG SOURCE_DATE_EPOCH
@@ -63,6 +69,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=bind,source=locks/service-stt.txt,target=/tmp/lock.txt \
     --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
+    --mount=type=bind,source=tools/layer_split.py,target=/tmp/layer_split.py \
     case "${TARGETARCH}" in amd64) arch=x86_64 ;; arm64) arch=aarch64 ;; *) echo "unsupported TARGETARCH ${TARGETARCH}" >&2; exit 1 ;; esac \
  && plats="--platform manylinux2014_${arch} --platform linux_${arch}" \
  && for v in $(seq 36 -1 17); do plats="$plats --platform manylinux_2_${v}_${arch}"; done \
@@ -73,10 +80,12 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
       --find-links /tmp/wheelhouse ${PIP_SOURCES} \
       --target /out/opt/site/service-stt -r /tmp/lock.txt \
  && find /out -name __pycache__ -prune -exec rm -rf {} + \
- && find /out -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
+ && python3 /tmp/layer_split.py --root /out --site opt/site/service-stt --out /parts \
+      --own-mb 8 --max-layers 12 \
+ && find /out /parts -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} +
 
 FROM scratch AS service-stt-layer
-COPY --from=service-stt /out/ /
+COPY --from=service-stt /parts/ /
 
 FROM --platform=$BUILDPLATFORM ${BUILD_BASE_IMAGE} AS app
 ARG SOURCE_DATE_EPOCH

@@ -53,7 +53,7 @@ from .errors import EnvironmentProblem, UserError
 from .plan import BuildPlan, ImagePlan, SystemStage, content_tag, make_plan, settings, tree_digest
 from .push import Uploader
 from .registry import Registry, split_ref
-from .render import app_stage_text, export_target, layer_stage_text, render_all
+from .render import SPLIT_SCRIPT, app_stage_text, export_target, layer_stage_text, render_all
 from .spec import Builder, Project
 
 SOURCE_DATE_EPOCH = str(layers_mod.SOURCE_DATE_EPOCH)
@@ -135,6 +135,9 @@ def _fill_context(project: Project, image: ImagePlan, dockerfile: str, ctx: Path
     (ctx / "wheelhouse").mkdir()
     for stage in image.layers:
         (ctx / stage.context_lock).write_text(stage.lock.text())
+    if image.layers:  # run by each layer stage to cut its lock into layers
+        (ctx / SPLIT_SCRIPT).parent.mkdir()
+        (ctx / SPLIT_SCRIPT).write_bytes(split_script())
     for system in image.system:  # not used by the Dockerfile: they put the pins into the content tag
         (ctx / system.context_lock).write_text(system.context_text())
     for whl in _local_wheels(project, image):
@@ -153,6 +156,11 @@ def _fill_context(project: Project, image: ImagePlan, dockerfile: str, ctx: Path
     (ctx / "Dockerfile").write_text(dockerfile)
     (ctx / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
     return ctx, digest
+
+
+def split_script() -> bytes:
+    """orchestrator/layer_split.py as the layer stages run it (its hash is part of every stage's key)."""
+    return resources.files("orchestrator").joinpath("layer_split.py").read_bytes()
 
 
 def _pip_sources(image: ImagePlan) -> str:
@@ -184,8 +192,12 @@ def _hint(text: str, builder: Builder | None = None, registry: str | None = None
 def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, str], cache: layers_mod.BlobCache,
                  c: layers_mod.Codec, log=print, no_cache: bool = False, docker_config: str | None = None,
                  builder: Builder | None = None, halt: "Halt | None" = None, registry: str | None = None
-                 ) -> layers_mod.Layer:
-    """Run one layer stage with BuildKit and turn its exported files into a layer blob.
+                 ) -> list[tuple[str, layers_mod.Layer]]:
+    """Run one layer stage with BuildKit and turn its exported files into layer blobs, one per group.
+
+    A dependency stage's export holds the groups layer_split made
+    (`<NN>-<name>/...`); each becomes one layer, in order. The app stage is
+    one layer.
 
     The tar streams from BuildKit (`--output type=tar,dest=-`) straight into
     the normalizer and compressor: nothing is unpacked into the engine's
@@ -206,20 +218,32 @@ def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, 
     started = time.monotonic()
     rate = layers_mod.Rate(f"{label}: exporting and compressing", log)
     where = {"builder": builder, "halt": halt, "registry": registry}
+    split = stage != "app"
+
+    def from_stream(out):
+        return (layers_mod.write_layers(out, cache, c, progress=rate) if split
+                else [(stage, layers_mod.write_layer(out, cache, c, progress=rate))])
+
+    def from_file(path: Path):
+        return (layers_mod.write_layers_from_file(path, cache, c, progress=rate) if split
+                else [(stage, layers_mod.write_layer_from_file(path, cache, c, progress=rate))])
     try:
-        layer = _run_export([*cmd, "--output", "type=tar,dest=-", str(ctx)], env, label, log, started,
-                            lambda out: layers_mod.write_layer(out, cache, c, progress=rate), **where)
+        groups = _run_export([*cmd, "--output", "type=tar,dest=-", str(ctx)], env, label, log, started,
+                             from_stream, **where)
     except layers_mod.UnsortedStream:
         log(f"  {label}: BuildKit's tar is not in sorted order; exporting to a file to sort it")
         with tempfile.TemporaryDirectory(prefix="orch-export-") as tmp:
             out = Path(tmp) / "layer.tar"
             _run_export([*cmd, "--output", f"type=tar,dest={out}", str(ctx)], env, label, log, started, None,
                         **where)
-            layer = layers_mod.write_layer_from_file(out, cache, c, progress=rate)
+            groups = from_file(out)
     took = time.monotonic() - started
-    log(f"  {label}: layer {layer.size / 1e6:,.1f} MB -> {layer.blob_size / 1e6:,.1f} MB {c.name} in {took:.1f} s "
-        f"(build, export and compression)")
-    return layer
+    size, blob = sum(lay.size for _, lay in groups), sum(lay.blob_size for _, lay in groups)
+    log(f"  {label}: {len(groups)} layer{'s' if len(groups) > 1 else ''} {size / 1e6:,.1f} MB -> {blob / 1e6:,.1f} MB "
+        f"{c.name} in {took:.1f} s (build, export and compression)")
+    if len(groups) > 1:
+        log(f"    {'; '.join(f'{g}: {lay.blob_size / 1e6:,.1f} MB' for g, lay in groups)}")
+    return groups
 
 
 def _run_export(cmd: list[str], env: dict, label: str, log, started: float, consume,
@@ -552,7 +576,7 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
     stages = [s if isinstance(s, SystemStage) else (s.name, layer_stage_text(s), s.lock.text())
               for s in image.stages()]
     if image.kind == "service":
-        stages.append(("app", app_stage_text(), tree_digest(ctx, skip=("wheelhouse", "locks", "Dockerfile",
+        stages.append(("app", app_stage_text(), tree_digest(ctx, skip=("wheelhouse", "locks", "tools", "Dockerfile",
                                                                          ".dockerignore"))))
     mount_from = [split_ref(base.ref)[1]] + ([split_ref(parent.image.ref("x"))[1]] if parent else [])
     new_layers, history = [], []
@@ -577,17 +601,24 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
                            f"{built.key[:12]}): {' '.join(stage.lock.requests)}")
             continue
         stage, text, inputs = stage
+        if stage != "app":  # the split script decides which files go to which layer
+            inputs += "\n# layer_split " + hashlib.sha256(split_script()).hexdigest()
         key = stage_key(image, stage, text, inputs, build_base.image.config_digest, pip_sources, c)
-        layer = None if rebuild else cache.recall(key, c)
-        if layer is None:
-            layer = export_stage(image, stage, ctx, args, cache, c, log, no_cache=no_cache, docker_config=docker_config,
-                                 builder=builder, halt=halt, registry=project.registry)
-            cache.remember(key, layer)
+        groups = None if rebuild else cache.recall_groups(key, c)
+        if groups is None:
+            groups = export_stage(image, stage, ctx, args, cache, c, log, no_cache=no_cache,
+                                  docker_config=docker_config, builder=builder, halt=halt, registry=project.registry)
+            cache.remember_groups(key, groups)
         else:
-            log(f"  {image.key}/{image.backend.name} {image.arch} {stage}: layer cached ({layer.digest[7:19]})")
-        uploader.submit(name, layer, mount_from)
-        new_layers.append(layer)
-        history.append(f"orchestrator: {stage} layer ({'lock ' + hashlib.sha256(inputs.encode()).hexdigest()[:12]})")
+            log(f"  {image.key}/{image.backend.name} {image.arch} {stage}: "
+                + (f"layer cached ({groups[0][1].digest[7:19]})" if len(groups) == 1
+                   else f"{len(groups)} layers cached"))
+        lock_id = "lock " + hashlib.sha256(inputs.encode()).hexdigest()[:12]
+        for group, layer in groups:
+            uploader.submit(name, layer, mount_from)
+            new_layers.append(layer)
+            what = "" if stage == "app" else f" {group.split('-', 1)[1]}"
+            history.append(f"orchestrator: {stage} layer{what} ({lock_id})")
     cfg = image_mod.config(json.loads(parent_img.config), image.platform, tuple(new_layers),
                            settings(image, f"orchestrator/base-{project.base.suite}", base.image.digest),
                            tuple(history))

@@ -156,6 +156,25 @@ class BlobCache:
     def remember(self, key: str, layer: Layer) -> None:
         atomic_write(self.key_path(key), json.dumps({"diff_id": layer.diff_id, "size": layer.size}))
 
+    def remember_groups(self, key: str, groups: list[tuple[str, Layer]]) -> None:
+        """Like remember, for a stage split into several layers (orchestrator/layer_split.py)."""
+        atomic_write(self.key_path(key), json.dumps({"groups": [
+            {"group": g, "diff_id": layer.diff_id, "size": layer.size} for g, layer in groups]}))
+
+    def recall_groups(self, key: str, c: Codec) -> list[tuple[str, Layer]] | None:
+        """The layers made earlier from the same inputs, compressed with c, if every blob is still here."""
+        try:
+            groups = json.loads(self.key_path(key).read_text())["groups"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        out = []
+        for g in groups:
+            layer = self.lookup(g["diff_id"], c)
+            if layer is None:
+                return None
+            out.append((g["group"], layer))
+        return out
+
     def recall(self, key: str, c: Codec) -> Layer | None:
         """The layer built earlier from the same inputs, compressed with c, if its blob is still here."""
         try:
@@ -357,6 +376,16 @@ def write_layer_from_file(path: Path, cache: BlobCache, c: Codec, epoch: int = S
 
 
 def _write_from(src, cache: BlobCache, c: Codec, epoch: int, progress, sort: bool) -> Layer:
+    if sort:
+        stf, members = _sorted_members(Path(src))
+        with stf:
+            return _write_members(members, cache, c, epoch, progress)
+    with tarfile.open(fileobj=src, mode="r|", bufsize=1 << 20) as tf:
+        return _write_members(_stream_members(tf), cache, c, epoch, progress)
+
+
+def _write_members(members, cache: BlobCache, c: Codec, epoch: int, progress) -> Layer:
+    """Normalize (TarInfo, data) pairs into one tar, compress it, store the blob; returns the layer."""
     threads = os.cpu_count() or 2
     fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=cache.root)
     try:
@@ -365,13 +394,7 @@ def _write_from(src, cache: BlobCache, c: Codec, epoch: int, progress, sort: boo
             out = tarfile.TarFile(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT)
             out.copybufsize = 1 << 20
             try:
-                if sort:
-                    stf, members = _sorted_members(Path(src))
-                    with stf:
-                        normalize(members, out, epoch)
-                else:
-                    with tarfile.open(fileobj=src, mode="r|", bufsize=1 << 20) as tf:
-                        normalize(_stream_members(tf), out, epoch)
+                normalize(members, out, epoch)
                 out.close()
             finally:
                 sink.close()
@@ -386,6 +409,58 @@ def _write_from(src, cache: BlobCache, c: Codec, epoch: int, progress, sort: boo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --- one export, several layers (orchestrator/layer_split.py) --------------
+
+def _group_of(name: str) -> str:
+    return _clean_name(name).split("/", 1)[0]
+
+
+def _in_group(members, group: str):
+    """A group's members with the group directory taken off their names (and hard links' targets)."""
+    prefix = group + "/"
+    for info, data in members:
+        name = _clean_name(info.name)
+        if name == group:
+            continue  # the group directory itself: not part of the layer
+        changes = {"name": name[len(prefix):]}
+        if info.islnk():
+            target = _clean_name(info.linkname)
+            if not target.startswith(prefix):
+                raise UserError(f"{name} is a hard link to {target}, in another layer",
+                                "this is a bug in the layer split; please report it")
+            changes["linkname"] = target[len(prefix):]
+        yield tarinfo_replace(info, **changes), data
+
+
+def _write_groups(members, cache: BlobCache, c: Codec, epoch: int, progress) -> list[tuple[str, Layer]]:
+    import itertools
+
+    return [(group, _write_members(_in_group(entries, group), cache, c, epoch, progress))
+            for group, entries in itertools.groupby(members, key=lambda m: _group_of(m[0].name))]
+
+
+def write_layers(source: BinaryIO, cache: BlobCache, c: Codec, epoch: int = SOURCE_DATE_EPOCH,
+                 progress: Callable[[int], None] | None = None) -> list[tuple[str, Layer]]:
+    """A tar whose top-level directories are layer groups ("00-torch", "01-small"): one layer per group, in order.
+
+    Read once from a stream; raises UnsortedStream when the stream is not in
+    sorted order (then export to a file and use write_layers_from_file).
+    """
+    try:
+        with tarfile.open(fileobj=source, mode="r|", bufsize=1 << 20) as tf:
+            return _write_groups(_stream_members(tf), cache, c, epoch, progress)
+    except _Unsorted:
+        raise UnsortedStream() from None
+
+
+def write_layers_from_file(path: Path, cache: BlobCache, c: Codec, epoch: int = SOURCE_DATE_EPOCH,
+                           progress: Callable[[int], None] | None = None) -> list[tuple[str, Layer]]:
+    """Like write_layers, for a tar file on disk, sorted first."""
+    stf, members = _sorted_members(path)
+    with stf:
+        return _write_groups(iter(members), cache, c, epoch, progress)
 
 
 class Rate:

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import compat as compat_mod
 from .apt import AptLock
 from .lock import Lock
-from .spec import Backend, Project, Service
+from .spec import Backend, LayerSplit, Project, Service
 
 SITE = "/opt/site"
 APP_DIR = "/opt/app"
@@ -35,10 +35,11 @@ def run_options() -> dict:
 
 @dataclass(frozen=True)
 class LayerStage:
-    """One dependency layer: a lock installed into its own site dir."""
+    """One dependency lock installed into its own site dir, sent as one or more layers (see `split`)."""
 
     name: str  # cuda-libs | torch | shared | service-<name>
     lock: Lock
+    split: LayerSplit = LayerSplit()  # big packages get their own layers (orchestrator/layer_split.py)
 
     @property
     def site_dir(self) -> str:
@@ -151,7 +152,7 @@ def cuda_libs_plan(project: Project, backend: Backend, platform: str, locks: lis
     cl = project.cuda_libs
     line = backend.cuda
     lock = next(lk for lk in locks if lk.layer == "cuda-libs")
-    stage = LayerStage("cuda-libs", lock)
+    stage = LayerStage("cuda-libs", lock, project.layer_split)
     lib_dirs = tuple(dict.fromkeys(f"{stage.site_dir}/{d}" for d in (compat.nvidia_lib_dir(p.name) for p in lock.pins)
                                    if d))
     rel = compat.cuda(line)
@@ -198,7 +199,7 @@ def system_stages(project: Project, svc: Service, platform: str,
 def service_plan(project: Project, svc: Service, backend: Backend, platform: str, locks: list[Lock],
                  system: dict[tuple[str, str], AptLock] | None = None) -> ImagePlan:
     compat = compat_mod.load()
-    stages = tuple(LayerStage(lk.layer, lk) for lk in locks
+    stages = tuple(LayerStage(lk.layer, lk, project.layer_split) for lk in locks
                    if lk.layer != "cuda-libs" and (not lk.layer.startswith("service-") or lk.layer == f"service-{svc.name}")
                    and lk.pins)
     site_dirs = [s.site_dir for s in reversed(stages)]

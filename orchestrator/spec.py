@@ -130,6 +130,14 @@ class CudaLibs:
 
 
 @dataclass(frozen=True)
+class LayerSplit:
+    """How a dependency lock is cut into layers (orchestrator/layer_split.py states the policy)."""
+
+    own_mb: float = 8.0  # a package this big, installed, gets a layer of its own...
+    max_layers: int = 12  # ...until the lock has this many layers, the shared one included
+
+
+@dataclass(frozen=True)
 class Base:
     image: str
     suite: str
@@ -179,6 +187,7 @@ class Project:
     allow_sdist: bool | tuple[str, ...] = False
     # Platform -> the engine that builds it; platforms not listed build on the default engine.
     builders: dict[str, Builder] = field(default_factory=dict)
+    layer_split: LayerSplit = LayerSplit()
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
@@ -872,4 +881,5 @@ def _build(path: Path, data: dict) -> Project:
     return Project(path.resolve(), root, data["project"], default_version, registry, python,
                    platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"),
                    project_system, _allow_sdist(file, data.get("allow_sdist", False)),
-                   _builders(file, data.get("builders") or {}, platforms, root))
+                   _builders(file, data.get("builders") or {}, platforms, root),
+                   LayerSplit(**(data.get("layer_split") or {})))

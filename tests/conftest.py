@@ -56,11 +56,17 @@ def copy_fixture(name: str, dest: Path, project_name: str | None = None) -> Path
     return target / "project.yaml"
 
 
-def ready_mini(dest: Path, prefix: str = "orch-test"):
-    """A copy of the mini fixture under a unique namespace, its bases pinned and its locks fresh."""
+def ready_mini(dest: Path, prefix: str = "orch-test", edit=None):
+    """A copy of the mini fixture under a unique namespace, its bases pinned and its locks fresh.
+
+    edit: called with the copy's directory before it is loaded and locked.
+    """
     from orchestrator import base, engine, pipeline, spec
 
-    project = spec.load(copy_fixture("mini", dest, f"{prefix}-{uuid.uuid4().hex[:8]}"))
+    pf = copy_fixture("mini", dest, f"{prefix}-{uuid.uuid4().hex[:8]}")
+    if edit is not None:
+        edit(pf.parent)
+    project = spec.load(pf)
     for platform in engine.base_platforms(project):
         base.ensure(project, platform, log=lambda *_: None)
     pipeline.lock(project, log=lambda *_: None)
