@@ -14,7 +14,10 @@ dependency bump (soundfile 0.14.0 -> 0.13.1 in the tts service layer),
 (d) adding one small package to the tts service (six, in no layer yet), (e) a second
 service (stt) on a host that has tts: what it pulls beyond tts, CUDA libraries
 included or not, (c) a torch patch change (2.5.1 -> 2.5.0, the same nvidia-*
-pins; CUDA-libs bytes reported separately).
+pins; CUDA-libs bytes reported separately), (g) adding one small package
+(requests) to a service whose dependencies are faster-whisper, ctranslate2,
+onnxruntime and av (the stt service, built on cuda): what is re-sent, layer by
+layer, under the project's layer_split policy.
 Also times the no-op and app-only rebuilds and `uv pip compile` vs
 `pip-compile` for the torch layer.
 
@@ -105,7 +108,8 @@ def build_monolith(project, ctx: Path, ref: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-monolith", action="store_true")
-    ap.add_argument("--only", default="a,b,d,e,c,lock", help="which to measure: a, b, c, d, e, lock (uv vs pip-compile)")
+    ap.add_argument("--only", default="a,b,d,e,c,g,lock",
+                    help="which to measure: a, b, c, d, e, g, lock (uv vs pip-compile)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {os.uname().machine}"}
@@ -167,6 +171,8 @@ def main() -> int:
             out["second_service"] = {"tool_pull_bytes": extra, "cuda_libs_bytes_pulled": sum(
                 x["size"] for x in new_layers if x["digest"] in libs_digests and x["digest"] not in
                 {y["digest"] for y in reg.get_manifest(*split_ref(prev)[1:]).json["layers"]})}
+        if "g" in only:
+            out["add_small_package_big_service"] = small_package_in_big_service(project, pf, reg)
         if "c" in only:
             before = prev
             measure("c", "torch_patch", lambda: pf.write_text(pf.read_text().replace('torch: "2.5.1"', 'torch: "2.5.0"')))
@@ -178,10 +184,54 @@ def main() -> int:
                 x["size"] for x in new_manifest["layers"]
                 if x["digest"] in {y.digest for y in libs.assembled.layers} and x["digest"] not in old_libs)
 
+
     if "lock" in only:
         lock_timing(out)
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _layers_by_stage(result) -> list[dict]:
+    """The image's layers named as the config's history names them ("service-stt layer av", ...)."""
+    history = [h["created_by"] for h in json.loads(result.assembled.config)["history"]]
+    return [{"layer": h.split(" (")[0].removeprefix("orchestrator: "), "digest": x.digest, "bytes": x.blob_size}
+            for h, x in zip(history, result.assembled.layers)]
+
+
+def small_package_in_big_service(project, pf: Path, reg: Registry) -> dict:
+    say("(g) stt with faster-whisper, ctranslate2, onnxruntime and av gains requests")
+    stt_in = pf.parent / "requirements" / "stt.in"
+    stt_in.write_text(stt_in.read_text() + "faster-whisper\nctranslate2\nonnxruntime\nav\n")
+
+    def build_stt(project, stats=None):
+        started = time.monotonic()
+        r = next(r for r in build.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None,
+                                        stats=stats) if r.image.key == "stt")
+        return r, time.monotonic() - started
+
+    project = spec.load(pf)
+    pipeline.lock(project, log=lambda *_: None)
+    old, _ = build_stt(project)
+    locked = (pf.parent / "locks" / "cuda-amd64" / "service-stt.txt").read_text()
+    stt_in.write_text(stt_in.read_text() + "requests\n")
+    project = spec.load(pf)
+    t = time.monotonic()
+    pipeline.lock(project, log=lambda *_: None)
+    lock_secs = time.monotonic() - t
+    stats: dict = {}
+    new, secs = build_stt(project, stats)
+    relocked = (pf.parent / "locks" / "cuda-amd64" / "service-stt.txt").read_text()
+    pins = lambda text: {ln.split(" ")[0] for ln in text.splitlines() if "==" in ln and not ln.startswith(" ")}  # noqa: E731
+    have = {x.digest for x in old.assembled.layers}
+    service = [x for x in _layers_by_stage(old) if x["layer"].startswith("service-stt layer")]
+    return {"policy": {"own_mb": project.layer_split.own_mb, "max_layers": project.layer_split.max_layers},
+            "pins_added": sorted(pins(relocked) - pins(locked)),
+            "service_layers_before": service,
+            "service_bytes_before": sum(x["bytes"] for x in service),
+            "changed_layers": [x for x in _layers_by_stage(new) if x["digest"] not in have],
+            "tool_pull_bytes": pull_bytes(reg, old.ref, new.ref),
+            "registry_received_bytes": stats["uploaded_bytes"],
+            "tool_rebuild_seconds": round(secs, 1), "lock_seconds": round(lock_secs, 1)}
 
 
 def lock_timing(out: dict) -> None:
