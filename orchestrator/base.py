@@ -73,7 +73,9 @@ class Base:
 def inputs_hash(project: Project) -> str:
     b = project.base
     recipe = {"format": PIN_FORMAT, "image": b.image, "suite": b.suite, "include": sorted(b.include),
-              "when": b.bootstrap_when, "epoch": layers_mod.SOURCE_DATE_EPOCH}
+              "when": b.bootstrap_when, "epoch": layers_mod.SOURCE_DATE_EPOCH,
+              # How a bootstrap is run: a pin made another way is stale, not "the archive moved".
+              "hooks": list(BOOTSTRAP_HOOKS), "env": _BOOTSTRAP_ENV}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
@@ -282,6 +284,25 @@ def _pull(project: Project, platform: str, reg: Registry, name: str, cache, log)
 
 # --- bootstrapping ------------------------------------------------------
 
+# What would otherwise come from the machine mmdebstrap runs on. It copies the
+# host's /etc/hostname and /etc/resolv.conf (content and mode) into the chroot
+# for debootstrap compatibility; an engine mounts its own over both at run
+# time, so the base has neither. And it hands its environment to every
+# maintainer script: with PYTHONDONTWRITEBYTECODE unset, python3 imports done
+# by py3compile itself (debpython, _distutils_hack) leave timestamp .pyc files
+# that py3compile then keeps, where with it set py3compile writes them all
+# hash-checked (SOURCE_DATE_EPOCH); locale and TZ can change what scripts sort
+# or print. So the environment is fixed here, and the umask too.
+BOOTSTRAP_HOOKS = ('rm -f "$1/etc/hostname" "$1/etc/resolv.conf"',)
+_BOOTSTRAP_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+
+
+def _bootstrap_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHON", "LC_")) and k not in ("LANG", "LANGUAGE", "TZ")}
+    return dict(env, SOURCE_DATE_EPOCH=str(layers_mod.SOURCE_DATE_EPOCH), **_BOOTSTRAP_ENV)
+
+
 def bootstrap(project: Project, platform: str, cache: layers_mod.BlobCache, log=print) -> tuple[image_mod.Image, tuple[str, ...]]:
     """mmdebstrap a rootfs and make it a one-layer image; returns (image, package versions)."""
     if not shutil.which("mmdebstrap"):
@@ -289,15 +310,15 @@ def bootstrap(project: Project, platform: str, cache: layers_mod.BlobCache, log=
     arch = platform.split("/")[1]
     b = project.base
     c = layers_mod.codec(project.compression)
-    env = dict(os.environ, SOURCE_DATE_EPOCH=str(layers_mod.SOURCE_DATE_EPOCH))
+    env = _bootstrap_env()
     with tempfile.TemporaryDirectory(prefix="orch-base-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
         log(f"[base] bootstrapping {b.suite} for {platform} with mmdebstrap "
             f"({'about 30 s' if arch == _host_arch() else 'minutes: maintainer scripts run under QEMU'})")
         started = time.monotonic()
         cmd = ["mmdebstrap", "--quiet", "--variant=minbase", f"--arch={arch}", f"--include={','.join(b.include)}",
-               b.suite, str(rootfs)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+               *(f"--customize-hook={h}" for h in BOOTSTRAP_HOOKS), b.suite, str(rootfs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, umask=0o022)
         if proc.returncode != 0:
             raise EnvironmentProblem(f"mmdebstrap failed for {platform}:\n" + proc.stderr[-2000:],
                                      "foreign architectures need arch-test and qemu-user-static (ci/setup.sh)")
@@ -306,7 +327,8 @@ def bootstrap(project: Project, platform: str, cache: layers_mod.BlobCache, log=
         layer = layers_mod.write_layer_from_file(rootfs, cache, c)
     settings = image_mod.Settings(env=(("PATH", BASE_PATH),), cmd=("python3",),
                                   labels=(("org.opencontainers.image.title", f"Debian {b.suite} base"),))
-    recipe = f"mmdebstrap --variant=minbase --include={','.join(sorted(b.include))} {b.suite}"
+    recipe = (f"mmdebstrap --variant=minbase --include={','.join(sorted(b.include))} "
+              + "".join(f"--customize-hook='{h}' " for h in BOOTSTRAP_HOOKS) + b.suite)
     cfg = image_mod.config(None, platform, (layer,), settings, (recipe,))
     atomic_write(cache.blob_path(image_mod.digest_of(cfg)), cfg)  # a reader never sees half a config
     return image_mod.Image(platform, (layer,), cfg), packages
