@@ -153,7 +153,9 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
     outputs.append(smoke.stdout + smoke.stderr)
     assert smoke.returncode == 0, shown(smoke)
     assert set(reg.tags(name)) == after_build  # smoke promotes nothing
-    assert local(), "smoke did not pull the images (with the credentials from config.json)"
+    # It pulled them with the credentials from config.json (and removed them again when done).
+    assert f"ok   pull: pulled from {tls_registry.host}" in smoke.stdout + smoke.stderr, shown(smoke)
+    assert not local(), "smoke left the images it pulled behind"
 
     promote = run_job("promote.sh", env=env)
     outputs.append(promote.stdout + promote.stderr)
