@@ -323,11 +323,11 @@ if [ "$tests" = 1 ]; then
   run_stage test in_box 5400 "bash ci/test.sh"
 fi
 if [ "$full" = 1 ]; then
-  need=$((45 + min_free))
+  need=$((55 + min_free))
   if [ "$(free_gb)" -ge "$need" ]; then
     run_stage main.example in_box 5400 "bash ci/main.sh" && full_result="ran" || full_result="ran, failed"
   else
-    full_result="not attempted: $(free_gb) GB free on /, the example needs ~45 GB plus ${min_free} GB kept free"
+    full_result="not attempted: $(free_gb) GB free on /, the example needs ~55 GB plus ${min_free} GB kept free"
     say "$full_result"
   fi
 fi
