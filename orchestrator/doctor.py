@@ -21,8 +21,11 @@ from .spec import Project
 
 # Free disk a build needs in the Docker data root, per backend and platform:
 # image layers, BuildKit's pip cache and the exported image together. The
-# CUDA image carries ~3 GB of nvidia wheels plus torch, unpacked and cached.
-DISK_NEED_GB = {"cuda": 12, "cuda-libs-only": 1, "cpu": 3}
+# CUDA image carries ~3 GB of nvidia wheels plus torch, unpacked and cached
+# (BuildKit keeps each layer stage twice: installed, and copied for export).
+# Measured: the example's fresh first run (3 CUDA backend x platforms, 2 cpu)
+# peaked at about 56 GB (BENCHMARKS.md, "First run on a fresh Debian 12 root").
+DISK_NEED_GB = {"cuda": 17, "cuda-libs-only": 1, "cpu": 3}
 GB = 1000**3
 PROBE_REPOSITORY = "doctor-probe"
 
