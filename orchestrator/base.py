@@ -192,7 +192,7 @@ def ensure(project: Project, platform: str, reg: Registry | None = None, cache: 
         pulled = _pull(project, platform, reg, name, cache, log)
         if pulled is not None:
             return pulled
-    img, packages = bootstrap(project, platform, cache, log)
+    img, packages = _bootstrap_once(project, platform, reg, name, cache, c, log)
     if pin is not None and img.config_digest != pin.config_digest:
         moved = _diff_packages(pin.packages, packages)
         if not repin:
@@ -239,6 +239,60 @@ def _diff_packages(old: tuple[str, ...], new: tuple[str, ...]) -> str:
     n = dict(p.split("=", 1) for p in new)
     changes = [f"{k} {o.get(k, '-')} -> {n.get(k, '-')}" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
     return ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "") or "same packages"
+
+
+# --- one bootstrap per archive state ---------------------------------------
+
+def archive_state(suite: str, platform: str) -> str | None:
+    """What a bootstrap of suite for platform installs from: the Packages indexes' sha256 in each source's
+    InRelease (they change when a package does, not when the archive re-signs). None when unreadable."""
+    from . import apt
+
+    dl = apt.Downloader(retries=2, timeout=20, backoff=1.0)
+    arch = apt.debian_arch(platform)
+    h = hashlib.sha256()
+    try:
+        for src in apt.default_sources(suite):
+            rel = apt.parse_release(apt._clearsigned_body(
+                dl.get(f"{src.url.rstrip('/')}/dists/{src.suite}/InRelease").decode("utf-8", "replace")))
+            h.update(f"{src} {apt._packages_entry(rel, 'main', arch)[1]}\n".encode())
+    except (EnvironmentProblem, UserError):
+        return None
+    return h.hexdigest()
+
+
+def _memo_path(project: Project, platform: str, state: str, cache: layers_mod.BlobCache) -> Path:
+    key = hashlib.sha256(f"{inputs_hash(project)} {platform} {state}".encode()).hexdigest()
+    return cache.root / "bootstraps" / f"{platform.split('/')[1]}-{key[:32]}.json"
+
+
+def _bootstrap_once(project: Project, platform: str, reg: Registry, name: str, cache: layers_mod.BlobCache,
+                    c: layers_mod.Codec, log) -> tuple[image_mod.Image, tuple[str, ...]]:
+    """bootstrap(), unless this recipe was bootstrapped on this machine from the archive as it is now.
+
+    Bootstraps are reproducible, so the earlier result is what a new one would give. This is what keeps a
+    fresh CI machine to one bootstrap per platform after Debian updates a package under the committed pin:
+    every project and test copy with that pin then moves to the same new base without its own mmdebstrap.
+    """
+    state = archive_state(project.base.suite, platform)
+    memo = _memo_path(project, platform, state, cache) if state else None
+    if memo is not None and memo.exists():
+        try:
+            e = json.loads(memo.read_text())
+            seen = Pin(platform, "mmdebstrap", e["config"], tuple(e["diff_ids"]), tuple(e["packages"]), "")
+        except (OSError, ValueError, KeyError, TypeError):
+            seen = None
+        img = seen and (_from_registry(reg, name, seen, c) or _from_cache(seen, cache, c))
+        if img:
+            log(f"[base] {platform}: bootstrapped from this state of the Debian archive before "
+                f"({seen.config_digest[:19]}); using that instead of running mmdebstrap again")
+            return img, seen.packages
+    img, packages = bootstrap(project, platform, cache, log)
+    # Recorded only if the archive did not move while mmdebstrap ran: the key must name what it installed.
+    if memo is not None and archive_state(project.base.suite, platform) == state:
+        atomic_write(memo, json.dumps({"config": img.config_digest, "diff_ids": [x.diff_id for x in img.layers],
+                                       "packages": list(packages)}, indent=1) + "\n")
+    return img, packages
 
 
 # --- pulling a configured image (through the registry API, not the engine) ---

@@ -33,3 +33,55 @@ def test_a_pin_made_by_another_recipe_is_stale(monkeypatch):
     assert base.inputs_hash(project) != before
     other = dataclasses.replace(project, base=dataclasses.replace(project.base, include=("python3",)))
     assert base.inputs_hash(other) != before
+
+
+class _Bootstraps:
+    """A stand-in for mmdebstrap and the Debian archive: counts bootstraps, returns a fixed image."""
+
+    def __init__(self, monkeypatch, state="state-1"):
+        self.state, self.runs = state, 0
+        self.image = type("Img", (), {"config_digest": "sha256:" + "c" * 64, "layers": ()})()
+        monkeypatch.setattr(base, "archive_state", lambda suite, platform: self.state)
+        monkeypatch.setattr(base, "bootstrap", self.bootstrap)
+        monkeypatch.setattr(base, "_from_registry", lambda reg, name, pin, c: self.image)
+
+    def bootstrap(self, project, platform, cache, log):
+        self.runs += 1
+        return self.image, ("libc6=2.36-9",)
+
+
+def _once(project, tmp_path, lines):
+    from orchestrator import layers
+
+    cache = layers.BlobCache(tmp_path / "blobs")
+    return base._bootstrap_once(project, "linux/arm64", None, "orchestrator/base-bookworm", cache,
+                                layers.codec(project.compression), lines.append)
+
+
+def test_a_recipe_is_bootstrapped_once_per_state_of_the_debian_archive(monkeypatch, tmp_path):
+    # Why: after Debian updates a package under the committed pin, every project and test copy on a
+    # fresh machine must move to the same new base; without this each one ran mmdebstrap (minutes under QEMU).
+    project = spec.load(FIXTURES / "mini" / "project.yaml")
+    fake, lines = _Bootstraps(monkeypatch), []
+    assert _once(project, tmp_path, lines) == (fake.image, ("libc6=2.36-9",))
+    assert _once(project, tmp_path, lines) == (fake.image, ("libc6=2.36-9",))
+    assert fake.runs == 1
+    assert "bootstrapped from this state of the Debian archive before" in lines[-1]
+    fake.state = "state-2"  # a package moved: bootstrap again
+    _once(project, tmp_path, lines)
+    assert fake.runs == 2
+
+
+def test_a_bootstrap_is_not_remembered_when_the_archive_moved_while_it_ran_or_cannot_be_read(monkeypatch, tmp_path):
+    project = spec.load(FIXTURES / "mini" / "project.yaml")
+    fake, lines = _Bootstraps(monkeypatch), []
+    states = iter(["before", "after", "after", "after"])
+    monkeypatch.setattr(base, "archive_state", lambda suite, platform: next(states))
+    _once(project, tmp_path, lines)  # read "before", bootstrapped, read "after": which did it install?
+    _once(project, tmp_path, lines)
+    assert fake.runs == 2
+    monkeypatch.setattr(base, "archive_state", lambda suite, platform: None)  # offline mirror index
+    _once(project, tmp_path, lines)
+    _once(project, tmp_path, lines)
+    assert fake.runs == 4
+    assert len(list((tmp_path / "blobs" / "bootstraps").iterdir())) == 1  # the second run's, made on "after"
