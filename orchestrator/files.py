@@ -9,6 +9,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -100,24 +101,52 @@ def held(path: Path, *, shared: bool = False, note: str = "", on_wait=None):
     called once, with that text ('' when unknown), before blocking. A shared
     holder writes too (the last one's text stays), which is enough to name one
     of them. The file is opened without truncating, so a waiter never erases
-    what the holder wrote; the lock goes away with the process if it dies.
+    what the holder wrote; an exclusive holder blanks its record as it lets go,
+    so a later waiter never names a holder that has left. The lock goes away
+    with the process if it dies.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait(_holder(fd))
-            fcntl.flock(fd, mode)
+        if not _try_flock(fd, mode):
+            holder = _wait_for_record(fd, mode)
+            if holder is not None:  # None: the lock came free while we looked
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, mode)
         try:
             # One fixed-size record written at once: shared holders writing together never interleave.
             os.pwrite(fd, f"{os.getpid()} {note}".strip()[:_RECORD - 1].ljust(_RECORD - 1).encode() + b"\n", 0)
             yield
         finally:
+            if not shared:
+                os.pwrite(fd, b" " * (_RECORD - 1) + b"\n", 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _wait_for_record(fd: int, mode: int, settle: float = 1.0) -> str | None:
+    """The holder's record; None if the lock was taken meanwhile.
+
+    A holder writes its record just after it takes the lock, so an empty
+    record is given a moment to appear before the waiter settles for ''.
+    """
+    deadline = time.monotonic() + settle
+    holder = _holder(fd)
+    while not holder and time.monotonic() < deadline:
+        time.sleep(0.02)
+        if _try_flock(fd, mode):
+            return None
+        holder = _holder(fd)
+    return holder

@@ -6,6 +6,7 @@ holds its lock; the journal shows who ran while whom, without timing.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -110,3 +111,44 @@ def test_registry_lock_files_are_per_host_and_name_safe(tmp_path):
     b = pipeline.registry_lock_path("ghcr.io/acme", tmp_path)
     assert a != b and a.parent == b.parent == tmp_path / "locks"
     assert "/" not in a.name and ":" not in a.name
+
+
+LATE = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(0.3)  # the window between taking the lock and writing the record
+    os.pwrite(fd, f"{os.getpid()} build".ljust(119).encode() + b"\\n", 0)
+    sys.stdin.readline()
+""")
+
+
+def test_a_waiter_that_comes_before_the_holder_wrote_its_record_still_names_it(tmp_path):
+    from orchestrator.files import held
+
+    path = tmp_path / "run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", LATE, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "locked\n"
+    seen: list[str] = []
+    try:
+        with held(path, note="publish", on_wait=lambda h: (seen.append(h), holder.stdin.write("go\n"),
+                                                         holder.stdin.flush())):
+            pass
+    finally:
+        holder.wait(timeout=60)
+    assert seen == [f"{holder.pid} build"]
+
+
+def test_an_exclusive_holder_leaves_no_record_behind(tmp_path):
+    from orchestrator.files import _holder, held
+
+    path = tmp_path / "run.lock"
+    with held(path, note="build"):
+        pass
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _holder(fd) == ""  # the next waiter says "unknown", never a pid that has left
+    finally:
+        os.close(fd)
