@@ -19,9 +19,9 @@ base_inputs() { python -c 'import json, sys; print(json.load(sys.stdin)["inputs-
 # (before the suite starts: the suite itself must leave the checkout alone).
 # A pin made for another recipe (inputs-sha256 differs) still fails the check.
 # The second project's bootstrap is free: one per archive state per machine.
-check_locks() {
-    local dir=$1 pin="$1/locks/base.json"
-    export ORCH_PROJECT="$dir/project.yaml"
+check_locks() (  # a subshell: ORCH_PROJECT stays with this project
+    pin="$1/locks/base.json"
+    export ORCH_PROJECT="$1/project.yaml"
     invoke engine.up
     if ! git diff --quiet -- "$pin" \
         && [ "$(git show "HEAD:$pin" | base_inputs)" = "$(base_inputs <"$pin")" ]; then
@@ -32,8 +32,7 @@ check_locks() {
     fi
     invoke lock --check
     invoke render --check
-    unset ORCH_PROJECT
-}
+)
 check_locks .
 check_locks tests/fixtures/mini
 

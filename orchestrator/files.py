@@ -84,6 +84,11 @@ def exclusive(path: Path):
 _RECORD = 120
 
 
+def _record(text: str) -> bytes:
+    """A lock file's one fixed-size record: written whole, it replaces the last one entirely."""
+    return text.strip()[:_RECORD - 1].ljust(_RECORD - 1).encode() + b"\n"
+
+
 def _holder(fd: int) -> str:
     """What the holder of a lock file wrote into it ("<pid> <what>"), or '' when it wrote nothing."""
     try:
@@ -118,11 +123,11 @@ def held(path: Path, *, shared: bool = False, note: str = "", on_wait=None):
                 fcntl.flock(fd, mode)
         try:
             # One fixed-size record written at once: shared holders writing together never interleave.
-            os.pwrite(fd, f"{os.getpid()} {note}".strip()[:_RECORD - 1].ljust(_RECORD - 1).encode() + b"\n", 0)
+            os.pwrite(fd, _record(f"{os.getpid()} {note}"), 0)
             yield
         finally:
             if not shared:
-                os.pwrite(fd, b" " * (_RECORD - 1) + b"\n", 0)
+                os.pwrite(fd, _record(""), 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
