@@ -265,10 +265,14 @@ def sbom(c, service=None, backend=None, platform=None, project=DEFAULT_PROJECT):
     sys.stderr.write(f"SBOM of {image} ({platform})\n")
 
 
-@task(name="up", help={"project": PROJECT_HELP})
+@task(name="up", help={
+    "project": PROJECT_HELP,
+    "bootstrap_now": "bootstrap every platform's base here and now; by default a base this machine would make "
+                     "under QEMU is left to the first build, which makes it while the native platform builds",
+})
 @friendly
-def engine_up(c, project=DEFAULT_PROJECT):
-    """Start what is missing: Docker Engine, the local registry, arm64 emulation, a pinned base image."""
+def engine_up(c, project=DEFAULT_PROJECT, bootstrap_now=False):
+    """Start what is missing: Docker Engine, the local registry, arm64 emulation, the pinned base images."""
     from orchestrator import base, preflight
 
     proj = pipeline.load_project(project)
@@ -279,8 +283,9 @@ def engine_up(c, project=DEFAULT_PROJECT):
         if platform != engine.host_platform():  # a native arm64 runner needs no emulator for arm64
             log(f"binfmt:   {engine.ensure_binfmt(platform)}")
     for platform in engine.base_platforms(proj):
-        found, how = base.ensure(proj, platform, log=log)
-        log(f"base:     {platform}: {found.ref} ({how})")
+        later = not bootstrap_now and platform != engine.host_platform()
+        found, how = base.ensure(proj, platform, log=log, defer=later)
+        log(f"base:     {platform}: {found.ref if found else 'pinned'} ({how})")
 
 
 @task(name="status", help={"project": PROJECT_HELP})

@@ -28,6 +28,11 @@
 #        main.mini      ORCH_PROJECT=tests/fixtures/mini/project.yaml bash ci/main.sh
 #        test           bash ci/test.sh        (only with --tests)
 #        main.example   bash ci/main.sh        (only with --full and enough disk)
+#      With --first-run BACKENDS (e.g. cuda,cpu) it is instead the README's first
+#      command as a newcomer meets it, nothing warmed up before: setup, doctor,
+#      engine.up and main.example on the example project cut to those backends
+#      (bench/cut_backends.py), no main.mini; the first run is setup + engine.up
+#      + main.example.
 #   5. prints a per-stage table, writes bench/out/fresh_machine.json, and
 #      removes the container, its volume and the image it created.
 #
@@ -42,16 +47,17 @@
 # --patch FILE applies a diff (git apply) to the clone first, to check a fix
 # that is not committed yet; the JSON records it ("patched").
 #
-# Usage: bash bench/fresh_machine.sh [--full] [--tests] [--bare-env] [--keep] [--min-free GB]
+# Usage: bash bench/fresh_machine.sh [--full | --first-run BACKENDS] [--tests] [--bare-env] [--keep] [--min-free GB]
 #                                    [--stage-timeout S] [--patch FILE] [--variant V] [--out FILE]
 set -uo pipefail
 { # read the whole script before running it, so that editing it mid-run is safe
-full=0; tests=0; bare=0; keep=0; patch=""; variant=important; min_free=10; stage_timeout=2400
+full=0; first_run=""; tests=0; bare=0; keep=0; patch=""; variant=important; min_free=10; stage_timeout=2400
 root=$(cd "$(dirname "$0")/.." && pwd)
 out_json=$root/bench/out/fresh_machine.json
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) full=1 ;;
+    --first-run) first_run=$2; shift ;;
     --tests) tests=1 ;;
     --bare-env) bare=1 ;;
     --keep) keep=1 ;;
@@ -92,9 +98,9 @@ report() {
   [ -e "$work/abort" ] && aborted=$(cat "$work/abort")
   local machine
   machine=$(tail -1 "$logs/provision.log" 2>/dev/null)
-  python3 - "$rec" "$work" "$out_json" "$commit" "$bare" "$full_result" "$aborted" "$machine" "$patch" "$variant" <<'PY'
+  python3 - "$rec" "$work" "$out_json" "$commit" "$bare" "$full_result" "$aborted" "$machine" "$patch" "$variant" "$first_run" <<'PY'
 import json, os, sys, time
-rec, work, out, commit, bare, full_result, aborted, machine, patch, variant = sys.argv[1:]
+rec, work, out, commit, bare, full_result, aborted, machine, patch, variant, first_run = sys.argv[1:]
 stages = []
 for line in open(rec):
     name, secs, rc, log = line.rstrip("\n").split("\t")
@@ -137,6 +143,11 @@ result = {
     "doctor_before_engine_up": doctor("before"),
     "doctor_after_engine_up": doctor("after"),
     "example_first_run": full_result,
+    "first_run": None if not first_run else {
+        "backends": first_run.split(","),
+        "project": f"the example project cut to {first_run} (bench/cut_backends.py); no main.mini before it",
+        "seconds": sum(s["seconds"] for s in stages if s["stage"] in ("setup", "engine.up", "main.example")),
+        "stages": "setup + engine.up + main.example"},
     "aborted": aborted or None,
     "ok": ok and not aborted,
 }
@@ -154,6 +165,8 @@ for which in ("before", "after"):
         print(f"doctor {which} engine.up: {'all required checks pass' if d['ok'] else 'failed: ' + ', '.join(d['failed_required'])}"
               + (f" (optional: {', '.join(d['failed_optional'])})" if d["failed_optional"] else ""))
 print(f"example first run: {full_result}")
+if first_run:
+    print(f"first run ({first_run}): {result['first_run']['seconds']:.1f} s (setup + engine.up + main.example)")
 if aborted:
     print(f"ABORTED: {aborted}")
 print(f"result: {'ok' if result['ok'] else 'FAILED'}; wrote {out}; logs in {os.path.join(work, 'logs')}")
@@ -304,12 +317,14 @@ clone() (
   git clone -q "$root" "$work/clone"
   git -C "$work/clone" log -1 --format='commit %h %s'
   if [ -n "$patch" ]; then git -C "$work/clone" apply --stat "$patch"; git -C "$work/clone" apply "$patch"; fi
+  if [ -n "$first_run" ]; then python3 "$root/bench/cut_backends.py" "$work/clone/project.yaml" "$first_run"; fi
   docker cp "$work/clone" "$name:/root/orchestrator"
 )
 run_stage clone clone || exit 1
 
 # --- 4. the README's first command, in stages -------------------------------------
 mini="export ORCH_PROJECT=tests/fixtures/mini/project.yaml;"
+[ -n "$first_run" ] && mini=""  # the newcomer's first run: the example project from the start
 run_stage setup in_box "bash ci/setup.sh"
 # doctor exits 1 when a required check fails: expected before engine.up.
 run_stage doctor.before in_box 600 "$mini .venv/bin/invoke doctor"
@@ -317,12 +332,14 @@ in_box 600 "$mini .venv/bin/invoke doctor --json" >"$work/doctor.before.json" 2>
 run_stage engine.up in_box "$mini .venv/bin/invoke engine.up"
 run_stage doctor.after in_box 600 "$mini .venv/bin/invoke doctor"
 in_box 600 "$mini .venv/bin/invoke doctor --json" >"$work/doctor.after.json" 2>/dev/null
-run_stage main.mini in_box "$mini bash ci/main.sh"
+[ -n "$first_run" ] || run_stage main.mini in_box "$mini bash ci/main.sh"
 
 if [ "$tests" = 1 ]; then
   run_stage test in_box 5400 "bash ci/test.sh"
 fi
-if [ "$full" = 1 ]; then
+if [ -n "$first_run" ]; then
+  run_stage main.example in_box 5400 "bash ci/main.sh" && full_result="ran ($first_run)" || full_result="ran ($first_run), failed"
+elif [ "$full" = 1 ]; then
   need=$((55 + min_free))
   if [ "$(free_gb)" -ge "$need" ]; then
     run_stage main.example in_box 5400 "bash ci/main.sh" && full_result="ran" || full_result="ran, failed"

@@ -22,7 +22,7 @@ base_inputs() { python -c 'import json, sys; print(json.load(sys.stdin)["inputs-
 check_locks() (  # a subshell: ORCH_PROJECT stays with this project
     pin="$1/locks/base.json"
     export ORCH_PROJECT="$1/project.yaml"
-    invoke engine.up
+    invoke engine.up --bootstrap-now
     if ! git diff --quiet -- "$pin" \
         && [ "$(git show "HEAD:$pin" | base_inputs)" = "$(base_inputs <"$pin")" ]; then
         echo "ci: the Debian archive moved since $pin was committed; re-locking what is built on the base" \

@@ -271,6 +271,9 @@ class Index:
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_name.values())
 
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
     def versions(self, name: str) -> list[Package]:
         """The versions of a real package, highest first."""
         return self._by_name.get(name, [])

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,8 +166,12 @@ def _push(reg: Registry, name: str, img: image_mod.Image, tag: str, log, sources
 
 
 def ensure(project: Project, platform: str, reg: Registry | None = None, cache: layers_mod.BlobCache | None = None,
-           log=print, repin: bool = True) -> tuple[Base, str]:
-    """The project's base for platform, present in the project registry; returns (base, what happened)."""
+           log=print, repin: bool = True, defer: bool = False) -> tuple[Base | None, str]:
+    """The project's base for platform, present in the project registry; returns (base, what happened).
+
+    With defer, a base that only a bootstrap can make, and that a bootstrap now would make exactly as
+    pinned, is left for later: returns (None, why it is safe to wait). Only defer callers get None.
+    """
     reg = reg or Registry(project.registry)
     cache = cache or layers_mod.default_cache()
     c = layers_mod.codec(project.compression)
@@ -188,6 +193,12 @@ def ensure(project: Project, platform: str, reg: Registry | None = None, cache: 
             raise EnvironmentProblem(f"the pinned base for {platform} ({pin.pinned_in}) is in neither "
                                      f"{project.registry} nor the local cache, and its source cannot be reached",
                                      "push it to the registry, or re-pin with `invoke lock --upgrade`")
+        if defer:
+            moved = pin_moved(pin, platform, project.base.suite)
+            if moved is None:
+                return None, (f"not bootstrapped yet: the Debian archive still has all {len(pin.packages)} "
+                              "pinned packages, so a build can make it later, while other platforms build")
+            log(f"[base] {platform}: bootstrapping now, not later: {moved}")
     if pin is None and project.base.bootstrap_when != "always":
         pulled = _pull(project, platform, reg, name, cache, log)
         if pulled is not None:
@@ -209,6 +220,80 @@ def ensure(project: Project, platform: str, reg: Registry | None = None, cache: 
     if pin is None or pin.config_digest != new.config_digest:
         write_pin(project, new)
     return Base(platform, repo, img), verb
+
+
+class Bases:
+    """Each platform's base for one build, made present by ensure(). A base of a platform in `later`
+    that only a bootstrap can make is bootstrapped in a thread; get() waits for it, so a build that
+    orders those platforms last overlaps the bootstrap with the others' work."""
+
+    def __init__(self, project: Project, platforms: list[str], later: list[str], reg: Registry,
+                 cache: layers_mod.BlobCache, log=print):
+        self._log = log
+        self._ready: dict[str, Base] = {}
+        self._pending: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        for platform in platforms:
+            found, how = ensure(project, platform, reg, cache, log=log, defer=platform in later)
+            if found is not None:
+                self._ready[platform] = found
+                continue
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="base-bootstrap")
+            log(f"[base] {platform}: bootstrapping in the background while the other platforms build ({how})")
+            self._pending[platform] = self._pool.submit(ensure, project, platform, None, cache, log)
+
+    @property
+    def pending(self) -> set[str]:
+        return set(self._pending) - set(self._ready)
+
+    def get(self, platform: str) -> Base:
+        if platform not in self._ready:
+            job = self._pending[platform]
+            if not job.done():
+                self._log(f"[base] {platform}: waiting for its bootstrap to finish")
+            self._ready[platform] = job.result()[0]
+        return self._ready[platform]
+
+    def close(self) -> None:
+        """Wait for a bootstrap still running (after a failure elsewhere): its result is kept for the next run."""
+        if self._pool is None:
+            return
+        if any(not job.done() for job in self._pending.values()):
+            self._log("[base] waiting for the background bootstrap to finish; the next run uses it")
+        self._pool.shutdown(wait=True)
+
+
+def pin_moved(pin: Pin, platform: str, suite: str) -> str | None:
+    """None when a bootstrap now would install exactly the pinned package versions (so, bootstraps being
+    reproducible, give the pinned digest); else what moved. Reads the archive's Packages indexes."""
+    from . import apt
+
+    try:
+        index, _ = apt.fetch_index(apt.default_sources(suite), platform)
+    except (EnvironmentProblem, UserError) as e:
+        return f"the Debian archive could not be read ({e.message})"
+    return packages_moved(pin.packages, index)
+
+
+def packages_moved(pinned: tuple[str, ...], index) -> str | None:
+    """What a minbase bootstrap from index would install differently from the pinned name=version list:
+    a pinned package whose newest version changed, or a new Essential or required package. None if nothing."""
+    if not pinned:
+        return "the pin lists no packages"
+    want = dict(p.split("=", 1) for p in pinned)
+    changes = []
+    for name, version in sorted(want.items()):
+        offered = index.versions(name)
+        if not offered or offered[0].version != version:
+            changes.append(f"{name} {version} -> {offered[0].version if offered else 'gone'}")
+    for name in sorted(index.names()):
+        newest = index.versions(name)[0]
+        if name not in want and (newest.essential or newest.priority == "required"):
+            changes.append(f"{name} - -> {newest.version} (required)")
+    if not changes:
+        return None
+    return "the Debian archive moved: " + ", ".join(changes[:5]) + (
+        f" and {len(changes) - 5} more" if len(changes) > 5 else "")
 
 
 def _copy_from_pinned_registry(pin: Pin, reg: Registry, name: str, c, log) -> image_mod.Image | None:

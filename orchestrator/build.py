@@ -466,14 +466,18 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     texts = render_all(plan)
     cache = layers_mod.default_cache()
     c = layers_mod.codec(project.compression)
-    # Pip stages run on each engine's own platform: its build base is that platform's base.
-    bases = {p: base_mod.ensure(project, p, reg, cache, log=log)[0]
-             for p in dict.fromkeys([*(i.platform for i in plan.images), *natives.values()])}
+    # Pip stages run on each engine's own platform: its build base is that platform's base, needed now.
+    # A base no engine here runs natively is only assembled on: if it must be bootstrapped (minutes of
+    # maintainer scripts under QEMU), that runs in the background while the other platforms build.
+    needed = list(dict.fromkeys([*(i.platform for i in plan.images), *natives.values()]))
+    bases = base_mod.Bases(project, needed, [p for p in needed if p not in natives.values()], reg, cache, log)
     uploader = Uploader(reg.host, log)
     docker_config = engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
     groups: dict[Builder, list[tuple[int, ImagePlan]]] = {}
     for i, image in enumerate(plan.images):  # each builder keeps the plan's order: CUDA-libs, then services
         groups.setdefault(builders[image.platform], []).append((i, image))
+    for members in groups.values():  # except that platforms whose base is still being made go last
+        members.sort(key=lambda m: m[1].platform in bases.pending)
     if len(groups) > 1:
         log(f"building on {len(groups)} engines at once: " + "; ".join(
             f"{', '.join(dict.fromkeys(im.platform for _, im in members))} on {b.host}"
@@ -484,12 +488,12 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
 
     def on_builder(builder: Builder, images: list[tuple[int, ImagePlan]]) -> None:
         here = Registry(project.registry) if len(groups) > 1 else reg  # a client per thread
-        build_base = bases[natives[builder]]
+        build_base = bases.get(natives[builder])
         where = f" on {builder.host}" if project.builders else ""
         libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
         for i, image in images:
             halt.check()
-            base = bases[image.platform]
+            base = bases.get(image.platform)
             parent = libs[(image.backend.cuda, image.platform)] if image.from_image == "cuda-libs" else None
             parent_img = parent.assembled if parent else base.image
             ctx, ctx_digest = stage_context(project, image, texts[image.dockerfile])
@@ -529,6 +533,7 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
         # On an error or Ctrl-C, queued uploads and manifest pushes are dropped: no tag is
         # written after the run has failed, and a dead registry is not retried once per blob.
         uploader.close(cancel=failed)
+        bases.close()
         if docker_config:
             shutil.rmtree(docker_config, ignore_errors=True)
         for ctx in contexts:
