@@ -4,17 +4,21 @@
 # (so a new registry with empty storage on its own port), an empty blob
 # cache, and BuildKit's cache pruned unless --keep-buildkit. What stays: the
 # Debian packages (apt) and dockerd, and the registry the bases were pinned
-# in (127.0.0.1:5000), from which engine.up copies them. A machine with no
-# base anywhere is measured by `bash bench/fresh_machine.sh --first-run`.
+# in (127.0.0.1:5000), from which engine.up copies them, unless --bootstrap:
+# then the clone's locks/base.json names a closed port as the registry the
+# bases were pinned in, so they are bootstrapped as on a machine with no base
+# anywhere (amd64 by engine.up, arm64 by the build, in the background). A
+# really fresh machine is `bash bench/fresh_machine.sh --first-run cuda,cpu`.
 # --backends cuda,cpu cuts the example project to those backends first
 # (bench/cut_backends.py), as the 8-minute first-run target counts them.
 #
-# Usage: bash bench/first_run.sh [--keep-buildkit] [--port 5056] [--backends LIST] > bench/out/first_run.txt
+# Usage: bash bench/first_run.sh [--keep-buildkit] [--bootstrap] [--port 5056] [--backends LIST] > bench/out/first_run.txt
 set -euo pipefail
-keep=0; port=5056; backends=""
+keep=0; port=5056; backends=""; bootstrap=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep-buildkit) keep=1 ;;
+    --bootstrap) bootstrap=1 ;;
     --port) port=$2; shift ;;
     --backends) backends=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -26,12 +30,13 @@ work=$(mktemp -d /tmp/orch-first-run.XXXXXX)
 trap 'pkill -f "docker-registry serve $work/state" || true; rm -rf "$work"' EXIT
 git clone -q "$root" "$work/main"
 [ -z "$backends" ] || python3 "$root/bench/cut_backends.py" "$work/main/project.yaml" "$backends"
+[ "$bootstrap" = 0 ] || sed -i 's#"pinned_in": "[^/"]*/#"pinned_in": "127.0.0.1:9/#' "$work/main/locks/base.json"
 [ "$keep" = 1 ] || docker builder prune -af >/dev/null
 cd "$work/main"
 export ORCH_STATE_DIR=$work/state ORCH_CACHE_DIR=$work/cache ORCH_REGISTRY=127.0.0.1:$port
-echo "first run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, commit $(git rev-parse --short HEAD), backends: ${backends:-all}"
+echo "first run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, commit $(git rev-parse --short HEAD), backends: ${backends:-all}, bases: $([ "$bootstrap" = 1 ] && echo bootstrapped || echo copied)"
 start=$SECONDS
 # each line prefixed by the seconds since the start, so the output shows where the time goes
 ts_lines() { while IFS= read -r line; do printf '%4d s %s\n' $((SECONDS - start)) "$line"; done; }
-bash ci/main.sh 2>&1 | ts_lines | grep -E '^ *[0-9]+ s (main:|\[base\]|.*(gzip|zstd) in [0-9.]+ s|.*registry received|smoke |.*pull: pulled|.*-> index sha256|.*backends ->|uploaded [0-9,]+ bytes)'
+bash ci/main.sh 2>&1 | ts_lines | grep -E '^ *[0-9]+ s (main:|\[base\]|base: |.*(gzip|zstd) in [0-9.]+ s|.*registry received|smoke |.*pull: pulled|.*-> index sha256|.*backends ->|uploaded [0-9,]+ bytes)'
 echo "first run: ${SECONDS} s in all"

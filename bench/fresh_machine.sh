@@ -99,15 +99,19 @@ report() {
   local machine
   machine=$(tail -1 "$logs/provision.log" 2>/dev/null)
   python3 - "$rec" "$work" "$out_json" "$commit" "$bare" "$full_result" "$aborted" "$machine" "$patch" "$variant" "$first_run" <<'PY'
-import json, os, sys, time
+import json, os, re, sys, time
 rec, work, out, commit, bare, full_result, aborted, machine, patch, variant, first_run = sys.argv[1:]
+# the lines of a main job's log that say where its time went: bases, each image's layers, uploads, smoke pulls
+KEY = re.compile(r"^(main:|\[base\]|base: |.*(gzip|zstd) in [0-9.]+ s|.*registry received|smoke |.*pull: pulled|"
+                 r".*/health: 200|uploaded [0-9,]+ bytes)")
 stages = []
 for line in open(rec):
     name, secs, rc, log = line.rstrip("\n").split("\t")
     text = open(log, errors="replace").read() if os.path.exists(log) else ""
     stages.append({"stage": name, "seconds": float(secs),
                    "exit_code": int(rc) if rc.lstrip("-").isdigit() else rc,
-                   "log_tail": text.splitlines()[-25:]})
+                   "log_tail": text.splitlines()[-25:],
+                   **({"key_lines": [x for x in text.splitlines() if KEY.match(x)]} if name.startswith("main.") else {})})
 def doctor(which):
     path = os.path.join(work, f"doctor.{which}.json")
     try:
