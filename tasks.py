@@ -91,10 +91,12 @@ def build(c, project=DEFAULT_PROJECT, backend="all", service="all", platform="al
     "backend": "cuda, cpu, a comma list, or all (default)",
     "platform": "linux/amd64, linux/arm64, a comma list, or all built (default)",
     "ready_timeout": "seconds to wait for /ready to turn 200 (default 180)",
+    "jobs": "variants of one backend and platform checked at once (default: one per core, at most 4)",
     "json": "print the results as JSON (for CI)",
 })
 @friendly
-def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="all", ready_timeout="180", json=False):
+def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="all", ready_timeout="180", jobs="0",
+          json=False):
     """Launch every built variant and check health, /ready, /info, torch.cuda, the CUDA-libs layer and fallback."""
     from orchestrator import smoke as smoke_mod
 
@@ -103,7 +105,8 @@ def smoke(c, project=DEFAULT_PROJECT, service="all", backend="all", platform="al
                             pipeline.parse_list(backend, proj.backends, "backend", proj.file.name),
                             pipeline.parse_list(platform, proj.platforms, "platform", proj.file.name),
                             log=(lambda *_: None) if json else log,
-                            ready_timeout=pipeline.positive_seconds(ready_timeout, "--ready-timeout"))
+                            ready_timeout=pipeline.positive_seconds(ready_timeout, "--ready-timeout"),
+                            jobs=pipeline.count(jobs, "--jobs") or None)
     if json:
         print_json([r.as_json() for r in results])
     else:

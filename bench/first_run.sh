@@ -2,7 +2,7 @@
 # The README's first command (`bash ci/main.sh`) as close to a fresh machine
 # as one can get on a used one: a clean clone of HEAD, an empty state dir
 # (so a new registry with empty storage on its own port), an empty blob
-# cache, and BuildKit's cache pruned unless --keep-buildkit. What stays: the
+# cache, and BuildKit's cache and the engine's images pruned unless --keep-buildkit. What stays: the
 # Debian packages (apt) and dockerd, and the registry the bases were pinned
 # in (127.0.0.1:5000), from which engine.up copies them, unless --bootstrap:
 # then the clone's locks/base.json names a closed port as the registry the
@@ -31,7 +31,8 @@ trap 'pkill -f "docker-registry serve $work/state" || true; rm -rf "$work"' EXIT
 git clone -q "$root" "$work/main"
 [ -z "$backends" ] || python3 "$root/bench/cut_backends.py" "$work/main/project.yaml" "$backends"
 [ "$bootstrap" = 0 ] || sed -i 's#"pinned_in": "[^/"]*/#"pinned_in": "127.0.0.1:9/#' "$work/main/locks/base.json"
-[ "$keep" = 1 ] || docker builder prune -af >/dev/null
+# BuildKit's cache (pip cache mounts included) and the engine's images go: smoke pulls what it tests
+[ "$keep" = 1 ] || { docker builder prune -af >/dev/null; docker image prune -af >/dev/null; }
 cd "$work/main"
 export ORCH_STATE_DIR=$work/state ORCH_CACHE_DIR=$work/cache ORCH_REGISTRY=127.0.0.1:$port
 echo "first run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, commit $(git rev-parse --short HEAD), backends: ${backends:-all}, bases: $([ "$bootstrap" = 1 ] && echo bootstrapped || echo copied)"

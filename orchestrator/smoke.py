@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 # The Ryuk reaper image cannot be pulled offline; we remove our containers.
@@ -349,6 +351,7 @@ def check_variant(variant: Variant, gpu, ready_timeout: float = READY_TIMEOUT,
     # Whether it should serve on CUDA: a GPU was handed over, unless /info shows this host cannot run the line.
     serves_cuda = request.requested
     container = _container(variant, {"BACKEND_POLICY": "fallback", **(env or {})}, request)
+    _track(container)
     try:
         try:
             container.start()  # no wait strategy: _wait_health watches the container itself
@@ -379,6 +382,8 @@ def check_variant(variant: Variant, gpu, ready_timeout: float = READY_TIMEOUT,
         if not result.ok:
             result.logs = _logs_tail(container)
     finally:
+        with _running_lock:
+            _running.discard(container)
         try:
             container.stop()
         except Exception:  # noqa: BLE001 - already gone
@@ -666,35 +671,91 @@ def _check_strict_exit(variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT,
 
 
 def run(project: Project, services=None, backends=None, platforms=None, log=print,
-        ready_timeout: float = 180.0, chosen: list[Variant] | None = None) -> list[VariantResult]:
+        ready_timeout: float = 180.0, chosen: list[Variant] | None = None,
+        jobs: int | None = None) -> list[VariantResult]:
     """Smoke-test every chosen variant; returns the results in the order given.
 
     Variants that share layers (same backend and platform: the CUDA libraries,
-    torch, the base) run one after another, and the images this run pulled are
-    removed when their group is done: a publish of every backend holds one
-    group's images at a time (about 5 GB for a CUDA line), not all of them
-    (the example's 13 variants pulled outgrew a 60 GB disk). They stay in the
-    registry; `invoke run` pulls them again.
+    torch, the base) run together, up to `jobs` at once (default: one per
+    core; an emulated service's start is one core's work under QEMU), and
+    the images this run pulled are removed when their group is done: a
+    publish of every backend holds one group's images at a time (about 5 GB
+    for a CUDA line), not all of them (the example's 13 variants pulled
+    outgrew a 60 GB disk). They stay in the registry; `invoke run` pulls
+    them again.
     """
     gpu = host_gpu_request()
     log(f"host GPU for containers: {gpu.description}")
     if chosen is None:
         chosen = variants(project, services, backends, platforms)
+    jobs = max(1, jobs or min(os.cpu_count() or 1, MAX_JOBS))
     groups: dict[tuple[str, str], list[int]] = {}
     for i, v in enumerate(chosen):
         groups.setdefault((v.backend, v.platform), []).append(i)
     results: dict[int, VariantResult] = {}
-    for members in groups.values():
-        try:
-            for i in members:
-                v = chosen[i]
-                log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
-                r = results[i] = check_variant(v, gpu, ready_timeout=ready_timeout)
-                for c in r.checks:
-                    log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
-        finally:
-            _remove_pulled([results[i] for i in members if i in results])
+    try:
+        for (backend, platform), members in groups.items():
+            _run_group(chosen, members, backend, platform, min(jobs, len(members)), gpu, ready_timeout, results, log)
+    finally:
+        _halt.clear()  # every worker has ended: the next run, or a direct check_variant, starts unhalted
     return [results[i] for i in range(len(chosen))]
+
+
+def _run_group(chosen: list[Variant], members: list[int], backend: str, platform: str, at_once: int, gpu,
+               ready_timeout: float, results: dict[int, VariantResult], log) -> None:
+    """Check one group's variants, at_once at a time; remove what they pulled when the group is done."""
+    if at_once > 1:
+        log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
+    pool = ThreadPoolExecutor(at_once, thread_name_prefix="smoke")
+    try:
+        running = {}
+        for i in members:
+            v = chosen[i]
+            log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
+            running[i] = pool.submit(check_variant, v, gpu, ready_timeout=ready_timeout)
+        for i in members:  # each reported whole and in order, whatever finishes first
+            r = results[i] = running[i].result()
+            if at_once > 1:
+                log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform}:")
+            for c in r.checks:
+                log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    except BaseException:
+        _halt.set()  # Ctrl-C or an error: the other checks stop at their next step, containers stopped
+        _stop_running()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        _remove_pulled([results[i] for i in members if i in results])
+
+
+MAX_JOBS = 4
+# Checks run in worker threads, which Ctrl-C does not reach: run() sets _halt and stops the containers
+# they started, so each check ends at its next step instead of waiting out its timeouts.
+_halt = threading.Event()
+_running: set = set()
+_running_lock = threading.Lock()
+
+
+class Halted(Exception):
+    """A smoke run was stopped (Ctrl-C or a failure elsewhere) before this check started its container."""
+
+
+def _track(container) -> None:
+    """Note a container about to start, for _stop_running; refused once the run is halted."""
+    with _running_lock:
+        if _halt.is_set():
+            raise Halted("smoke run stopped")
+        _running.add(container)
+
+
+def _stop_running() -> None:
+    with _running_lock:
+        containers = list(_running)
+    for c in containers:
+        try:
+            c.stop()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def _remove_pulled(results: list[VariantResult]) -> None:

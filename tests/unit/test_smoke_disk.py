@@ -3,6 +3,10 @@ run pulled are removed when their group is done (they stay in the registry)."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
 from orchestrator import smoke
 
 
@@ -37,8 +41,55 @@ def test_each_group_runs_together_and_leaves_no_pulled_image_behind(monkeypatch)
     monkeypatch.setattr(smoke, "check_variant", check)
     monkeypatch.setattr(smoke, "host_gpu_request", lambda: type("G", (), {"description": "none"})())
     monkeypatch.setattr(smoke.engine, "docker_client", lambda *a, **k: FakeClient(log))
-    results = smoke.run(None, log=lambda *_: None, chosen=chosen)
+    results = smoke.run(None, log=lambda *_: None, chosen=chosen, jobs=2)
     assert [r.variant for r in results] == chosen  # reported in the order asked
     tts_cuda, stt_cuda = chosen[0].image, chosen[2].image
-    assert log == [("checked", tts_cuda), ("checked", stt_cuda), ("removed", tts_cuda), ("removed", stt_cuda),
-                   ("checked", chosen[1].image), ("checked", chosen[3].image), ("removed", chosen[3].image)]
+    # the cuda group (checked at once, in either order), its pulls removed, then the cpu group
+    assert sorted(log[:2]) == sorted([("checked", tts_cuda), ("checked", stt_cuda)])
+    assert log[2:4] == [("removed", tts_cuda), ("removed", stt_cuda)]
+    assert sorted(log[4:6]) == sorted([("checked", chosen[1].image), ("checked", chosen[3].image)])
+    assert log[6:] == [("removed", chosen[3].image)]  # the cpu tts image was there before the run: kept
+
+
+def test_the_variants_of_a_group_run_at_once_and_are_reported_whole_in_order(monkeypatch):
+    chosen = [_variant("tts", "cpu", "linux/arm64"), _variant("stt", "cpu", "linux/arm64")]
+    both_started = threading.Barrier(2, timeout=10)  # each check waits for the other: only passes if concurrent
+
+    def check(v, gpu, ready_timeout):
+        both_started.wait()
+        return smoke.VariantResult(v, [smoke.Check("/health", True, f"{v.service} up")])
+
+    monkeypatch.setattr(smoke, "check_variant", check)
+    monkeypatch.setattr(smoke, "host_gpu_request", lambda: type("G", (), {"description": "none"})())
+    monkeypatch.setattr(smoke.engine, "docker_client", lambda *a, **k: FakeClient([]))
+    lines: list[str] = []
+    smoke.run(None, log=lines.append, chosen=chosen, jobs=2)
+    assert lines[1] == "smoke cpu linux/arm64: 2 variants, 2 at once"
+    assert lines[-4:] == ["tts/cpu linux/arm64:", "  ok   /health: tts up", "stt/cpu linux/arm64:", "  ok   /health: stt up"]
+
+
+def test_a_failed_check_stops_the_others_containers_and_is_raised(monkeypatch):
+    chosen = [_variant("tts", "cpu", "linux/amd64"), _variant("stt", "cpu", "linux/amd64")]
+    stopped, started = threading.Event(), threading.Event()
+
+    class Running:
+        def stop(self):
+            stopped.set()
+
+    def check(v, gpu, ready_timeout):
+        if v.service == "tts":
+            assert started.wait(10)
+            raise RuntimeError("the engine went away")
+        smoke._track(Running())
+        started.set()
+        assert stopped.wait(10)  # ended by run(), not by a timeout
+        return smoke.VariantResult(v, [smoke.Check("/health", False, "stopped")])
+
+    monkeypatch.setattr(smoke, "check_variant", check)
+    monkeypatch.setattr(smoke, "host_gpu_request", lambda: type("G", (), {"description": "none"})())
+    monkeypatch.setattr(smoke.engine, "docker_client", lambda *a, **k: FakeClient([]))
+    with pytest.raises(RuntimeError, match="engine went away"):
+        smoke.run(None, log=lambda *_: None, chosen=chosen, jobs=2)
+    assert stopped.is_set()
+    assert not smoke._halt.is_set()  # cleared once every worker ended: a later check starts normally
+    smoke._running.clear()
