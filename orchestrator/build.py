@@ -441,13 +441,7 @@ def _existing(reg: Registry, name: str, image: ImagePlan, digest: str) -> image_
 
 def build(project: Project, backends: list[str] | None = None, services: list[str] | None = None,
           platforms: list[str] | None = None, log=print, force: bool = False,
-          no_cache: bool = False, stats: dict | None = None, watch=None) -> list[BuildResult]:
-    """Build and push every planned image that the registry lacks; the results in plan order.
-
-    watch (optional, e.g. smoke.Ahead) hears `planned(images)` once the plan
-    is made and `pushed(result)` as each image's manifest is in the registry,
-    so later stages can start on what is up while the rest builds.
-    """
+          no_cache: bool = False, stats: dict | None = None) -> list[BuildResult]:
     for b in backends or []:
         if b not in project.backends:
             raise UserError(f"unknown backend {b!r}; {project.file.name} defines {sorted(project.backends)}")
@@ -492,15 +486,6 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
     contexts: list[Path] = []
     halt = Halt()
 
-    def announce(result: BuildResult) -> None:
-        if watch is None:
-            return
-        if result.pending is None:
-            watch.pushed(result)
-        else:  # a failed or dropped push announces nothing
-            result.pending.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() is not None else watch.pushed(result))
-
     def on_builder(builder: Builder, images: list[tuple[int, ImagePlan]]) -> None:
         here = Registry(project.registry) if len(groups) > 1 else reg  # a client per thread
         build_base = bases.get(natives[builder])
@@ -529,14 +514,11 @@ def build(project: Project, backends: list[str] | None = None, services: list[st
                                     builder, halt, where)
             result.seconds = time.monotonic() - started
             results[i] = result
-            announce(result)
             if image.kind == "cuda-libs":
                 libs[(image.backend.cuda, image.platform)] = result
 
     failed = True
     try:
-        if watch is not None:
-            watch.planned(plan.images)
         on_builders(list(groups.items()), on_builder, halt)
         ordered = [results[i] for i in sorted(results)]
         for r in ordered:  # every manifest is up before build returns

@@ -2,8 +2,7 @@
 
 Order: blobs -> per-arch manifests under content tags (both by `build`,
 which skips what the registry has) -> smoke tests of exactly those digests
-(each backend+platform group as soon as its images are up, while the rest
-builds) -> promotion: each image's CycloneDX SBOM attached to it (orchestrator.sbom),
+-> promotion: each image's CycloneDX SBOM attached to it (orchestrator.sbom),
 then one OCI image index per (service, version, backend) under its
 human tags, then the nested backend manifest, pushed as an OCI artifact
 under `<version>-backends` only after everything it names exists. A
@@ -285,28 +284,23 @@ def publish(project: Project, services: list[str] | None = None, log=print, smok
     services = services or list(project.services)
     if smoke and project.compression == "zstd":
         check_engine_pulls_zstd()
-    ahead = None
+    results = build_mod.build(project, services=services, log=log)
+    built_bytes = sum(r.uploaded_bytes for r in results)
+    smoked = 0
+    checked = []
     if smoke:
         from . import smoke as smoke_mod
 
-        # Each backend+platform group is smoke-tested as soon as its images are up, while the rest builds.
-        ahead = smoke_mod.Ahead(project, lambda: _promoted_and_smoked(project, services), log, ready_timeout)
-    try:
-        results = build_mod.build(project, services=services, log=log, watch=ahead)
-        checked = ahead.finish() if ahead else []
-    except BaseException:
-        if ahead:
-            ahead.stop()
-        raise
-    built_bytes = sum(r.uploaded_bytes for r in results)
-    smoked = 0
-    if smoke:
-        if ahead.skipped:
-            log(f"smoke: {ahead.skipped} image(s) already passed smoke in the promoted release; not re-run")
+        chosen = smoke_mod.variants_from_builds(project, results)
+        passed = _promoted_and_smoked(project, services)
+        todo = [v for v in chosen if v.image not in passed]
+        if len(todo) < len(chosen):
+            log(f"smoke: {len(chosen) - len(todo)} image(s) already passed smoke in the promoted release; not re-run")
+        checked = smoke_mod.run(project, log=log, ready_timeout=ready_timeout, chosen=todo) if todo else []
         failed = [r for r in checked if not r.ok]
         if failed:
             raise SmokeFailed(failed)
-        smoked = len(smoke_mod.variants_from_builds(project, results))
+        smoked = len(chosen)
     else:
         log("smoke tests skipped (--no-smoke): the backend manifest records smoke.ran = false")
     report = promote(project, results, services, smoke, smoked, log)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -727,89 +726,6 @@ def _run_group(chosen: list[Variant], members: list[int], backend: str, platform
     finally:
         pool.shutdown(wait=True)
         _remove_pulled([results[i] for i in members if i in results])
-
-
-class Ahead:
-    """Smoke each backend+platform group while the rest of the publish still builds.
-
-    `build` tells it what it plans (`planned`) and each image once its
-    manifest is in the registry (`pushed`); when every service image of a
-    group is up, the group is checked on a thread of its own. The cuda
-    images' pull (minutes of gzip for Docker 20.10) then overlaps the cpu and
-    arm64 builds instead of following them. Images that `skip()` names (they
-    passed smoke in the promoted release) are not re-run.
-    """
-
-    def __init__(self, project: Project, skip=frozenset, log=print, ready_timeout: float = READY_TIMEOUT,
-                 jobs: int | None = None):
-        self.project, self.skip, self.log, self.ready_timeout = project, skip, log, ready_timeout
-        self.jobs = max(1, jobs or min(os.cpu_count() or 1, MAX_JOBS))
-        self.expected: dict[tuple[str, str], int] = {}
-        self.got: dict[tuple[str, str], list] = {}
-        self.lock = threading.Lock()
-        self.todo: queue.Queue = queue.Queue()
-        self.results: list[VariantResult] = []
-        self.skipped = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="smoke ahead", daemon=True)
-
-    def planned(self, images) -> None:
-        for im in images:
-            if im.kind == "service":
-                key = (im.backend.name, im.platform)
-                self.expected[key] = self.expected.get(key, 0) + 1
-        self.thread.start()
-
-    def pushed(self, result) -> None:
-        """One image is in the registry (called from the push threads: only queues work)."""
-        if result.image.kind != "service":
-            return
-        key = (result.image.backend.name, result.image.platform)
-        with self.lock:
-            got = self.got.setdefault(key, [])
-            got.append(result)
-            if len(got) == self.expected.get(key):
-                self.todo.put(key)
-
-    def _work(self) -> None:
-        try:
-            gpu = skip = None
-            while (key := self.todo.get()) is not None:
-                with self.lock:
-                    group = sorted(self.got[key], key=lambda r: r.image.service.name)
-                if skip is None:  # read once the build has checked the registry
-                    skip = set(self.skip())
-                chosen = [v for v in variants_from_builds(self.project, group) if v.image not in skip]
-                self.skipped += len(group) - len(chosen)
-                if not chosen:
-                    continue
-                if gpu is None:
-                    gpu = host_gpu_request()
-                    self.log(f"host GPU for containers: {gpu.description}")
-                results: dict[int, VariantResult] = {}
-                _run_group(chosen, list(range(len(chosen))), *key, min(self.jobs, len(chosen)), gpu,
-                           self.ready_timeout, results, self.log)
-                self.results += [results[i] for i in range(len(chosen))]
-        except BaseException as e:  # noqa: BLE001 - handed to finish()
-            self.error = e
-
-    def finish(self) -> list[VariantResult]:
-        """After build has returned: wait for the groups still being checked; their results, in group order."""
-        self.todo.put(None)
-        while self.thread.is_alive():
-            self.thread.join(0.2)  # in slices, so that Ctrl-C reaches this thread
-        if self.error is not None:
-            raise self.error
-        return self.results
-
-    def stop(self) -> None:
-        """The publish failed or was interrupted: stop the checks in flight, remove what they pulled."""
-        _halt.set()
-        _stop_running()
-        self.todo.put(None)
-        if self.thread.is_alive():
-            self.thread.join()
-        _halt.clear()
 
 
 MAX_JOBS = 4
