@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import build, compat as compat_mod, engine, spec  # noqa: E402
+from orchestrator import flow
+from orchestrator.project import compat as compat_mod
+from orchestrator.machine import daemon
+from orchestrator.project import spec
 
 PROBE = ("import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
          "'archs': torch._C._cuda_getArchFlags().split()}))")
@@ -59,8 +62,8 @@ def main() -> int:
     project = spec.load(args.project)
     compat = compat_mod.load()
     wanted = [b.name for b in project.backends.values() if b.is_cuda and any(t for _, t in b.torch_by_platform)]
-    results = build.build(project, backends=wanted, log=lambda *_: None)
-    client = engine.docker_client()
+    results = flow.build(project, backends=wanted, log=lambda *_: None)
+    client = daemon.docker_client()
     rows, ok = [], True
     for r in results:
         if r.image.kind != "service" or r.image.service.name != next(iter(project.services)):
@@ -68,7 +71,7 @@ def main() -> int:
         backend, platform = r.image.backend, r.image.platform
         ref = f"{r.image.repository}@{r.digest}"
         blocker = compat.emulation_blocker(backend.torch_for(platform), platform)
-        if blocker and platform != engine.host_platform():
+        if blocker and platform != daemon.host_platform():
             # torch cannot run here: read the string _cuda_getArchFlags() returns out of libtorch_python.so.
             expected = list(compat.archs(backend.torch_for(platform), backend.cuda, platform))
             found = archs_from_library(client, ref, platform)

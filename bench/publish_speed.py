@@ -33,8 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import build, engine, spec  # noqa: E402
-from orchestrator.registry import Registry, split_ref  # noqa: E402
+from orchestrator import flow
+from orchestrator.machine import daemon
+from orchestrator.project import spec
+from orchestrator.oci.registry import Registry, split_ref  # noqa: E402
 from scratch_registry import scratch_registry  # noqa: E402
 
 
@@ -49,7 +51,7 @@ def tool_run(project_file: str, backend: str, service: str, registry: str) -> di
         os.environ["ORCH_CACHE_DIR"] = cache
         project = dataclasses.replace(spec.load(project_file), name=ns, registry=registry)
         started = time.monotonic()
-        results = build.build(project, [backend], [service], ["linux/amd64"], log=lambda *_: None)
+        results = flow.build(project, [backend], [service], ["linux/amd64"], log=lambda *_: None)
         took = time.monotonic() - started
     svc = next(r for r in results if r.image.kind == "service")
     reg = Registry(project.registry)
@@ -79,9 +81,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench/out/publish_speed.json")
     args = ap.parse_args()
     project = spec.load(args.project)
-    warm = build.build(project, [args.backend], [args.service], ["linux/amd64"], log=lambda *_: None)
+    warm = flow.build(project, [args.backend], [args.service], ["linux/amd64"], log=lambda *_: None)
     ref = next(r.ref for r in warm if r.image.kind == "service")
-    engine.docker_client().images.pull(ref)  # the same image in the engine, for docker push
+    daemon.docker_client().images.pull(ref)  # the same image in the engine, for docker push
     runs = []
     for i in range(args.runs):
         # Fresh registries: neither side can skip or mount a blob (docker knows the digests it pulled

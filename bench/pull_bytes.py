@@ -41,8 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scratch_registry import scratch_project  # noqa: E402
-from orchestrator import base, build, engine, lock, pipeline, spec  # noqa: E402
-from orchestrator.registry import Registry, split_ref  # noqa: E402
+from orchestrator.build import bases as base  # noqa: E402
+from orchestrator.machine import daemon
+from orchestrator.project import lock
+from orchestrator import flow
+from orchestrator.project import spec
+from orchestrator.oci.registry import Registry, split_ref  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -61,7 +65,7 @@ def pull_bytes(reg: Registry, old_ref: str, new_ref: str) -> int:
 
 def build_tts(project) -> tuple[str, float]:
     started = time.monotonic()
-    results = build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
+    results = flow.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
     r = next(r for r in results if r.image.key == "tts")
     return r.ref, time.monotonic() - started
 
@@ -93,10 +97,10 @@ def build_monolith(project, ctx: Path, ref: str) -> str:
     shutil.copytree(ROOT / "orchestrator" / "runtime", ctx / "runtime",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (ctx / "Dockerfile").write_text(MONOLITH)
-    client = engine.build_client()
+    client = daemon.build_client()
     env = dict(os.environ, **dict(client.env))
     base_ref = base.ensure(project, "linux/amd64", log=lambda *_: None)[0].ref
-    cmd = [*client.argv, "--progress=plain", "-t", ref, "--secret", f"id=ca,src={engine.ca_bundle()}",
+    cmd = [*client.argv, "--progress=plain", "-t", ref, "--secret", f"id=ca,src={daemon.ca_bundle()}",
            "--build-arg", f"BASE_IMAGE={base_ref}", str(ctx)]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # The monolith leaves the way such Dockerfiles do: docker push.
@@ -137,7 +141,7 @@ def main() -> int:
             change()
             project = spec.load(pf)
             t = time.monotonic()
-            pipeline.lock(project, log=lambda *_: None)
+            flow.lock(project, log=lambda *_: None)
             lock_secs = time.monotonic() - t
             ref, secs = build_tts(project)
             out[label] = {"tool_pull_bytes": pull_bytes(reg, prev, ref), "tool_rebuild_seconds": round(secs, 1),
@@ -160,9 +164,9 @@ def main() -> int:
             measure("d", "add_small_package", lambda: tts_in.write_text(tts_in.read_text() + "six\n"))
         if "e" in only:
             say("(e) a second service sharing the CUDA libraries")
-            stt = next(r for r in build.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None)
+            stt = next(r for r in flow.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None)
                        if r.image.key == "stt")
-            libs = next(r for r in build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
+            libs = next(r for r in flow.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
                         if r.image.key == "cuda-libs")
             _, stt_name, _ = split_ref(stt.ref)
             libs_digests = {x.digest for x in libs.assembled.layers}
@@ -178,7 +182,7 @@ def main() -> int:
             measure("c", "torch_patch", lambda: pf.write_text(pf.read_text().replace('torch: "2.5.1"', 'torch: "2.5.0"')))
             old_libs = {x["digest"] for x in reg.get_manifest(*split_ref(before)[1:]).json["layers"]}
             new_manifest = reg.get_manifest(*split_ref(prev)[1:]).json
-            libs = next(r for r in build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
+            libs = next(r for r in flow.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None)
                         if r.image.key == "cuda-libs")
             out["torch_patch"]["cuda_libs_bytes_pulled"] = sum(
                 x["size"] for x in new_manifest["layers"]
@@ -205,18 +209,18 @@ def small_package_in_big_service(project, pf: Path, reg: Registry) -> dict:
 
     def build_stt(project, stats=None):
         started = time.monotonic()
-        r = next(r for r in build.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None,
+        r = next(r for r in flow.build(project, backends=["cuda"], services=["stt"], log=lambda *_: None,
                                         stats=stats) if r.image.key == "stt")
         return r, time.monotonic() - started
 
     project = spec.load(pf)
-    pipeline.lock(project, log=lambda *_: None)
+    flow.lock(project, log=lambda *_: None)
     old, _ = build_stt(project)
     locked = (pf.parent / "locks" / "cuda-amd64" / "service-stt.txt").read_text()
     stt_in.write_text(stt_in.read_text() + "requests\n")
     project = spec.load(pf)
     t = time.monotonic()
-    pipeline.lock(project, log=lambda *_: None)
+    flow.lock(project, log=lambda *_: None)
     lock_secs = time.monotonic() - t
     stats: dict = {}
     new, secs = build_stt(project, stats)

@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scratch_registry import scratch_project  # noqa: E402
-from orchestrator import publish, smoke, spec  # noqa: E402
+from orchestrator import flow
+from orchestrator.release import smoke
+from orchestrator.project import spec
 
 
 def main() -> int:
@@ -38,11 +40,11 @@ def main() -> int:
         pf = scratch_project(tmp, "bench-rebuild")
         project = spec.load(pf)
         started = time.monotonic()
-        publish.publish(project, log=quiet)
+        flow.publish(project, log=quiet)
         out["first_publish_seconds"] = round(time.monotonic() - started, 1)
 
         started = time.monotonic()
-        noop = publish.publish(project, log=quiet)
+        noop = flow.publish(project, log=quiet)
         out["noop"] = {"seconds": round(time.monotonic() - started, 1), "uploaded_bytes": noop.uploaded_bytes}
 
         for svc in project.services.values():
@@ -60,7 +62,7 @@ def main() -> int:
 
         smoke.run = timed_run
         started = time.monotonic()
-        app_only = publish.publish(project, log=quiet)
+        app_only = flow.publish(project, log=quiet)
         total = time.monotonic() - started
         smoke.run = real_run
         out["app_only"] = {"seconds": round(total, 1), "smoke_seconds": round(sum(smoke_seconds), 1),

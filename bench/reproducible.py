@@ -26,7 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import base, build, image, layers, spec  # noqa: E402
+from orchestrator import flow
+from orchestrator.debian import bootstrap as bootstrap_mod  # noqa: E402
+from orchestrator.oci import image
+from orchestrator.oci import layers
+from orchestrator.project import spec
 from scratch_registry import scratch_registry  # noqa: E402
 
 SECOND_PORT = 5055
@@ -39,7 +43,7 @@ def cold_build(project_file: str, registry: str, backend: str, service: str) -> 
         os.environ["ORCH_REGISTRY"] = registry
         project = spec.load(project_file)
         started = time.monotonic()
-        results = build.build(project, [backend], [service], ["linux/amd64"], log=lambda *_: None, force=True)
+        results = flow.build(project, [backend], [service], ["linux/amd64"], log=lambda *_: None, force=True)
         took = time.monotonic() - started
     out = {"seconds": round(took), "registry": registry, "images": {}}
     for r in results:
@@ -59,7 +63,7 @@ def bootstraps(project_file: str, platforms: list[str]) -> dict:
         for _ in range(2):
             with tempfile.TemporaryDirectory(prefix="orch-boot-cache-") as cache:
                 started = time.monotonic()
-                img, packages = base.bootstrap(project, platform, layers.BlobCache(Path(cache)), log=lambda *_: None)
+                img, packages = bootstrap_mod.bootstrap(project, platform, layers.BlobCache(Path(cache)), log=lambda *_: None)
                 runs.append({"seconds": round(time.monotonic() - started), "config": img.config_digest,
                              "manifest": img.digest, "layer": img.layers[0].digest, "packages": len(packages)})
         out[platform] = {"runs": runs, "identical": runs[0]["manifest"] == runs[1]["manifest"]}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.registry import Registry  # noqa: E402
+from orchestrator.oci.registry import Registry  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Method: for each host below, lay out a fake root (the driver's
 /proc/driver/nvidia/version, libcuda.so.1, /dev/nvidia*) and a GPU report in
-the shape `python3 orchestrator/runtime/gpus.py` prints on a real host, then
+the shape `python3 orchestrator/host/runtime/gpus.py` prints on a real host, then
 run the real CLI: `invoke select --service tts --manifest
 manifests/tts-0.1.0.backends.json --root ROOT --gpus REPORT --machine ARCH
 --json`. Prints each host's chosen backend and reasons; exits 1 when a

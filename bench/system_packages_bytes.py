@@ -29,22 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scratch_registry import scratch_project  # noqa: E402
-from orchestrator import build, pipeline, spec  # noqa: E402
-from orchestrator.registry import Registry, split_ref  # noqa: E402
+from orchestrator.build.result import BuildResult
+from orchestrator import flow
+from orchestrator.project import spec
+from orchestrator.oci.registry import Registry, split_ref  # noqa: E402
 
 
 def say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def build_tts(project) -> tuple[build.BuildResult, int, float]:
+def build_tts(project) -> tuple[BuildResult, int, float]:
     stats: dict = {}
     started = time.monotonic()
-    results = build.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None, stats=stats)
+    results = flow.build(project, backends=["cuda"], services=["tts"], log=lambda *_: None, stats=stats)
     return next(r for r in results if r.image.key == "tts"), stats["uploaded_bytes"], time.monotonic() - started
 
 
-def new_layers(reg: Registry, old: build.BuildResult, new: build.BuildResult) -> list[dict]:
+def new_layers(reg: Registry, old: BuildResult, new: BuildResult) -> list[dict]:
     """The layers of new that old lacks: what `docker pull` downloads, named by the config's history."""
     _, name, digest = split_ref(new.ref)
     manifest = reg.get_manifest(name, digest).json
@@ -85,7 +87,7 @@ def main() -> int:
             pf.write_text(text.replace(old, new_text))
             project = spec.load(pf)
             t = time.monotonic()
-            pipeline.lock(project, log=lambda *_: None)
+            flow.lock(project, log=lambda *_: None)
             lock_secs = time.monotonic() - t
             new, sent, secs = build_tts(project)
             layers = new_layers(reg, prev, new)

@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import flow
+from orchestrator.build import bases
+from orchestrator.common.errors import EnvironmentProblem
+from orchestrator.machine import daemon
+from orchestrator.oci.registry import Registry
+from orchestrator.project import spec
+from orchestrator.project.spec import DEFAULT_REGISTRY
+
 # The Ryuk reaper image cannot be pulled offline; tests remove what they start.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -27,15 +35,10 @@ def unavailable(reason: str):
 @pytest.fixture(scope="session")
 def engine_ready():
     """A Docker Engine with a BuildKit client and the registry answering."""
-    from orchestrator import engine
-    from orchestrator.errors import EnvironmentProblem
-    from orchestrator.registry import Registry
-    from orchestrator.spec import DEFAULT_REGISTRY
-
-    if not engine.engine_running():
+    if not daemon.engine_running():
         unavailable("no Docker Engine (run `invoke engine.up`)")
     try:
-        engine.build_client()
+        daemon.build_client()
     except EnvironmentProblem as e:
         unavailable(str(e))
     registry = os.environ.get("ORCH_REGISTRY", DEFAULT_REGISTRY)
@@ -61,15 +64,13 @@ def ready_mini(dest: Path, prefix: str = "orch-test", edit=None):
 
     edit: called with the copy's directory before it is loaded and locked.
     """
-    from orchestrator import base, engine, pipeline, spec
-
     pf = copy_fixture("mini", dest, f"{prefix}-{uuid.uuid4().hex[:8]}")
     if edit is not None:
         edit(pf.parent)
     project = spec.load(pf)
-    for platform in engine.base_platforms(project):
-        base.ensure(project, platform, log=lambda *_: None)
-    pipeline.lock(project, log=lambda *_: None)
+    for platform in daemon.base_platforms(project):
+        bases.ensure(project, platform, log=lambda *_: None)
+    flow.lock(project, log=lambda *_: None)
     return project
 
 
@@ -91,26 +92,19 @@ def by_key(results, platform: str = "linux/amd64"):
 @pytest.fixture(scope="session")
 def first_build(mini_project):
     """The mini fixture built and pushed once for the session."""
-    from orchestrator import build
-
-    return by_key(build.build(mini_project, log=lambda *_: None))
+    return by_key(flow.build(mini_project, log=lambda *_: None))
 
 
 @pytest.fixture(scope="session")
 def published(mini_project, first_build):
     """The mini fixture published once for the session, with the smoke gate, as users run it."""
-    from orchestrator import publish
-
-    return publish.publish(mini_project, log=lambda *_: None)
+    return flow.publish(mini_project, log=lambda *_: None)
 
 
 def cleanup_namespace(project) -> None:
     """Delete the project's tags from the registry and its local images."""
-    from orchestrator import engine
-    from orchestrator.registry import Registry
-
     reg = Registry(project.registry)
-    client = engine.docker_client()
+    client = daemon.docker_client()
     for repo in ["cuda-libs", *project.services]:  # the shared base stays: every test project pins the same one
         name = f"{project.name}/{repo}"
         digests = set()

@@ -4,7 +4,7 @@ Each case edits a tmp copy of tests/fixtures/mini, runs `invoke <task>` as a
 subprocess from that copy, and expects: exit 2, one `error:` message naming
 the file or key, a `hint:` line, no traceback, and nothing written into the
 repository checkout. No case needs Docker or a registry; registry answers
-(backend manifests) are also fed straight to publish.validate below.
+(backend manifests) are also fed straight to backends.validate below.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import publish
-from orchestrator.errors import UserError
+from orchestrator.oci import backends
+from orchestrator.common.errors import UserError
 
 from ..conftest import FIXTURES, ROOT
 
@@ -184,7 +184,7 @@ def test_a_malformed_backend_manifest_is_refused_by_validate_or_load(tmp_path, c
     if "manifest" in case:
         data = build_manifest(case["manifest"] or {})
         with pytest.raises(UserError) as e:
-            publish.validate(copy.deepcopy(data), "registry answer")
+            backends.validate(copy.deepcopy(data), "registry answer")
         assert e.value.exit_code == 2 and e.value.message.startswith("registry answer: ")
         assert e.value.hint
         text = json.dumps(data)
@@ -193,9 +193,9 @@ def test_a_malformed_backend_manifest_is_refused_by_validate_or_load(tmp_path, c
     f = tmp_path / "m.json"
     f.write_text(text)
     with pytest.raises(UserError) as e:
-        publish.load_manifest_file(str(f))
+        backends.load_manifest_file(str(f))
     assert e.value.exit_code == 2 and str(f) in e.value.message
 
 
 def test_the_valid_manifest_the_corpus_starts_from_is_valid():
-    publish.validate(valid_manifest(), "corpus")
+    backends.validate(valid_manifest(), "corpus")

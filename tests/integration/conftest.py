@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestrator import registry_server
+from orchestrator.machine import registry_server
 
 from ..conftest import unavailable
 from ..tls import make_tls

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import apt, apt_layer, layers
+from orchestrator.debian import apt
+from orchestrator.debian import layer as apt_layer
+from orchestrator.oci import layers
 
 from ..conftest import ROOT, unavailable
 
@@ -83,7 +85,7 @@ def test_ffmpeg_resolves_on_top_of_the_base_for_both_platforms(ffmpeg_locks, bas
 
 
 def test_an_unknown_package_fails_at_lock_time_naming_suite_and_platform(archive, base_packages):
-    from orchestrator.errors import UserError
+    from orchestrator.common.errors import UserError
 
     with pytest.raises(UserError, match=r"'no-such-package-xyz' is not available in Debian bookworm for linux/arm64"):
         apt.make_lock(["ffmpeg", "no-such-package-xyz"], "linux/arm64", base_packages["linux/arm64"], suite=SUITE)

@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
-from orchestrator import build, engine
-from orchestrator.registry import Registry
+from orchestrator import flow
+from orchestrator.machine import daemon
+from orchestrator.oci.registry import Registry
 
 pytestmark = pytest.mark.engine
 
@@ -54,14 +55,14 @@ def test_layers_are_multi_member_gzip_that_the_engine_pulls(mini_project, first_
     reg = Registry(mini_project.registry)
     m = reg.get_manifest(f"{mini_project.name}/echo", first_build[("echo", "cpu")].digest).json
     assert {lay["mediaType"] for lay in m["layers"]} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
-    client = engine.docker_client()
+    client = daemon.docker_client()
     client.images.pull(first_build[("echo", "cpu")].ref)  # Docker 20.10 pulls what the tool assembled
     assert client.images.get(first_build[("echo", "cpu")].ref).attrs["RootFS"]["Layers"] == \
         json.loads(reg.get_blob(f"{mini_project.name}/echo", m["config"]["digest"]))["rootfs"]["diff_ids"]
 
 
 def test_the_cuda_image_loads_cudart_from_its_cuda_libs_layer(mini_project, first_build):
-    client = engine.docker_client()
+    client = daemon.docker_client()
     ref = first_build[("echo", "cuda")].ref
     out = client.containers.run(ref, ["--probe"], remove=True).decode()
     assert '"version": 12040' in out  # cudaRuntimeGetVersion of CUDA 12.4
@@ -71,15 +72,15 @@ def test_the_cuda_image_loads_cudart_from_its_cuda_libs_layer(mini_project, firs
 def test_the_cuda13_image_loads_cudart_13_from_its_own_cuda_libs_line(mini_project, first_build):
     libs = first_build[("cuda-libs", "cuda13")]
     assert libs.content_tag.startswith("cu130-")
-    out = engine.docker_client().containers.run(first_build[("echo", "cuda13")].ref, ["--probe"], remove=True).decode()
+    out = daemon.docker_client().containers.run(first_build[("echo", "cuda13")].ref, ["--probe"], remove=True).decode()
     assert '"version": 13000' in out and "nvidia/cu13/lib/libcudart.so.13" in out
-    cfg = engine.docker_client().images.get(first_build[("echo", "cuda13")].ref).attrs["Config"]
+    cfg = daemon.docker_client().images.get(first_build[("echo", "cuda13")].ref).attrs["Config"]
     env = dict(e.split("=", 1) for e in cfg["Env"])
     assert (env["SERVICE_BACKEND"], env["SERVICE_BACKEND_KIND"], env["CUDA_VERSION"]) == ("cuda13", "cuda", "13.0")
 
 
 def test_images_carry_the_runtime_contract_labels_env_and_a_non_root_user(mini_project, first_build):
-    client = engine.docker_client()
+    client = daemon.docker_client()
     image = client.images.pull(first_build[("echo", "cuda")].ref)
     cfg = image.attrs["Config"]
     env = dict(e.split("=", 1) for e in cfg["Env"])
@@ -100,7 +101,7 @@ def test_images_carry_the_runtime_contract_labels_env_and_a_non_root_user(mini_p
 
 
 def test_a_second_build_with_nothing_changed_rebuilds_nothing(mini_project, first_build):
-    again = build.build(mini_project, log=lambda *_: None)
+    again = flow.build(mini_project, log=lambda *_: None)
     assert [r.built for r in again] == [False] * len(again)
     assert {k: r.digest for k, r in by_key(again).items()} == {k: r.digest for k, r in first_build.items()}
 
@@ -108,7 +109,7 @@ def test_a_second_build_with_nothing_changed_rebuilds_nothing(mini_project, firs
 def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(mini_project, first_build):
     app = mini_project.services["echo"].path / "app.py"
     app.write_text(app.read_text() + f"\n# release {uuid.uuid4()}\n")  # never pushed before
-    results = by_key(build.build(mini_project, log=lambda *_: None))
+    results = by_key(flow.build(mini_project, log=lambda *_: None))
     assert results[("cuda-libs", "cuda")].built is False and results[("cuda-libs", "cuda13")].built is False
     cuda13, cuda, cpu = results[("echo", "cuda13")], results[("echo", "cuda")], results[("echo", "cpu")]
     assert cuda13.built and cuda.built and cpu.built
@@ -125,9 +126,9 @@ def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(
 
 def test_a_cold_rebuild_gives_identical_layer_config_and_image_digests(mini_project, first_build):
     # --force skips the content tag and the layer cache, --no-cache BuildKit's cache: everything runs again.
-    rebuilt = by_key(build.build(mini_project, backends=["cuda", "cpu"], services=["echo"], force=True,
+    rebuilt = by_key(flow.build(mini_project, backends=["cuda", "cpu"], services=["echo"], force=True,
                                  no_cache=True, log=lambda *_: None))
-    current = by_key(build.build(mini_project, log=lambda *_: None))  # after the app-only test, if it ran
+    current = by_key(flow.build(mini_project, log=lambda *_: None))  # after the app-only test, if it ran
     for key, r in rebuilt.items():
         assert r.built
         assert r.digest == current[key].digest, key

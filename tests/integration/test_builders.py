@@ -22,10 +22,14 @@ import threading
 import docker
 import pytest
 
-from orchestrator import build, engine, publish, spec
-from orchestrator import image as image_mod
-from orchestrator.errors import EnvironmentProblem
-from orchestrator.registry import Registry, split_ref
+from orchestrator import flow
+from orchestrator.build import export
+from orchestrator.machine import daemon
+from orchestrator.release import publish
+from orchestrator.project import spec
+from orchestrator.oci import image as image_mod
+from orchestrator.common.errors import EnvironmentProblem
+from orchestrator.oci.registry import Registry, split_ref
 
 from ..conftest import cleanup_namespace, ready_mini
 
@@ -212,25 +216,25 @@ def test_two_engines_build_their_platforms_at_once_and_make_the_digests_one_engi
         second_engine_online, project_file):
     second_engine = second_engine_online
     one_engine = spec.load(project_file)
-    single = build.build(one_engine, log=quiet)
+    single = flow.build(one_engine, log=quiet)
 
     project_file.write_text(project_file.read_text() + f"builders:\n  {ARM}: {second_engine.address}\n")
     two_engines = spec.load(project_file)
     assert two_engines.builders[ARM].host == second_engine.address
     log = Log()
     # --force skips content tags and the layer cache, --no-cache BuildKit's cache: every stage runs again.
-    results = build.build(two_engines, force=True, no_cache=True, log=log)
+    results = flow.build(two_engines, force=True, no_cache=True, log=log)
     print(log.text())
 
     # Which engine builds which platform is said up front, and every image built names its engine.
     assert log.index(f"{ARM}: builds on {second_engine.address} (builders.{ARM}), a linux/amd64 engine")
-    assert log.index(f"{AMD}: builds on {engine.engine_address()} (the default engine)")
+    assert log.index(f"{AMD}: builds on {daemon.engine_address()} (the default engine)")
     arm_builds = log.index(f" {ARM}: building ")
     amd_builds = log.index(f" {AMD}: building ")
     assert {r.image.platform for r in results if r.built} == {AMD, ARM} and all(r.built for r in results)
     assert len(arm_builds) == sum(r.image.platform == ARM for r in results)
     assert all(log.lines[i][1].endswith(f" on {second_engine.address}") for i in arm_builds)
-    assert all(log.lines[i][1].endswith(f" on {engine.engine_address()}") for i in amd_builds)
+    assert all(log.lines[i][1].endswith(f" on {daemon.engine_address()}") for i in amd_builds)
 
     # At once: each engine on its own thread, and each one's run overlaps the other's in the log.
     assert len({log.lines[i][0] for i in arm_builds} | {log.lines[i][0] for i in amd_builds}) == 2
@@ -271,7 +275,7 @@ def test_a_failing_builder_stops_the_other_and_the_first_failure_is_the_one_repo
         second_engine, project_file, monkeypatch):
     project_file.write_text(project_file.read_text() + f"builders:\n  {ARM}: {second_engine.address}\n")
     project = spec.load(project_file)
-    real = build.export_stage
+    real = export.export_stage
     amd64_building = threading.Event()
 
     def arm64_fails_while_amd64_builds(image, stage, *args, **kwargs):
@@ -281,10 +285,10 @@ def test_a_failing_builder_stops_the_other_and_the_first_failure_is_the_one_repo
         amd64_building.set()
         return real(image, stage, *args, **kwargs)
 
-    monkeypatch.setattr(build, "export_stage", arm64_fails_while_amd64_builds)
+    monkeypatch.setattr(export, "export_stage", arm64_fails_while_amd64_builds)
     log = Log()
     with pytest.raises(EnvironmentProblem, match="simulated: .* failed on the arm64 engine"):
-        build.build(project, backends=["cpu"], services=["echo"], force=True, log=log)
+        flow.build(project, backends=["cpu"], services=["echo"], force=True, log=log)
     print(log.text())
     # echo/cpu amd64 had stages left when arm64 failed: it was stopped, not finished, so nothing is tagged.
     assert not log.index("echo/cpu amd64 app: 1 layer ")
@@ -316,7 +320,7 @@ def test_a_tcp_builder_with_tls_builds_through_its_certificate_directory(second_
     from .test_faults import change_app
 
     # A system CA bundle in the environment, as on many machines: requests would let it replace the engine's CA.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", engine.ca_bundle())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", daemon.ca_bundle())
     tls, cert_path = client_certificates(tmp_path / "tls")
     front = TLSFront(str(second_engine.socket), str(tls["ca"]), str(tls["cert"]), str(tls["key"]))
     try:
@@ -325,7 +329,7 @@ def test_a_tcp_builder_with_tls_builds_through_its_certificate_directory(second_
         project = spec.load(project_file)
         change_app(project_file)  # the app stage runs on the engine behind TLS
         log = Log()
-        [result] = build.build(project, backends=["cpu"], services=["echo"], platforms=[ARM], log=log)
+        [result] = flow.build(project, backends=["cpu"], services=["echo"], platforms=[ARM], log=log)
         print(log.text())
         assert result.built and result.image.platform == ARM
         assert log.index(f"{ARM}: builds on {front.address} (builders.{ARM}), a linux/amd64 engine")

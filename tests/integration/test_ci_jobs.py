@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import engine, pipeline, publish, spec
-from orchestrator.registry import Registry
+from orchestrator.oci import backends
+from orchestrator.machine import daemon
+from orchestrator import flow
+from orchestrator.project import spec
+from orchestrator.oci.registry import Registry
 
 from ..conftest import ROOT, copy_fixture, unavailable
 
@@ -53,7 +56,7 @@ def engine_trusts(tls_registry):
     verification); where the engine is configured otherwise, the CA goes to
     /etc/docker/certs.d/<host>/ca.crt for the duration of the test.
     """
-    cidrs = (engine.docker_client().info().get("RegistryConfig") or {}).get("InsecureRegistryCIDRs") or []
+    cidrs = (daemon.docker_client().info().get("RegistryConfig") or {}).get("InsecureRegistryCIDRs") or []
     if "127.0.0.0/8" in cidrs:
         yield
         return
@@ -76,14 +79,14 @@ def ci(tls_registry, engine_trusts, first_build, tmp_path):
     """A one-platform copy of the mini project and the job scripts' environment (no credentials yet)."""
     path = copy_fixture("mini", tmp_path, f"orch-ci-{uuid.uuid4().hex[:8]}")
     path.write_text(path.read_text().replace("platforms: [linux/amd64, linux/arm64]", "platforms: [linux/amd64]"))
-    pipeline.lock(spec.load(path), log=lambda *_: None)  # fresh locks are left alone
+    flow.lock(spec.load(path), log=lambda *_: None)  # fresh locks are left alone
     docker_config = tmp_path / "docker-config"
     docker_config.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
     env.update(ORCH_PROJECT=str(path), ORCH_REGISTRY=tls_registry.host, ORCH_CERTS_D=str(tls_registry.certs_d),
                DOCKER_CONFIG=str(docker_config), PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}")
     yield env, path
-    client = engine.docker_client()
+    client = daemon.docker_client()
     for img in client.images.list(name=f"{tls_registry.host}/{spec.load(path).name}/*"):
         try:
             client.images.remove(img.id, force=True)
@@ -147,7 +150,7 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
     assert not after_build & {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"}, \
         f"the build job moved human tags: {sorted(after_build)}"
 
-    local = lambda: engine.docker_client().images.list(name=f"{tls_registry.host}/{name}")  # noqa: E731
+    local = lambda: daemon.docker_client().images.list(name=f"{tls_registry.host}/{name}")  # noqa: E731
     assert not local(), "the images are local already: smoke would not have to pull them"
     smoke = run_job("smoke.sh", env=env)
     outputs.append(smoke.stdout + smoke.stderr)
@@ -163,7 +166,7 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
 
     tags = set(reg.tags(name))
     assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= tags
-    manifest = publish.fetch_manifest(f"{tls_registry.host}/{name}:0.1.0-backends")
+    manifest = backends.fetch_manifest(f"{tls_registry.host}/{name}:0.1.0-backends")
     assert manifest["smoke"]["ran"] is True and manifest["smoke"]["variants"] >= 2
     assert set(manifest["platforms"]) == {"linux/amd64"}
     for backend in manifest["platforms"]["linux/amd64"]["backends"].values():

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from orchestrator.registry import Registry, split_ref
+from orchestrator.oci.registry import Registry, split_ref
 
 from ..conftest import ROOT, cleanup_namespace, ready_mini
 

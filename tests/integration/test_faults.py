@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import registry_server
-from orchestrator.registry import Registry
-from orchestrator.registry import transport as transport_mod
+from orchestrator.machine import registry_server
+from orchestrator.oci.registry import Registry
+from orchestrator.oci.registry import transport as transport_mod
 
 from ..conftest import ROOT, cleanup_namespace, copy_fixture, unavailable
 from .conftest import _free_port
@@ -296,7 +296,7 @@ def test_a_registry_killed_mid_upload_fails_in_bounded_time_keeps_the_old_manife
 
 def test_an_engine_killed_during_a_build_is_named_in_a_clear_error_and_no_tag_is_written(
         second_engine, first_build, tmp_path):
-    from orchestrator import spec
+    from orchestrator.project import spec
 
     path = project_copy(tmp_path)
     project = spec.load(path)
@@ -338,7 +338,7 @@ def orphaned_temp_blobs(since: float) -> list[str]:
     The cache is shared with whatever else runs on this machine: a temp blob
     another build is writing is open, one of ours that leaked is not.
     """
-    from orchestrator import layers
+    from orchestrator.oci import layers
 
     root = layers.default_cache().root
     candidates = [p for p in root.glob(".blob-*") if p.stat().st_mtime >= since]
@@ -364,7 +364,7 @@ def lock_files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("to", ["process group", "task alone"])
 def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engine_ready, tmp_path, to):
-    from orchestrator import lock as lock_mod
+    from orchestrator.project import lock as lock_mod
 
     path = copy_fixture("mini", tmp_path)
     root = path.parent
@@ -397,7 +397,7 @@ def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engin
 
 @pytest.mark.parametrize("to", ["process group", "task alone"])
 def test_ctrl_c_during_build_stops_the_build_client_and_tags_nothing(engine_ready, first_build, tmp_path, to):
-    from orchestrator import spec
+    from orchestrator.project import spec
 
     path = project_copy(tmp_path)
     project = spec.load(path)
@@ -414,7 +414,7 @@ def test_ctrl_c_during_build_stops_the_build_client_and_tags_nothing(engine_read
 
 def test_ctrl_c_during_publish_keeps_the_previous_backend_manifest_served_and_on_disk(engine_ready, first_build,
                                                                                        tmp_path):
-    from orchestrator import spec
+    from orchestrator.project import spec
 
     path = project_copy(tmp_path)
     project = spec.load(path)

@@ -15,9 +15,12 @@ import types
 
 import pytest
 
-from orchestrator import pipeline, publish, registry_server
-from orchestrator.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, canonical
-from orchestrator.registry import Registry
+from orchestrator.oci import backends
+from orchestrator import flow
+from orchestrator.machine import registry_server
+from orchestrator.release import gc as gc_mod
+from orchestrator.oci.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, canonical
+from orchestrator.oci.registry import Registry
 
 from ..conftest import unavailable
 from .conftest import _free_port
@@ -118,8 +121,8 @@ def test_gc_keeps_what_is_referenced_and_the_newest_and_frees_the_rest(private_r
                              "cuda_libs": {"tag": "cu124-v1", "digest": libs["1"]["digest"]}},
                     "cpu": {"image": f"{p.reg.host}/p/svc@{cpu_pub['digest']}",
                             "index": f"{p.reg.host}/p/svc@{cpu_index}", "size": cpu_pub["size"]}}}}}
-    publish.validate(manifest, "test manifest")
-    publish.push_artifact(p.reg, "p/svc", publish.artifact_tag("0.1.0"), publish.manifest_bytes(manifest), "m.json")
+    backends.validate(manifest, "test manifest")
+    backends.push_artifact(p.reg, "p/svc", backends.artifact_tag("0.1.0"), backends.manifest_bytes(manifest), "m.json")
 
     kept = [base, libs["1"], libs["2"], libs["3"], cpu_pub, cpu_new, cuda_pub, cuda_new, foreign]
     gone = [libs["0"], cpu_old, cuda_old]
@@ -128,7 +131,7 @@ def test_gc_keeps_what_is_referenced_and_the_newest_and_frees_the_rest(private_r
 
     # A dry run says what would go, and changes nothing.
     lines: list[str] = []
-    dry = pipeline.gc(host, keep=1, dry_run=True, log=lines.append, config=config, state=private_registry.state)
+    dry = flow.gc(host, keep=1, dry_run=True, log=lines.append, config=config, state=private_registry.state)
     print("\n".join(lines + [dry.summary()]))
     assert {(d.repository, t) for d in dry.plan.delete for t in d.tags} == {(g["repo"], g["tag"]) for g in gone}
     assert dry.summary().startswith("dry run: would delete 3 content tag(s)")
@@ -139,13 +142,13 @@ def test_gc_keeps_what_is_referenced_and_the_newest_and_frees_the_rest(private_r
     pusher_project = types.SimpleNamespace(root=tmp_path / "pusher", registry=host)
 
     def push():
-        with pipeline.run_lock(pusher_project, "publish", state=private_registry.state):
+        with flow.run_lock(pusher_project, "publish", state=private_registry.state):
             held.set()
             release.wait()
 
     def collect():
         try:
-            said.put(pipeline.gc(host, keep=1, log=lambda m: said.put(m), config=config,
+            said.put(flow.gc(host, keep=1, log=lambda m: said.put(m), config=config,
                                  state=private_registry.state))
         except BaseException as e:  # noqa: BLE001 - handed to the test thread
             said.put(e)
@@ -190,21 +193,21 @@ def test_gc_keeps_what_is_referenced_and_the_newest_and_frees_the_rest(private_r
 
 
 def test_gc_refuses_a_config_that_serves_another_address(private_registry, tmp_path):
-    from orchestrator.errors import UserError
+    from orchestrator.common.errors import UserError
 
     other = tmp_path / "other.yml"
     other.write_text(registry_server.REGISTRY_CONFIG.format(root=tmp_path / "x", addr="127.0.0.1:1"))
     with pytest.raises(UserError, match="serves 127.0.0.1:1"):
-        registry_server.gc(private_registry.host, 1, dry_run=True, config=other)
+        gc_mod.gc(private_registry.host, 1, dry_run=True, config=other)
 
 
 def test_gc_of_a_registry_that_is_not_embedded_does_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_STATE_DIR", str(tmp_path))
-    assert "not the embedded registry" in registry_server.gc("ghcr.io/acme", 1, dry_run=True)
+    assert "not the embedded registry" in gc_mod.gc("ghcr.io/acme", 1, dry_run=True)
 
 
 def test_gc_refuses_a_negative_keep():
-    from orchestrator.errors import UserError
+    from orchestrator.common.errors import UserError
 
     with pytest.raises(UserError, match="--keep -1"):
-        registry_server.gc("127.0.0.1:5000", -1, dry_run=True)
+        gc_mod.gc("127.0.0.1:5000", -1, dry_run=True)

@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
-from orchestrator import engine, launch
-from orchestrator import gpu_request as gr
+from orchestrator.machine import daemon
+from orchestrator.host import launch
+from orchestrator.host import gpu_request as gr
 
 from ..conftest import unavailable
 
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def client():
-    if not engine.engine_running():
+    if not daemon.engine_running():
         unavailable("no Docker Engine (run `invoke engine.up`)")
-    return engine.docker_client()
+    return daemon.docker_client()
 
 
 @pytest.fixture(scope="module")

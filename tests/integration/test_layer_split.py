@@ -11,8 +11,10 @@ import tarfile
 
 import pytest
 
-from orchestrator import build, engine, pipeline, spec
-from orchestrator.registry import Registry, split_ref
+from orchestrator.machine import daemon
+from orchestrator import flow
+from orchestrator.project import spec
+from orchestrator.oci.registry import Registry, split_ref
 from tests.conftest import cleanup_namespace, ready_mini
 
 PICK = {"backends": ["cpu"], "services": ["echo"], "platforms": ["linux/amd64"]}
@@ -53,7 +55,7 @@ def _names(layer) -> list[str]:
 
 @pytest.fixture(scope="module")
 def first(split_project):
-    return _echo(build.build(split_project, log=lambda *_: None, **PICK))
+    return _echo(flow.build(split_project, log=lambda *_: None, **PICK))
 
 
 def test_a_big_package_gets_a_layer_of_its_own_and_the_small_ones_share_one(first):
@@ -67,7 +69,7 @@ def test_a_big_package_gets_a_layer_of_its_own_and_the_small_ones_share_one(firs
 
 
 def test_the_split_layers_stack_into_one_site_the_service_imports_from(split_project, first):
-    client = engine.docker_client()
+    client = daemon.docker_client()
     client.images.pull(first.ref)
     out = client.containers.run(first.ref, entrypoint=["python3", "-c"],
                                 command=["import certifi, six, os; print(os.path.exists(certifi.where()), six.PY3)"],
@@ -79,9 +81,9 @@ def test_adding_a_small_package_re_sends_only_the_small_package_layer(split_proj
     (split_project.root / "requirements" / "echo.in").write_text(
         "six==1.16.0\ncertifi==2024.8.30\nsniffio==1.3.1\n")
     project = spec.load(split_project.file)
-    pipeline.lock(project, log=lambda *_: None)
+    flow.lock(project, log=lambda *_: None)
     stats: dict = {}
-    second = _echo(build.build(project, log=lambda *_: None, stats=stats, **PICK))
+    second = _echo(flow.build(project, log=lambda *_: None, stats=stats, **PICK))
     before, after = _own_layers(first), _own_layers(second)
     assert after["certifi"] == before["certifi"]
     assert after["small"] != before["small"]

@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
-from orchestrator import lock, pipeline, spec
+from orchestrator.project import lock
+from orchestrator import flow
+from orchestrator.project import spec
 
 from ..conftest import FIXTURES
 
@@ -24,7 +26,7 @@ def snapshot(root):
 def test_a_service_dependency_bump_changes_only_that_service_lock(mini):
     before = snapshot(mini)
     (mini / "requirements" / "echo.in").write_text("six==1.17.0\n")
-    changed = pipeline.lock(spec.load(mini / "project.yaml"), log=lambda *_: None)
+    changed = flow.lock(spec.load(mini / "project.yaml"), log=lambda *_: None)
     after = snapshot(mini)
     assert sorted(p.relative_to(mini).as_posix() for p in changed) == [
         "locks/cpu-amd64/service-echo.txt", "locks/cpu-arm64/service-echo.txt", "locks/cuda-amd64/service-echo.txt",
@@ -45,7 +47,7 @@ def test_two_services_needing_the_same_package_each_get_it_in_their_own_layer(mi
     command: [python3, app.py]
     port: 8080
 """)
-    pipeline.lock(spec.load(pf), log=lambda *_: None)
+    flow.lock(spec.load(pf), log=lambda *_: None)
     for target in ("cuda-amd64", "cpu-amd64"):
         for svc in ("echo", "echo2"):
             assert "six==1.16.0" in (mini / "locks" / target / f"service-{svc}.txt").read_text()
@@ -54,6 +56,6 @@ def test_two_services_needing_the_same_package_each_get_it_in_their_own_layer(mi
 def test_re_running_lock_with_nothing_changed_resolves_nothing(mini):
     before = snapshot(mini)
     messages = []
-    assert pipeline.lock(spec.load(mini / "project.yaml"), log=messages.append) == []
+    assert flow.lock(spec.load(mini / "project.yaml"), log=messages.append) == []
     assert snapshot(mini) == before
     assert all("up to date" in m for m in messages)

@@ -11,9 +11,16 @@ import uuid
 
 import pytest
 
-from orchestrator import build, engine, launch, probe, publish, select
-from orchestrator.errors import EnvironmentProblem
-from orchestrator.registry import OCI_INDEX, Registry
+from orchestrator import flow
+from orchestrator.build import export
+from orchestrator.oci import backends
+from orchestrator.machine import daemon
+from orchestrator.host import launch
+from orchestrator.host import probe
+from orchestrator.release import publish
+from orchestrator.host import select
+from orchestrator.common.errors import EnvironmentProblem
+from orchestrator.oci.registry import OCI_INDEX, Registry
 
 pytestmark = pytest.mark.engine
 
@@ -52,9 +59,9 @@ def test_the_backend_manifest_is_an_artifact_naming_only_digests_that_exist(mini
     reg = Registry(mini_project.registry)
     name = f"{mini_project.name}/echo"
     artifact = reg.get_manifest(name, "0.1.0-backends").json
-    assert artifact["artifactType"] == publish.ARTIFACT_TYPE
+    assert artifact["artifactType"] == backends.ARTIFACT_TYPE
     assert artifact["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
-    manifest = publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    manifest = backends.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
     on_disk = json.loads(published.manifests["echo"].read_text())
     assert manifest == on_disk
     amd64 = manifest["platforms"]["linux/amd64"]
@@ -75,13 +82,13 @@ def test_the_backend_manifest_is_an_artifact_naming_only_digests_that_exist(mini
 
 
 def test_a_second_publish_with_nothing_changed_uploads_zero_bytes(mini_project, published):
-    again = publish.publish(mini_project, log=lambda *_: None)
+    again = flow.publish(mini_project, log=lambda *_: None)
     assert again.uploaded_bytes == 0
     assert again.artifacts == published.artifacts
 
 
 def test_select_on_this_gpu_less_host_picks_cpu_by_digest_and_says_why(mini_project, published, tmp_path):
-    manifest = publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    manifest = backends.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
     choice = select.select(manifest, probe.probe(tmp_path, machine="x86_64"))
     assert choice.backend == "cpu" and "@sha256:" in choice.image
     assert choice.image == manifest["platforms"]["linux/amd64"]["backends"]["cpu"]["image"]
@@ -92,13 +99,13 @@ def test_select_on_this_gpu_less_host_picks_cpu_by_digest_and_says_why(mini_proj
 
 
 def test_run_starts_the_first_backend_this_host_can_serve(mini_project, published):
-    from orchestrator import smoke
+    from orchestrator.release import smoke
 
-    manifest = publish.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+    manifest = backends.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
     name = f"orch-test-run-{uuid.uuid4().hex[:6]}"
     try:
-        result = launch.launch(manifest, "linux/amd64", 8080, name, log=lambda *_: None)
-        if smoke.host_has_gpu():  # the default, cuda13, serves at once
+        result = launch.launch(daemon.docker_client(), manifest, "linux/amd64", 8080, name, log=lambda *_: None)
+        if smoke.host_has_gpu(daemon.docker_client()):  # the default, cuda13, serves at once
             assert [(a.backend, a.outcome) for a in result.attempts] == [("cuda13", "serving")]
             return
         first, older, second = result.attempts
@@ -118,7 +125,7 @@ def test_run_starts_the_first_backend_this_host_can_serve(mini_project, publishe
         assert 0 <= result.restart_gap < 30, result.restart_gap
     finally:
         try:
-            engine.docker_client().containers.get(name).remove(force=True)
+            daemon.docker_client().containers.get(name).remove(force=True)
         except Exception:  # noqa: BLE001
             pass
 
@@ -130,17 +137,17 @@ def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_p
     app = mini_project.services["echo"].path / "app.py"
     original = app.read_text()
     app.write_text(original + f"\n# release {uuid.uuid4()}\n")
-    real = build.export_stage
+    real = export.export_stage
 
     def fail_on_arm64(image, *args, **kwargs):
         if image.platform == "linux/arm64":
             raise EnvironmentProblem("simulated failure: the arm64 builder died")
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(build, "export_stage", fail_on_arm64)
+    monkeypatch.setattr(export, "export_stage", fail_on_arm64)
     try:
         with pytest.raises(EnvironmentProblem, match="arm64 builder died"):
-            publish.publish(mini_project, log=lambda *_: None)
+            flow.publish(mini_project, log=lambda *_: None)
     finally:
         app.write_text(original)
     after = {t: reg.get_manifest(name, t).digest for t in before}
@@ -156,7 +163,7 @@ def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project,
     app.write_text("import no_such_module_in_this_image  # crashes at start\n" + original)
     try:
         with pytest.raises(publish.SmokeFailed, match="nothing was promoted") as failure:
-            publish.publish(mini_project, log=lambda *_: None)
+            flow.publish(mini_project, log=lambda *_: None)
     finally:
         app.write_text(original)
     assert {r.variant.backend for r in failure.value.failed} >= {"cpu"}
@@ -165,9 +172,9 @@ def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project,
 
 
 def test_publish_without_smoke_says_so_in_the_manifest(mini_project, published, tmp_path):
-    report = publish.publish(mini_project, log=lambda *_: None, smoke=False)
+    report = flow.publish(mini_project, log=lambda *_: None, smoke=False)
     try:
         manifest = json.loads(report.manifests["echo"].read_text())
         assert manifest["smoke"] == {"ran": False, "variants": 0}
     finally:
-        publish.publish(mini_project, log=lambda *_: None)  # back to a smoke-tested release for later tests
+        flow.publish(mini_project, log=lambda *_: None)  # back to a smoke-tested release for later tests

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import build, publish, spec
-from orchestrator.errors import UserError
-from orchestrator.registry import Registry
+from orchestrator import flow
+from orchestrator.oci import backends
+from orchestrator.project import spec
+from orchestrator.common.errors import UserError
+from orchestrator.oci.registry import Registry
 
 from ..conftest import ROOT, copy_fixture
 
@@ -44,11 +46,11 @@ def tls_env(tls_registry, monkeypatch):
 
 def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credentials(tls_env, first_build, tmp_path):
     project = spec.load(project_copy(tmp_path, tls_env.host))
-    report = publish.publish(project, log=lambda *_: None, smoke=False)
+    report = flow.publish(project, log=lambda *_: None, smoke=False)
     reg = Registry(tls_env.host)
     name = f"{project.name}/echo"
     assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= set(reg.tags(name))
-    manifest = publish.fetch_manifest(f"{project.repository('echo')}:0.1.0-backends")  # over TLS, verified
+    manifest = backends.fetch_manifest(f"{project.repository('echo')}:0.1.0-backends")  # over TLS, verified
     for entry in manifest["platforms"].values():
         for backend in entry["backends"].values():
             assert reg.has_manifest(name, backend["image"].split("@")[1])
@@ -61,7 +63,7 @@ def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_mach
 
     project = spec.load(project_copy(tmp_path, tls_env.host))
     logged: list[str] = []
-    publish.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)
+    flow.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)
     needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles()}
     # Every tag: images, indexes, configs (history, labels), layers, backend manifests, SBOM referrers.
     hits, blobs = scan(Registry(tls_env.host), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
@@ -89,11 +91,11 @@ def test_a_registry_with_a_namespace_path_gets_every_image_under_it(first_build,
     monkeypatch.delenv("ORCH_REGISTRY", raising=False)
     ns = f"team-{uuid.uuid4().hex[:6]}"
     project = spec.load(project_copy(tmp_path, f"127.0.0.1:5000/{ns}"))
-    publish.publish(project, log=lambda *_: None, smoke=False)
+    flow.publish(project, log=lambda *_: None, smoke=False)
     reg = Registry("127.0.0.1:5000")
     try:
         assert "0.1.0-backends" in reg.tags(f"{ns}/{project.name}/echo")
-        manifest = publish.fetch_manifest(f"127.0.0.1:5000/{ns}/{project.name}/echo:0.1.0-backends")
+        manifest = backends.fetch_manifest(f"127.0.0.1:5000/{ns}/{project.name}/echo:0.1.0-backends")
         image = manifest["platforms"]["linux/amd64"]["backends"]["cpu"]["image"]
         assert image.startswith(f"127.0.0.1:5000/{ns}/{project.name}/echo@sha256:")
     finally:
@@ -111,7 +113,7 @@ def test_zstd_layers_hold_the_same_tars_and_publish_refuses_them_where_the_engin
 
     monkeypatch.delenv("ORCH_REGISTRY", raising=False)
     project = spec.load(project_copy(tmp_path, "127.0.0.1:5000", platforms="linux/amd64", extra="\ncompression: zstd"))
-    results = build.build(project, backends=["cpu"], log=lambda *_: None)
+    results = flow.build(project, backends=["cpu"], log=lambda *_: None)
     echo = next(r for r in results if r.image.key == "echo")
     reg = Registry(project.registry)
     name = f"{project.name}/echo"
@@ -125,7 +127,7 @@ def test_zstd_layers_hold_the_same_tars_and_publish_refuses_them_where_the_engin
         raw = zstandard.ZstdDecompressor().decompressobj().decompress(reg.get_blob(name, last))
         assert "sha256:" + hashlib.sha256(raw).hexdigest() == diff_ids[-1]
         with pytest.raises(UserError, match="cannot pull zstd"):
-            publish.publish(project, log=lambda *_: None)
+            flow.publish(project, log=lambda *_: None)
     finally:
         for digest in {reg.get_manifest(name, t).digest for t in reg.tags(name)}:
             reg.delete_manifest(name, digest)

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from orchestrator import registry
-from orchestrator.errors import UserError
+from orchestrator.oci import registry
+from orchestrator.common.errors import UserError
 
 pytestmark = pytest.mark.engine
 
@@ -43,7 +43,7 @@ def test_content_that_does_not_match_its_digest_is_refused(repo):
 
 
 def test_an_unreachable_registry_is_a_clear_error_not_a_traceback():
-    from orchestrator.errors import EnvironmentProblem
+    from orchestrator.common.errors import EnvironmentProblem
 
     reg = registry.Registry("127.0.0.1:9", retries=1, timeout=2)
     with pytest.raises(EnvironmentProblem, match="unreachable"):

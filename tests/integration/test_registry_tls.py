@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from orchestrator import registry
-from orchestrator.errors import EnvironmentProblem, UserError
+from orchestrator.oci import registry
+from orchestrator.common.errors import EnvironmentProblem, UserError
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ import uuid
 
 import pytest
 
-from orchestrator import lock as lock_mod
-from orchestrator import publish, sbom
-from orchestrator.registry import OCI_INDEX, Registry, split_ref
+from orchestrator.project import lock as lock_mod
+from orchestrator.release import publish
+from orchestrator.oci import sbom
+from orchestrator.oci.registry import OCI_INDEX, Registry, split_ref
 
 from ..conftest import ROOT, copy_fixture
 

@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import base, build, engine, lock, pipeline, sdist, spec
-from orchestrator.errors import UserError
+from orchestrator.build import bases as base
+from orchestrator.machine import daemon
+from orchestrator.project import lock
+from orchestrator import flow
+from orchestrator.build import sdist
+from orchestrator.project import spec
+from orchestrator.common.errors import UserError
 
 from ..conftest import cleanup_namespace, copy_fixture
 
@@ -44,7 +49,7 @@ def test_by_default_a_source_only_dependency_is_refused_at_lock_time_naming_the_
     # Allowing another package does not let this one through.
     pf.write_text(pf.read_text().replace("system_packages: [jq]\n", "system_packages: [jq]\nallow_sdist: [six]\n"))
     with pytest.raises(UserError, match="docopt 0.6.2 is published only as a source distribution"):
-        pipeline.lock(spec.load(pf), log=lambda *_: None)
+        flow.lock(spec.load(pf), log=lambda *_: None)
 
 
 def service_locks(project) -> dict[str, str]:
@@ -57,7 +62,7 @@ def allowed(engine_ready, tmp_path, monkeypatch):
     """The mini fixture under its own namespace with docopt allowed, and an empty wheel cache."""
     pf = copy_fixture("mini", tmp_path / "proj", f"orch-test-{uuid.uuid4().hex[:8]}")
     project = with_docopt(pf, "[docopt]")
-    for platform in engine.base_platforms(project):
+    for platform in daemon.base_platforms(project):
         base.ensure(project, platform, log=lambda *_: None)
     monkeypatch.setattr(sdist, "cache_dir", lambda: tmp_path / "wheels-1")
     yield project
@@ -67,7 +72,7 @@ def allowed(engine_ready, tmp_path, monkeypatch):
 def test_an_allowed_sdist_is_built_once_into_a_wheel_the_lock_pins_and_both_platforms_install(
         allowed, tmp_path, monkeypatch):
     project = allowed
-    pipeline.lock(project, log=lambda *_: None)
+    flow.lock(project, log=lambda *_: None)
     assert lock.check(project) == []
     locks = service_locks(project)
     records = {path: sdist.recorded(next(p for p in lock.parse_pins(text) if p.name == "docopt").block)
@@ -83,13 +88,13 @@ def test_an_allowed_sdist_is_built_once_into_a_wheel_the_lock_pins_and_both_plat
 
     # A second cold build of the wheels (empty cache, every lock re-resolved) records the same bytes.
     monkeypatch.setattr(sdist, "cache_dir", lambda: tmp_path / "wheels-2")
-    pipeline.lock(spec.load(project.file), log=lambda *_: None, upgrade=True)
+    flow.lock(spec.load(project.file), log=lambda *_: None, upgrade=True)
     assert service_locks(project) == locks
 
     # A machine without the wheel builds it again at `invoke build` and checks it against the lock.
     monkeypatch.setattr(sdist, "cache_dir", lambda: tmp_path / "wheels-3")
-    results = build.build(spec.load(project.file), backends=["cpu"], log=lambda *_: None)
-    client = engine.docker_client()
+    results = flow.build(spec.load(project.file), backends=["cpu"], log=lambda *_: None)
+    client = daemon.docker_client()
     for r in (r for r in results if r.image.key == "echo"):
         out = client.containers.run(r.ref, entrypoint=["python3", "-c"], remove=True, platform=r.image.platform,
                                     command=["import docopt; print(docopt.__version__, docopt.__file__)"])

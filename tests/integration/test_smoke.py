@@ -10,14 +10,16 @@ import time
 
 import pytest
 
-from orchestrator import engine, smoke
+from orchestrator import flow
+from orchestrator.machine import daemon
+from orchestrator.release import smoke
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def all_variants(mini_project, first_build):
-    return {(v.service, v.backend, v.platform): v for v in smoke.variants(mini_project)}
+    return {(v.service, v.backend, v.platform): v for v in flow.variants(mini_project)}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def mini_variants(all_variants):
 
 
 def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, first_build, all_variants):
-    results = smoke.run(mini_project, log=lambda *_: None, ready_timeout=60)
+    results = flow.smoke(mini_project, log=lambda *_: None, ready_timeout=60)
     # Backend names are free-form: cuda13 and cuda are two CUDA lines, arm64 only for 13.0.
     assert {(r.variant.backend, r.variant.platform) for r in results} == {
         ("cuda13", "linux/amd64"), ("cuda13", "linux/arm64"), ("cuda", "linux/amd64"),
@@ -45,7 +47,7 @@ def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, first_build
 
 @pytest.mark.parametrize("backend,cudart", [("cuda13", "libcudart.so.13"), ("cuda", "libcudart.so.12")])
 def test_the_cuda_image_serves_on_the_backend_this_host_can_run(mini_variants, backend, cudart):
-    gpu = smoke.host_gpu_request()
+    gpu = smoke.host_gpu_request(daemon.docker_client())
     r = smoke.check_variant(mini_variants[("echo", backend)], gpu=gpu, ready_timeout=60)
     checks = {c.name: c for c in r.checks}
     assert r.ok, [(c.name, c.detail) for c in r.failures()]
@@ -66,7 +68,7 @@ def test_the_cuda_image_serves_on_the_backend_this_host_can_run(mini_variants, b
 @pytest.fixture
 def derived_image(mini_variants):
     """Build an image FROM a good variant with a change; remove it afterwards."""
-    client = engine.docker_client()
+    client = daemon.docker_client()
     made = []
 
     def make(variant, dockerfile_tail: str):

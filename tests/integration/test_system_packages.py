@@ -16,7 +16,14 @@ import time
 import pytest
 import requests
 
-from orchestrator import apt, apt_layer, build, engine, layers, lock, pipeline, smoke
+from orchestrator.debian import locks as apt_locks
+from orchestrator.debian import apt
+from orchestrator.debian import layer as apt_layer
+from orchestrator.machine import daemon
+from orchestrator.oci import layers
+from orchestrator.project import lock
+from orchestrator import flow
+from orchestrator.release import smoke
 
 from ..conftest import unavailable
 
@@ -29,7 +36,7 @@ VARIANTS = [("cuda13", "linux/amd64"), ("cuda13", "linux/arm64"), ("cuda", "linu
 @pytest.fixture(scope="module")
 def built(mini_project, first_build):
     """Every image of the fixture, all platforms (a no-op build: first_build pushed them)."""
-    return build.build(mini_project, log=lambda *_: None)
+    return flow.build(mini_project, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def variants(mini_project, built):
 
 
 def _pulled(variant) -> str:
-    client = engine.docker_client()
+    client = daemon.docker_client()
     try:
         client.images.get(variant.image)
     except Exception:  # noqa: BLE001 - not local yet
@@ -56,7 +63,7 @@ def ogg(variants, tmp_path_factory) -> bytes:
     """
     out = tmp_path_factory.mktemp("ogg")
     out.chmod(0o777)  # the image runs as uid 10001
-    engine.docker_client().containers.run(
+    daemon.docker_client().containers.run(
         _pulled(variants[("cpu", "linux/amd64")]), entrypoint=["ffmpeg"], remove=True,
         volumes={str(out): {"bind": "/out", "mode": "rw"}},
         command=["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=1",
@@ -70,8 +77,8 @@ def ogg(variants, tmp_path_factory) -> bytes:
 def test_every_echo_variant_decodes_an_uploaded_ogg_with_its_own_ffmpeg(variants, ogg, backend, platform):
     variant = variants[(backend, platform)]
     assert variant.system_packages == ("jq", "ffmpeg")
-    native = platform == engine.host_platform()
-    container = engine.docker_client().containers.run(
+    native = platform == daemon.host_platform()
+    container = daemon.docker_client().containers.run(
         _pulled(variant), detach=True, ports={f"{variant.port}/tcp": ("127.0.0.1", None)},
         **({} if native else {"platform": platform}))
     try:
@@ -142,7 +149,7 @@ def test_the_layers_sit_where_the_readme_says_and_are_one_blob_per_platform(mini
 def test_two_cold_builds_of_a_system_layer_give_the_pushed_digest(mini_project, built, tmp_path):
     # Empty apt caches (every .deb downloaded again) and empty layer caches, twice. The 130 MB
     # ffmpeg layer gets the same treatment in test_apt_layer.py.
-    lk = lock.load_apt_locks(mini_project)[("linux/arm64", "system")]
+    lk = apt_locks.load_apt_locks(mini_project)[("linux/arm64", "system")]
     digests = []
     for run in ("one", "two"):
         cache = layers.BlobCache(tmp_path / run / "blobs")
@@ -168,11 +175,11 @@ def test_changing_one_services_packages_re_sends_that_layer_only(mini_project, b
     saved = {p: p.read_bytes() for p in [pf, *(mini_project.root / "locks").glob("apt-*/*.txt")]}
     try:
         pf.write_text(pf.read_text().replace("system_packages: [ffmpeg]", "system_packages: [ffmpeg, file]"))
-        project = pipeline.load_project(str(pf))
-        pipeline.lock(project, log=lambda *_: None)
-        pipeline.render(project)
+        project = flow.load_project(str(pf))
+        flow.lock(project, log=lambda *_: None)
+        flow.render(project)
         before = {(r.image.key, r.image.backend.name, r.image.platform): r for r in built}
-        after = build.build(project, log=lambda *_: None)
+        after = flow.build(project, log=lambda *_: None)
         for r in after:
             old = before[(r.image.key, r.image.backend.name, r.image.platform)]
             if r.image.key == "cuda-libs":
@@ -192,5 +199,5 @@ def test_changing_one_services_packages_re_sends_that_layer_only(mini_project, b
         for p in (mini_project.root / "locks").glob("apt-*/*.txt"):
             if p not in saved:
                 p.unlink()
-        pipeline.render(pipeline.load_project(str(pf)))
-    assert lock.check(pipeline.load_project(str(pf))) == []
+        flow.render(flow.load_project(str(pf)))
+    assert lock.check(flow.load_project(str(pf))) == []

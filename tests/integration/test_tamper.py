@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import engine, publish
-from orchestrator.registry import OCI_INDEX, OCI_MANIFEST, Registry
+from orchestrator.oci import backends
+from orchestrator.common import places as state
+from orchestrator.oci.registry import OCI_INDEX, OCI_MANIFEST, Registry
 
 from ..conftest import ROOT, unavailable
 
@@ -48,7 +49,7 @@ def echo(mini_project, published):
     """(registry, repository name, the promoted backend manifest) for the echo service."""
     reg = Registry(mini_project.registry)
     name = f"{mini_project.name}/echo"
-    return reg, name, publish.fetch_manifest(f"{mini_project.repository('echo')}:{TAG}")
+    return reg, name, backends.fetch_manifest(f"{mini_project.repository('echo')}:{TAG}")
 
 
 @contextlib.contextmanager
@@ -63,7 +64,7 @@ def restored(reg: Registry, name: str, *tags: str):
 
 
 def storage_blob(digest: str) -> Path:
-    storage = engine.state_dir() / "registry" / "data"
+    storage = state.state_dir() / "registry" / "data"
     blob = storage / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
     if not blob.exists():
         unavailable(f"registry storage {storage} is not ours to tamper with")
@@ -125,7 +126,7 @@ def test_a_backend_manifest_that_fails_its_schema_is_refused(mini_project, echo)
     reg, name, manifest = echo
     broken = dict(manifest, platforms={"linux/amd64": {"default": "cpu"}})  # no backends, no fallback
     with restored(reg, name, TAG):
-        publish.push_artifact(reg, name, TAG, publish.manifest_bytes(broken), "broken.json")
+        backends.push_artifact(reg, name, TAG, backends.manifest_bytes(broken), "broken.json")
         for task in ("select", "run"):
             refused(cli(mini_project, task, "--service", "echo"), "backend manifest invalid at", "platforms/linux/amd64")
 

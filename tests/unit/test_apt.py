@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import apt, apt_layer, layers
-from orchestrator.errors import EnvironmentProblem, UserError
+from orchestrator.debian import apt
+from orchestrator.debian import layer as apt_layer
+from orchestrator.oci import layers
+from orchestrator.common.errors import EnvironmentProblem, UserError
 
 from ..conftest import unavailable
 

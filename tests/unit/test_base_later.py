@@ -9,7 +9,9 @@ import threading
 
 import pytest
 
-from orchestrator import apt, base
+from orchestrator.debian import apt
+from orchestrator.build import bases as base
+from orchestrator.debian import bootstrap as bootstrap_mod
 
 PINNED = ("base-files=12.4+deb12u15", "libpam0g=1.5.2-6+deb12u3", "python3=3.11.2-1+b1")
 
@@ -25,20 +27,20 @@ def _archive(*extra: apt.Package) -> apt.Index:
 
 
 def test_an_archive_with_every_pinned_version_as_its_newest_reproduces_the_pin():
-    assert base.packages_moved(PINNED, _archive()) is None  # older versions and other packages do not matter
+    assert bootstrap_mod.packages_moved(PINNED, _archive()) is None  # older versions and other packages do not matter
 
 
 def test_a_newer_version_of_a_pinned_package_means_a_bootstrap_now_would_move_the_pin():
-    moved = base.packages_moved(PINNED, _archive(_pkg("libpam0g", "1.5.2-6+deb12u4")))
+    moved = bootstrap_mod.packages_moved(PINNED, _archive(_pkg("libpam0g", "1.5.2-6+deb12u4")))
     assert moved == "the Debian archive moved: libpam0g 1.5.2-6+deb12u3 -> 1.5.2-6+deb12u4"
 
 
 def test_a_new_required_package_or_a_removed_one_moves_it_too():
-    moved = base.packages_moved(PINNED, _archive(_pkg("sysvinit-utils", "3.06-4", "required")))
+    moved = bootstrap_mod.packages_moved(PINNED, _archive(_pkg("sysvinit-utils", "3.06-4", "required")))
     assert "sysvinit-utils - -> 3.06-4 (required)" in moved
     index = apt.Index([p for p in _archive().versions("base-files")] + _archive().versions("libpam0g"))
-    assert "python3 3.11.2-1+b1 -> gone" in base.packages_moved(PINNED, index)
-    assert base.packages_moved((), _archive()) == "the pin lists no packages"
+    assert "python3 3.11.2-1+b1 -> gone" in bootstrap_mod.packages_moved(PINNED, index)
+    assert bootstrap_mod.packages_moved((), _archive()) == "the pin lists no packages"
 
 
 class _Ensure:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from orchestrator import base, spec
+from orchestrator.build import bases as base
+
+from orchestrator.debian import basepin
+
+from orchestrator.debian import bootstrap as bootstrap_mod
+from orchestrator.project import spec
 from tests.conftest import FIXTURES
 
 
@@ -14,7 +19,7 @@ def test_maintainer_scripts_get_a_fixed_environment_whatever_the_callers(monkeyp
                  "LC_CTYPE": "ja_JP", "TZ": "Asia/Tokyo", "LANGUAGE": "de"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
-    env = base._bootstrap_env()
+    env = bootstrap_mod._bootstrap_env()
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"  # py3compile writes every .pyc hash-checked
     assert env["LC_ALL"] == "C.UTF-8" and env["TZ"] == "UTC"
     assert env["SOURCE_DATE_EPOCH"] == "315532800"
@@ -23,16 +28,16 @@ def test_maintainer_scripts_get_a_fixed_environment_whatever_the_callers(monkeyp
 
 
 def test_the_hosts_hostname_and_resolver_do_not_land_in_the_base():
-    assert any("/etc/hostname" in h and "/etc/resolv.conf" in h for h in base.BOOTSTRAP_HOOKS)
+    assert any("/etc/hostname" in h and "/etc/resolv.conf" in h for h in bootstrap_mod.BOOTSTRAP_HOOKS)
 
 
 def test_a_pin_made_by_another_recipe_is_stale(monkeypatch):
     project = spec.load(FIXTURES / "mini" / "project.yaml")
-    before = base.inputs_hash(project)
-    monkeypatch.setattr(base, "BOOTSTRAP_HOOKS", ())
-    assert base.inputs_hash(project) != before
+    before = basepin.inputs_hash(project)
+    monkeypatch.setattr(bootstrap_mod, "BOOTSTRAP_HOOKS", ())
+    assert basepin.inputs_hash(project) != before
     other = dataclasses.replace(project, base=dataclasses.replace(project.base, include=("python3",)))
-    assert base.inputs_hash(other) != before
+    assert basepin.inputs_hash(other) != before
 
 
 class _Bootstraps:
@@ -41,8 +46,8 @@ class _Bootstraps:
     def __init__(self, monkeypatch, state="state-1"):
         self.state, self.runs = state, 0
         self.image = type("Img", (), {"config_digest": "sha256:" + "c" * 64, "layers": ()})()
-        monkeypatch.setattr(base, "archive_state", lambda suite, platform: self.state)
-        monkeypatch.setattr(base, "bootstrap", self.bootstrap)
+        monkeypatch.setattr(bootstrap_mod, "archive_state", lambda suite, platform: self.state)
+        monkeypatch.setattr(bootstrap_mod, "bootstrap", self.bootstrap)
         monkeypatch.setattr(base, "_from_registry", lambda reg, name, pin, c: self.image)
 
     def bootstrap(self, project, platform, cache, log):
@@ -51,7 +56,7 @@ class _Bootstraps:
 
 
 def _once(project, tmp_path, lines):
-    from orchestrator import layers
+    from orchestrator.oci import layers
 
     cache = layers.BlobCache(tmp_path / "blobs")
     return base._bootstrap_once(project, "linux/arm64", None, "orchestrator/base-bookworm", cache,
@@ -76,11 +81,11 @@ def test_a_bootstrap_is_not_remembered_when_the_archive_moved_while_it_ran_or_ca
     project = spec.load(FIXTURES / "mini" / "project.yaml")
     fake, lines = _Bootstraps(monkeypatch), []
     states = iter(["before", "after", "after", "after"])
-    monkeypatch.setattr(base, "archive_state", lambda suite, platform: next(states))
+    monkeypatch.setattr(bootstrap_mod, "archive_state", lambda suite, platform: next(states))
     _once(project, tmp_path, lines)  # read "before", bootstrapped, read "after": which did it install?
     _once(project, tmp_path, lines)
     assert fake.runs == 2
-    monkeypatch.setattr(base, "archive_state", lambda suite, platform: None)  # offline mirror index
+    monkeypatch.setattr(bootstrap_mod, "archive_state", lambda suite, platform: None)  # offline mirror index
     _once(project, tmp_path, lines)
     _once(project, tmp_path, lines)
     assert fake.runs == 4

@@ -10,9 +10,12 @@ import threading
 import pytest
 import yaml
 
-from orchestrator import build, daemon, doctor, spec
-from orchestrator.errors import EnvironmentProblem, SpecError
-from orchestrator.spec import Builder
+from orchestrator.build import export
+from orchestrator.machine import daemon
+from orchestrator.machine import doctor
+from orchestrator.project import spec
+from orchestrator.common.errors import EnvironmentProblem, SpecError
+from orchestrator.project.spec import Builder
 
 from ..conftest import FIXTURES, copy_fixture
 
@@ -193,8 +196,8 @@ def test_doctor_has_nothing_to_say_about_builders_when_none_are_configured():
 
 def test_one_builder_works_in_the_calling_thread():
     seen = []
-    build.on_builders([(Builder(SOCKET), [1, 2])], lambda b, images: seen.append(threading.current_thread()),
-                      build.Halt())
+    export.on_builders([(Builder(SOCKET), [1, 2])], lambda b, images: seen.append(threading.current_thread()),
+                      export.Halt())
     assert seen == [threading.current_thread()]
 
 
@@ -206,13 +209,13 @@ def test_several_builders_work_at_the_same_time_each_in_its_own_order():
         both_started.wait()
         done[builder.host] = [i for i in images]
 
-    build.on_builders([(Builder("unix:///a"), ["libs-a", "svc-a"]), (Builder("unix:///b"), ["libs-b", "svc-b"])],
-                      work, build.Halt())
+    export.on_builders([(Builder("unix:///a"), ["libs-a", "svc-a"]), (Builder("unix:///b"), ["libs-b", "svc-b"])],
+                      work, export.Halt())
     assert done == {"unix:///a": ["libs-a", "svc-a"], "unix:///b": ["libs-b", "svc-b"]}
 
 
 def test_the_first_failure_stops_the_other_builders_and_is_the_one_raised():
-    halt = build.Halt()
+    halt = export.Halt()
     stopped = threading.Event()
 
     def work(builder, images):
@@ -221,18 +224,18 @@ def test_the_first_failure_stops_the_other_builders_and_is_the_one_raised():
         while True:  # a builder between stages: it checks the halt before each one
             try:
                 halt.check()
-            except build.Halted:
+            except export.Halted:
                 stopped.set()
                 raise
             threading.Event().wait(0.01)
 
     with pytest.raises(EnvironmentProblem, match="echo/cpu amd64 app failed"):
-        build.on_builders([(Builder("unix:///a"), [1]), (Builder("unix:///b"), [2])], work, halt)
+        export.on_builders([(Builder("unix:///a"), [1]), (Builder("unix:///b"), [2])], work, halt)
     assert stopped.is_set()
 
 
 def test_a_halt_stops_the_build_clients_that_are_running():
-    halt = build.Halt()
+    halt = export.Halt()
     proc = subprocess.Popen(["sleep", "60"])
     halt.track(proc)
     halt.stop()
@@ -246,6 +249,6 @@ def test_a_builder_that_cannot_reach_the_registry_is_told_so():
     text = ('ERROR: failed to solve: 127.0.0.1:5000/orchestrator/base-bookworm@sha256:ab: failed to resolve source '
             'metadata: failed to do request: Head "http://127.0.0.1:5000/v2/": dial tcp 127.0.0.1:5000: connect: '
             'connection refused')
-    hint = build._hint(text, Builder("ssh://builder@arm-host", key="builders.linux/arm64"), "127.0.0.1:5000")
+    hint = export._hint(text, Builder("ssh://builder@arm-host", key="builders.linux/arm64"), "127.0.0.1:5000")
     assert "the engine at ssh://builder@arm-host cannot reach registry 127.0.0.1:5000" in hint
     assert "every builder must reach the registry" in hint

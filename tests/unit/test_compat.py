@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchestrator import compat as compat_mod
+from orchestrator.project import compat as compat_mod
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from orchestrator import doctor, spec
-from orchestrator.doctor import Finding
-from orchestrator.errors import EnvironmentProblem, UserError
+from orchestrator.machine import doctor
+from orchestrator.project import spec
+from orchestrator.machine.doctor import Finding
+from orchestrator.common.errors import EnvironmentProblem, UserError
 
 from ..conftest import FIXTURES, ROOT
 
@@ -144,11 +145,9 @@ class FakeRegistry:
 
 @pytest.fixture
 def fake_registry(monkeypatch):
-    from orchestrator import registry
-
     FakeRegistry.fail_check = FakeRegistry.fail_upload = None
     FakeRegistry.uploads = []
-    monkeypatch.setattr(registry, "Registry", FakeRegistry)
+    monkeypatch.setattr(doctor, "Registry", FakeRegistry)
     return FakeRegistry
 
 
@@ -187,11 +186,7 @@ def test_the_task_is_listed_and_exits_1_on_a_failed_required_check(monkeypatch, 
     from invoke import Context
     from invoke.exceptions import Exit
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        import tasks
-    finally:
-        sys.path.remove(str(ROOT))
+    from orchestrator import cli as tasks
     monkeypatch.setattr(doctor, "run", lambda proj, problem=None: [OK, OPTIONAL_MISSING, REQUIRED_FAILED])
     with pytest.raises(Exit) as e:
         tasks.doctor(Context(), project=str(FIXTURES / "mini" / "project.yaml"), json=True)

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from orchestrator import smoke
-from orchestrator.runtime import contract
-from orchestrator.runtime import entrypoint as ep
+from orchestrator.release import smoke
+from orchestrator.host.runtime import contract
+from orchestrator.host.runtime import entrypoint as ep
 
 # torch.cuda.get_arch_list() of the builds in compat.yaml.
 ARCHS_124 = "sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90"

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from orchestrator import files
+from orchestrator.common import files
 
 
 def mode(path) -> int:

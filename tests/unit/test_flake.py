@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import preflight, spec
+from orchestrator.machine import preflight
+from orchestrator.project import spec
 
 from ..conftest import FIXTURES, ROOT, unavailable
 

@@ -9,8 +9,11 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import gpu_request as gr
-from orchestrator import launch, smoke
+from orchestrator.common import hostinfo
+from orchestrator.release.smoke import runner
+from orchestrator.host import gpu_request as gr
+from orchestrator.host import launch
+from orchestrator.release import smoke
 
 NVIDIA_INFO = {"Runtimes": {"runc": {}, "nvidia": {"path": "nvidia-container-runtime"}}, "CDISpecDirs": []}
 CDI_INFO = {"Runtimes": {"runc": {}}, "CDISpecDirs": ["/etc/cdi", "/var/run/cdi"]}
@@ -167,7 +170,7 @@ def test_for_host_asks_the_engine_once_and_cpu_asks_nothing(monkeypatch):
     monkeypatch.setattr(gr, "gpu_nodes", lambda root=None: ("/dev/nvidia0",))
     r = gr.for_host(FakeClient(NVIDIA_INFO), environ={})
     assert r.mechanism == "nvidia"
-    assert not gr.for_host(None, cuda=False).requested  # no client needed, no engine asked
+    assert not gr.for_host(None, cuda=False).requested  # no engine asked
 
 
 # --- invoke run: the request is made for CUDA backends only ----------------------
@@ -224,7 +227,6 @@ def engine_with(monkeypatch):
     def make(info, script):
         client = FakeClient(info)
         client.containers.script = script
-        monkeypatch.setattr(launch.engine, "docker_client", lambda *a, **k: client)
         monkeypatch.setattr(gr, "gpu_nodes", lambda root=None: ("/dev/nvidia0",))
         monkeypatch.setattr(launch.requests, "get", lambda url, timeout=None: type("R", (), {"status_code": 200})())
         return client
@@ -234,7 +236,7 @@ def engine_with(monkeypatch):
 def test_run_requests_gpus_for_each_cuda_attempt_and_none_for_cpu(engine_with):
     client = engine_with(NVIDIA_INFO, [78, 78, None])
     logged = []
-    result = launch.launch(MANIFEST, "linux/amd64", 8080, "orch-t", log=logged.append, environ={})
+    result = launch.launch(client, MANIFEST, "linux/amd64", 8080, "orch-t", log=logged.append, environ={})
     assert [(a.backend, a.outcome) for a in result.attempts] == [("cuda13", "exit 78"), ("cuda", "exit 78"),
                                                                  ("cpu", "serving")]
     (img13, kw13), (img12, kw12), (imgcpu, kwcpu) = client.containers.runs
@@ -250,7 +252,7 @@ def test_run_requests_gpus_for_each_cuda_attempt_and_none_for_cpu(engine_with):
 def test_run_respects_nvidia_visible_devices_and_uses_cdi_where_configured(engine_with, monkeypatch):
     client = engine_with({"Runtimes": {"runc": {}}, "CDISpecDirs": ["/etc/cdi"]}, [None])
     monkeypatch.setattr(gr, "cdi_nvidia_specs", lambda dirs, root=None: ("/etc/cdi/nvidia.yaml",))
-    launch.launch(MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None,
+    launch.launch(client, MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None,
                   environ={"NVIDIA_VISIBLE_DEVICES": "0"})
     (_, kw), = client.containers.runs
     assert [dict(r) for r in kw["device_requests"]] == [
@@ -259,7 +261,7 @@ def test_run_respects_nvidia_visible_devices_and_uses_cdi_where_configured(engin
 
 def test_run_with_no_gpu_wanted_makes_no_request_and_hides_gpus(engine_with):
     client = engine_with(NVIDIA_INFO, [78, 78, None])
-    launch.launch(MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None,
+    launch.launch(client, MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None,
                   environ={"NVIDIA_VISIBLE_DEVICES": "none"})
     for _, kw in client.containers.runs[:2]:
         assert "device_requests" not in kw
@@ -270,7 +272,7 @@ def test_run_goes_on_when_the_engine_cannot_attach_the_gpus(engine_with):
     refused = docker.errors.APIError("500", explanation='could not select device driver "nvidia" with '
                                                         'capabilities: [[gpu]]')
     client = engine_with(NVIDIA_INFO, [refused, refused, None])
-    result = launch.launch(MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None, environ={})
+    result = launch.launch(client, MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None, environ={})
     assert [(a.backend, a.outcome) for a in result.attempts] == [("cuda13", "failed"), ("cuda", "failed"),
                                                                  ("cpu", "serving")]
     assert "could not attach GPUs (GPUs: all via nvidia runtime)" in result.attempts[0].detail
@@ -278,12 +280,12 @@ def test_run_goes_on_when_the_engine_cannot_attach_the_gpus(engine_with):
 
 
 def test_run_still_stops_on_an_engine_error_that_is_not_about_gpus(engine_with):
-    from orchestrator.errors import EnvironmentProblem
+    from orchestrator.common.errors import EnvironmentProblem
 
     busy = docker.errors.APIError("500", explanation="Bind for 127.0.0.1:8080 failed: port is already allocated")
-    engine_with(NVIDIA_INFO, [busy])
+    client = engine_with(NVIDIA_INFO, [busy])
     with pytest.raises(EnvironmentProblem, match="port is already allocated"):
-        launch.launch(MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None, environ={})
+        launch.launch(client, MANIFEST, "linux/amd64", 8080, "orch-t", log=lambda *_: None, environ={})
 
 
 def test_a_manifest_backend_is_cuda_by_its_requires_not_its_name():
@@ -303,39 +305,37 @@ NVIDIA_ALL = gr.decide(facts(runtimes=("nvidia",)))
 
 
 def test_smoke_gives_gpus_to_native_cuda_variants_only(monkeypatch):
-    monkeypatch.setattr(smoke.engine, "_host_arch", lambda: "amd64")
-    monkeypatch.setattr(smoke, "host_gpu_request", lambda client=None: NVIDIA_ALL)
-    assert smoke.gpu_for(variant(), True) is NVIDIA_ALL
+    monkeypatch.setattr(hostinfo, "host_platform", lambda: "linux/amd64")
     assert smoke.gpu_for(variant(), NVIDIA_ALL) is NVIDIA_ALL
-    assert smoke.gpu_for(variant(backend="gpu-x"), True) is NVIDIA_ALL  # names are free-form
+    assert smoke.gpu_for(variant(backend="gpu-x"), NVIDIA_ALL) is NVIDIA_ALL  # names are free-form
     assert not smoke.gpu_for(variant(), False).requested
-    assert not smoke.gpu_for(variant(backend="cpu", cuda=None), True).requested
+    assert not smoke.gpu_for(variant(backend="cpu", cuda=None), NVIDIA_ALL).requested
     # QEMU-emulated arm64 cannot use the amd64 host's driver.
     assert not smoke.gpu_for(variant(platform="linux/arm64"), NVIDIA_ALL).requested
-    assert smoke.host_has_gpu() is True
+    monkeypatch.setattr(gr, "gpu_nodes", lambda root=None: ("/dev/nvidia0",))
+    assert smoke.host_has_gpu(FakeClient(NVIDIA_INFO)) is True
 
 
 def test_smoke_container_carries_the_device_request(monkeypatch):
-    monkeypatch.setattr(smoke.engine, "_host_arch", lambda: "amd64")
-    c = smoke._container(variant(), {"BACKEND_POLICY": "fallback"}, NVIDIA_ALL)
+    monkeypatch.setattr(hostinfo, "host_platform", lambda: "linux/amd64")
+    c = runner._container(variant(), {"BACKEND_POLICY": "fallback"}, NVIDIA_ALL)
     assert [dict(r) for r in c._kwargs["device_requests"]] == [
         {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
-    c = smoke._container(variant(platform="linux/arm64"), {}, smoke.gpu_for(variant(platform="linux/arm64"), True))
+    c = runner._container(variant(platform="linux/arm64"), {}, smoke.gpu_for(variant(platform="linux/arm64"), NVIDIA_ALL))
     assert c._kwargs == {"platform": "linux/arm64", "read_only": True}  # no GPU for an emulated platform
 
 
 def test_smoke_strict_check_uses_the_same_request(monkeypatch):
     client = FakeClient(NVIDIA_INFO)
     client.containers.script = [78]
-    monkeypatch.setattr(smoke.engine, "docker_client", lambda *a, **k: client)
-    monkeypatch.setattr(smoke.engine, "_host_arch", lambda: "amd64")
-    check = smoke._check_strict_exit(variant(), 5, NVIDIA_ALL)
+    monkeypatch.setattr(hostinfo, "host_platform", lambda: "linux/amd64")
+    check = smoke.strict_exit_check(client, variant(), 5, NVIDIA_ALL)
     assert check.ok, check.detail
     (_, kw), = client.containers.runs
     assert kw["environment"] == {"BACKEND_POLICY": "strict"} and len(kw["device_requests"]) == 1
     client.containers.runs.clear()
     client.containers.script = [78]
-    assert smoke._check_strict_exit(variant(), 5).ok
+    assert smoke.strict_exit_check(client, variant(), 5).ok
     assert "device_requests" not in client.containers.runs[0][1]
 
 

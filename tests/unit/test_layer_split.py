@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import layer_split, layers
+from orchestrator.build import layer_split
+from orchestrator.oci import layers
 from tests.unit.test_layers import make_tar
 
 MB = 1_000_000

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from orchestrator import layers
+from orchestrator.oci import layers
 
 
 def make_tar(entries, mtime, order=None) -> bytes:

@@ -6,9 +6,11 @@ import shutil
 
 import pytest
 
-from orchestrator import lock, spec
-from orchestrator.plan import content_tag, make_plan
-from orchestrator.build import load_all_locks
+from orchestrator.debian import locks as apt_locks
+from orchestrator.project import lock
+from orchestrator.project import spec
+from orchestrator.build.plan import content_tag, make_plan
+from orchestrator.flow import load_all_locks
 
 from ..conftest import FIXTURES, ROOT
 
@@ -109,7 +111,7 @@ def test_a_missing_lock_and_an_orphaned_lock_are_both_named(mini_copy):
 
 def test_plan_builds_cuda_libs_first_and_tags_each_image_by_content():
     project = spec.load(FIXTURES / "mini" / "project.yaml")
-    plan = make_plan(project, load_all_locks(project), system=lock.load_apt_locks(project))
+    plan = make_plan(project, load_all_locks(project), system=apt_locks.load_apt_locks(project))
     assert [(i.key, i.backend.name, i.arch) for i in plan.images] == [
         ("cuda-libs", "cuda13", "amd64"), ("echo", "cuda13", "amd64"), ("cuda-libs", "cuda13", "arm64"),
         ("echo", "cuda13", "arm64"),

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 
 import pytest
 
-from orchestrator import preflight, spec
-from orchestrator.errors import EnvironmentProblem
+from orchestrator.machine import preflight
+from orchestrator.project import spec
+from orchestrator.common.errors import EnvironmentProblem
 
 from ..conftest import FIXTURES
 
@@ -129,12 +129,3 @@ def test_this_machine_has_what_engine_up_calls(project):
     if missing:  # fails under CI=true, skips on a laptop
         unavailable(f"not set up with ci/setup.sh: {preflight.describe(missing)}")
     assert missing == [], preflight.describe(missing)
-
-
-@pytest.mark.parametrize("registry, loopback", [
-    ("127.0.0.1:5000", True), ("localhost:5000", True), ("127.0.0.1:5000/team", True),
-    ("http://localhost:5000", True), ("registry.example.com", False), ("registry.example.com:443/ns", False),
-    ("ghcr.io/org", False),
-])
-def test_loopback_registries(registry, loopback):
-    assert preflight.is_loopback(registry) is loopback

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import probe
-from orchestrator.errors import UserError
-from orchestrator.probe import Host
-from orchestrator.select import select, walk_order
+from orchestrator.host import probe
+from orchestrator.common.errors import UserError
+from orchestrator.host.probe import Host
+from orchestrator.host.select import select, walk_order
 
 PROPRIETARY = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  {v}  Thu Feb 22 01:44:30 UTC 2024\n"
                "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")

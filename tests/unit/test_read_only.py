@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from orchestrator import launch, lock, plan as plan_mod, smoke, spec
-from orchestrator.build import load_all_locks
+from orchestrator.debian import locks as apt_locks
+from orchestrator.host import launch
+from orchestrator.build import plan as plan_mod
+from orchestrator.release import smoke
+from orchestrator.release.smoke import runner
+from orchestrator.project import spec
+from orchestrator.flow import load_all_locks
 
 from ..conftest import ROOT
 from .test_gpu_request import MANIFEST, NVIDIA_INFO, engine_with, variant  # noqa: F401 - engine_with is a fixture
@@ -12,7 +17,7 @@ from .test_gpu_request import MANIFEST, NVIDIA_INFO, engine_with, variant  # noq
 def service_settings():
     example = spec.load(ROOT / "project.yaml")
     image = next(i for i in plan_mod.make_plan(example, load_all_locks(example),
-                                               system=lock.load_apt_locks(example)).images if i.kind == "service")
+                                               system=apt_locks.load_apt_locks(example)).images if i.kind == "service")
     return plan_mod.settings(image, "orchestrator/base-bookworm", "sha256:" + "0" * 64)
 
 
@@ -32,9 +37,9 @@ def test_run_options_mount_a_tmpfs_on_each_declared_dir_and_nothing_else_is_writ
 
 
 def test_smoke_and_run_start_containers_the_same_read_only_way(engine_with):
-    c = smoke._container(variant(), {}, smoke.gpu_for(variant(), False))
+    c = runner._container(variant(), {}, smoke.gpu_for(variant(), False))
     assert c._kwargs["read_only"] is True and c.tmpfs == plan_mod.run_options()["tmpfs"]
     client = engine_with(NVIDIA_INFO, [None])
-    launch.launch(MANIFEST, "linux/amd64", 8080, "orch-t", override="cpu", log=lambda *_: None, environ={})
+    launch.launch(client, MANIFEST, "linux/amd64", 8080, "orch-t", override="cpu", log=lambda *_: None, environ={})
     (_, kw), = client.containers.runs
     assert kw["read_only"] is True and kw["tmpfs"] == plan_mod.run_options()["tmpfs"]

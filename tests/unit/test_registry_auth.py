@@ -13,9 +13,9 @@ import stat
 
 import pytest
 
-from orchestrator import registry
-from orchestrator.errors import UserError
-from orchestrator.registry import auth
+from orchestrator.oci import registry
+from orchestrator.common.errors import UserError
+from orchestrator.oci.registry import auth
 
 from .test_registry_transport import fake, isolated  # noqa: F401 - fixtures
 

@@ -15,19 +15,18 @@ import re
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from orchestrator import registry
-from orchestrator.errors import EnvironmentProblem, UserError
-from orchestrator.registry import client, transport
+from orchestrator.oci import registry
+from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.oci.registry import client
+from orchestrator.oci.registry import transport
 
 from ..tls import make_tls
 

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from orchestrator.retention import Inventory, ManifestInfo, Tag, is_built_here, manifest_references, plan
+from orchestrator.release.retention import Inventory, ManifestInfo, Tag, is_built_here, manifest_references, plan
 
 HOST = "127.0.0.1:5000"
 

@@ -1,4 +1,4 @@
-"""The run lock (pipeline.run_lock, pipeline.gc_lock), between real processes.
+"""The run lock (flow.run_lock, flow.gc_lock), between real processes.
 
 Each process appends "start <name>" and "end <name>" to a journal while it
 holds its lock; the journal shows who ran while whom, without timing.
@@ -12,16 +12,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-from orchestrator import pipeline
+from orchestrator import flow
 
 HOLD = textwrap.dedent("""
     import sys, types
     from pathlib import Path
-    from orchestrator import pipeline
+    from orchestrator import flow
     kind, name, root, registry, state, journal = sys.argv[1:7]
     project = types.SimpleNamespace(root=Path(root), registry=registry)
-    lock = (pipeline.gc_lock(registry, state=Path(state)) if kind == "gc"
-            else pipeline.run_lock(project, kind, state=Path(state)))
+    lock = (flow.gc_lock(registry, state=Path(state)) if kind == "gc"
+            else flow.run_lock(project, kind, state=Path(state)))
     with lock:
         with open(journal, "a") as fh:
             fh.write(f"start {name}\\n")
@@ -107,8 +107,8 @@ def test_a_holder_that_dies_releases_the_lock(tmp_path):
 
 
 def test_registry_lock_files_are_per_host_and_name_safe(tmp_path):
-    a = pipeline.registry_lock_path("127.0.0.1:5000", tmp_path)
-    b = pipeline.registry_lock_path("ghcr.io/acme", tmp_path)
+    a = flow.registry_lock_path("127.0.0.1:5000", tmp_path)
+    b = flow.registry_lock_path("ghcr.io/acme", tmp_path)
     assert a != b and a.parent == b.parent == tmp_path / "locks"
     assert "/" not in a.name and ":" not in a.name
 
@@ -125,7 +125,7 @@ LATE = textwrap.dedent("""
 
 
 def test_a_waiter_that_comes_before_the_holder_wrote_its_record_still_names_it(tmp_path):
-    from orchestrator.files import held
+    from orchestrator.common.files import held
 
     path = tmp_path / "run.lock"
     holder = subprocess.Popen([sys.executable, "-c", LATE, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -142,7 +142,7 @@ def test_a_waiter_that_comes_before_the_holder_wrote_its_record_still_names_it(t
 
 
 def test_an_exclusive_holder_leaves_no_record_behind(tmp_path):
-    from orchestrator.files import _holder, held
+    from orchestrator.common.files import _holder, held
 
     path = tmp_path / "run.lock"
     with held(path, note="build"):

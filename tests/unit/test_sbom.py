@@ -10,12 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import lock as lock_mod
-from orchestrator import publish, sbom, spec
-from orchestrator.build import load_all_locks
-from orchestrator.errors import EnvironmentProblem, UserError
-from orchestrator.plan import make_plan
-from orchestrator.registry import OCI_INDEX, OCI_MANIFEST, Registry, sha256_digest
+from orchestrator.debian import locks as apt_locks
+from orchestrator.oci import backends
+from orchestrator.project import lock as lock_mod
+from orchestrator.oci import sbom
+from orchestrator.project import spec
+from orchestrator.flow import load_all_locks
+from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.build.plan import make_plan
+from orchestrator.oci.registry import OCI_INDEX, OCI_MANIFEST, Registry, sha256_digest
 
 from ..conftest import FIXTURES
 from .test_registry_transport import fake, isolated  # noqa: F401 - fixtures
@@ -115,7 +118,7 @@ def test_a_pin_without_a_hash_is_refused():
 
 def test_a_cuda_service_sbom_lists_its_cuda_libs_wheels_and_its_debian_packages():
     project = spec.load(FIXTURES / "mini" / "project.yaml")
-    plan = make_plan(project, load_all_locks(project), system=lock_mod.load_apt_locks(project))
+    plan = make_plan(project, load_all_locks(project), system=apt_locks.load_apt_locks(project))
     config = json.dumps({"config": {"Labels": {sbom.BASE_NAME_LABEL: "orchestrator/base-bookworm",
                                                sbom.BASE_DIGEST_LABEL: BASE}}}).encode()
     built = {(i.key, i.backend.name, i.platform): SimpleNamespace(image=i, digest=IMAGE,
@@ -241,7 +244,7 @@ def manifest(**backend) -> dict:
 
 
 def test_the_backend_manifest_may_name_each_image_sbom_by_digest():
-    publish.validate(manifest(), "old")  # published before SBOMs: still schemaVersion 2 and valid
-    publish.validate(manifest(sbom=sha256_digest(b"x")), "new")
+    backends.validate(manifest(), "old")  # published before SBOMs: still schemaVersion 2 and valid
+    backends.validate(manifest(sbom=sha256_digest(b"x")), "new")
     with pytest.raises(UserError, match="sbom"):
-        publish.validate(manifest(sbom="latest"), "bad")
+        backends.validate(manifest(sbom="latest"), "bad")

@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 
-from orchestrator import lock, sdist, spec
-from orchestrator.errors import UserError
+from orchestrator.project import lock
+from orchestrator.project import sdists as sdist
+from orchestrator.project import spec
+from orchestrator.common.errors import UserError
 
 from ..conftest import FIXTURES
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from orchestrator import probe
-from orchestrator.errors import UserError
-from orchestrator.probe import Gpu, Host, visible_gpus
-from orchestrator.runtime import gpus as gpus_mod
-from orchestrator.select import arch_range, check_schema_version, parse_arch, select, supports
+from orchestrator.host import probe
+from orchestrator.common.errors import UserError
+from orchestrator.host.probe import Gpu, Host, visible_gpus
+from orchestrator.host.runtime import gpus as gpus_mod
+from orchestrator.host.select import arch_range, check_schema_version, parse_arch, select, supports
 
 from .test_probe_select import ARM_CUDA13_IMAGE, CPU_IMAGE, CUDA13_IMAGE, CUDA_IMAGE, manifest
 
@@ -538,12 +538,12 @@ def test_gpus_py_reads_the_proc_driver_version(tmp_path, text, version):
 
 @pytest.mark.parametrize("where", ["in place", "copied alone"])
 def test_gpus_py_runs_standalone_on_this_gpu_less_machine(tmp_path, where):
-    # `python3 orchestrator/runtime/gpus.py`, and the file alone (as next to the entrypoint or carried
+    # `python3 orchestrator/host/runtime/gpus.py`, and the file alone (as next to the entrypoint or carried
     # to a GPU host, -I: nothing of the checkout importable): it needs nothing of the orchestrator.
-    script = ROOT / "orchestrator/runtime/gpus.py"
+    script = ROOT / "orchestrator/host/runtime/gpus.py"
     if where == "copied alone":
         script = tmp_path / "gpus.py"
-        script.write_text((ROOT / "orchestrator/runtime/gpus.py").read_text())
+        script.write_text((ROOT / "orchestrator/host/runtime/gpus.py").read_text())
     proc = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path if where == "copied alone" else ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import spec
-from orchestrator.errors import SpecError
+from orchestrator.project import spec
+from orchestrator.common.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[2]
 

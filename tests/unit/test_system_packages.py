@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import apt, lock, pipeline, plan as plan_mod, spec
-from orchestrator.build import load_all_locks, stage_context
-from orchestrator.errors import UserError
+from orchestrator.debian import locks as apt_locks
+from orchestrator.debian import apt
+from orchestrator import flow
+from orchestrator.build import plan as plan_mod
+from orchestrator.project import spec
+from orchestrator.build.context import stage_context
+from orchestrator.flow import load_all_locks
+from orchestrator.common.errors import UserError
 
 from ..conftest import FIXTURES, ROOT, unavailable
 
@@ -49,21 +54,21 @@ def fake_archive(monkeypatch, stanzas: list[str]):
 
 def test_the_project_level_lock_comes_first_then_each_service_per_platform_it_is_built_for():
     project = spec.load(FIXTURES / "mini" / "project.yaml")
-    assert [(t.layer, t.platform, t.requests) for t in lock.apt_targets(project)] == [
+    assert [(t.layer, t.platform, t.requests) for t in apt_locks.apt_targets(project)] == [
         ("system", AMD, ("jq",)), ("system", ARM, ("jq",)),
         ("service-echo", AMD, ("ffmpeg",)), ("service-echo", ARM, ("ffmpeg",))]
-    assert [str(t.path(project.root).relative_to(project.root)) for t in lock.apt_targets(project)][::2] == [
+    assert [str(t.path(project.root).relative_to(project.root)) for t in apt_locks.apt_targets(project)][::2] == [
         "locks/apt-amd64/system.txt", "locks/apt-amd64/service-echo.txt"]
 
 
 def test_the_committed_apt_locks_pin_nothing_twice_and_nothing_the_base_has():
     for path in (ROOT / "project.yaml", FIXTURES / "mini" / "project.yaml"):
         project = spec.load(path)
-        locks = lock.load_apt_locks(project)
+        locks = apt_locks.load_apt_locks(project)
         for (platform, layer), lk in locks.items():
             assert lk.platform == platform and lk.suite == project.base.suite
             assert all(p.architecture in (platform.split("/")[1], "all") for p in lk.pins)
-            base = lock.base_packages(project, platform)
+            base = apt_locks.base_packages(project, platform)
             # A base package is pinned only to replace it with a newer version a request needs.
             same = {p.name for p in lk.pins if base.get(p.name) == p.version}
             assert not same, f"{layer} on {platform} pins what the base already has: {same}"
@@ -76,7 +81,7 @@ def test_the_committed_apt_locks_pin_nothing_twice_and_nothing_the_base_has():
 
 def test_adding_a_project_level_package_makes_its_locks_stale_by_name(mini):
     project = edit(mini, "system_packages: [jq]", "system_packages: [jq, file]")
-    stale = {str(s.path): s.reason for s in lock.check(project)}
+    stale = {str(s.path): s.reason for s in flow.stale_locks(project)}
     assert stale == {"locks/apt-amd64/system.txt": "requests changed: +file",
                      "locks/apt-arm64/system.txt": "requests changed: +file"}
 
@@ -86,7 +91,7 @@ def test_a_changed_project_level_lock_makes_the_service_locks_above_it_stale(min
     lk = apt.read_apt_lock(path)
     apt.write_apt_lock(path, apt.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
                                          lk.pins[:-1]))
-    stale = {str(s.path): s.reason for s in lock.check(spec.load(mini / "project.yaml"))}
+    stale = {str(s.path): s.reason for s in flow.stale_locks(spec.load(mini / "project.yaml"))}
     assert stale == {"locks/apt-arm64/service-echo.txt":
                      "the packages below it changed: the base's, or the project-level system lock's"}
 
@@ -95,7 +100,7 @@ def test_a_hand_edited_apt_lock_and_an_orphaned_one_are_named(mini):
     path = mini / "locks/apt-amd64/service-echo.txt"
     path.write_text(path.read_text().replace("ffmpeg=7:", "ffmpeg=8:"))
     project = edit(mini, "system_packages: [jq]\n", "")
-    stale = {str(s.path): s.reason for s in lock.check(project)}
+    stale = {str(s.path): s.reason for s in flow.stale_locks(project)}
     assert stale == {"locks/apt-amd64/service-echo.txt": "missing or edited by hand",
                      "locks/apt-amd64/system.txt": "no longer used by the project file",
                      "locks/apt-arm64/system.txt": "no longer used by the project file",
@@ -103,16 +108,16 @@ def test_a_hand_edited_apt_lock_and_an_orphaned_one_are_named(mini):
                      "locks/apt-arm64/service-echo.txt":
                          "the packages below it changed: the base's, or the project-level system lock's"}
     with pytest.raises(UserError, match="lock locks/apt-amd64/service-echo.txt is unreadable or edited by hand"):
-        lock.load_apt_locks(project)
+        apt_locks.load_apt_locks(project)
 
 
 def test_a_base_without_a_package_list_cannot_lock_system_packages(mini):
     (mini / "locks/base.json").unlink()
     project = spec.load(mini / "project.yaml")
-    stale = {str(s.path): s.reason for s in lock.apt_check(project)}
+    stale = {str(s.path): s.reason for s in apt_locks.apt_check(project)}
     assert "has no base pinned for linux/amd64" in stale["locks/apt-amd64/system.txt"]
     with pytest.raises(UserError, match="no base pinned for linux/amd64") as info:
-        lock.resolve_apt(project, log=lambda *_: None)
+        apt_locks.resolve_apt(project, log=lambda *_: None)
     assert "invoke engine.up" in info.value.hint
 
 
@@ -124,14 +129,14 @@ def test_a_service_lock_counts_the_project_level_pins_as_installed(mini, monkeyp
     for p in (mini / "locks").glob("apt-*"):
         shutil.rmtree(p)
     project = spec.load(mini / "project.yaml")
-    changed = lock.resolve_apt(project, log=lambda *_: None)
+    changed = apt_locks.resolve_apt(project, log=lambda *_: None)
     assert sorted(str(p.relative_to(mini)) for p in changed) == [
         "locks/apt-amd64/service-echo.txt", "locks/apt-amd64/system.txt",
         "locks/apt-arm64/service-echo.txt", "locks/apt-arm64/system.txt"]
-    locks = lock.load_apt_locks(project)
+    locks = apt_locks.load_apt_locks(project)
     assert locks[(AMD, "system")].names() == {"jq", "libjq1"}
     assert locks[(AMD, "service-echo")].names() == {"ffmpeg", "libavcodec59"}  # libjq1 is below it
-    assert lock.apt_check(project) == []
+    assert apt_locks.apt_check(project) == []
 
 
 def test_relocking_keeps_versions_and_upgrade_moves_them(mini, monkeypatch):
@@ -140,7 +145,7 @@ def test_relocking_keeps_versions_and_upgrade_moves_them(mini, monkeypatch):
     for p in (mini / "locks").glob("apt-*"):
         shutil.rmtree(p)
     project = spec.load(mini / "project.yaml")
-    lock.resolve_apt(project, upgrade=True, log=lambda *_: None)
+    apt_locks.resolve_apt(project, upgrade=True, log=lambda *_: None)
     system = mini / "locks/apt-amd64/system.txt"
     lk = apt.read_apt_lock(system)
     older = [apt.AptPin(p.name, "1.6-2", *[getattr(p, f) for f in ("architecture", "sha256", "size", "url")])
@@ -148,12 +153,12 @@ def test_relocking_keeps_versions_and_upgrade_moves_them(mini, monkeypatch):
     apt.write_apt_lock(system, apt.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
                                            tuple(older)))
     project = edit(mini, "system_packages: [jq]", "system_packages: [jq, file]")
-    lock.resolve_apt(project, log=lambda *_: None)
+    apt_locks.resolve_apt(project, log=lambda *_: None)
     versions = {p.name: p.version for p in apt.read_apt_lock(system).pins}
     assert versions == {"jq": "1.6-2", "libjq1": "1.6-2", "file": "1:5.44-3"}  # adding file moved nothing
     before = system.read_text()
-    assert lock.resolve_apt(project, log=lambda *_: None) == []  # fresh: left alone
-    lock.resolve_apt(project, upgrade=True, log=lambda *_: None)
+    assert apt_locks.resolve_apt(project, log=lambda *_: None) == []  # fresh: left alone
+    apt_locks.resolve_apt(project, upgrade=True, log=lambda *_: None)
     assert {p.name: p.version for p in apt.read_apt_lock(system).pins}["libjq1"] == "1.6-3"
     assert system.read_text() != before
 
@@ -162,14 +167,14 @@ def test_an_unknown_package_names_the_package_suite_and_platform(mini, monkeypat
     fake_archive(monkeypatch, [stanza("jq", "1.6-2"), stanza("ffmpeg", "7:5.1-1")])
     project = edit(mini, "system_packages: [jq]", "system_packages: [jq, no-such-thing]")
     with pytest.raises(UserError, match="'no-such-thing' is not available in Debian bookworm for linux/amd64") as info:
-        lock.resolve_apt(project, log=lambda *_: None)
+        apt_locks.resolve_apt(project, log=lambda *_: None)
     assert info.value.exit_code == 2 and "packages.debian.org/bookworm/no-such-thing" in info.value.hint
 
 
 # --- where the layers go ---------------------------------------------------------------
 
 def _plan(project):
-    return plan_mod.make_plan(project, load_all_locks(project), system=lock.load_apt_locks(project))
+    return plan_mod.make_plan(project, load_all_locks(project), system=apt_locks.load_apt_locks(project))
 
 
 def test_project_packages_sit_on_the_parent_and_a_services_own_just_below_its_python_layer():
@@ -199,7 +204,7 @@ def test_the_example_stt_service_gets_ffmpeg_and_tts_gets_no_debian_layer():
 
 
 def test_the_dockerfile_documents_the_debian_layers_it_does_not_install():
-    text = pipeline.rendered(spec.load(FIXTURES / "mini" / "project.yaml"))["echo.cuda.Dockerfile"]
+    text = flow.rendered(spec.load(FIXTURES / "mini" / "project.yaml"))["echo.cuda.Dockerfile"]
     assert ("# layers, rarest change first: base -> cuda-libs -> system -> shared -> system-echo -> service-echo "
             "-> app\n") in text
     assert "#   system-echo: ffmpeg (locks/apt-<arch>/service-echo.txt)\n" in text
@@ -240,7 +245,7 @@ class LocalContainer:
 def test_the_smoke_runs_each_declared_binary_and_finds_library_packages():
     if not Path("/var/lib/dpkg/status").exists() or not shutil.which("bash"):
         unavailable("needs a Debian host (dpkg status) with bash")
-    from orchestrator import smoke
+    from orchestrator.release import smoke
 
     ok = smoke.system_packages_check(LocalContainer(), ("bash", "libc6"))
     assert ok.ok and ok.name == "system packages", ok.detail
@@ -252,7 +257,7 @@ def test_the_smoke_runs_each_declared_binary_and_finds_library_packages():
 def test_smoke_variants_carry_the_declared_packages_of_their_image():
     from types import SimpleNamespace
 
-    from orchestrator import smoke
+    from orchestrator.release import smoke
 
     project = spec.load(FIXTURES / "mini" / "project.yaml")
     image = next(i for i in _plan(project).images if i.key == "echo" and i.platform == ARM)
