@@ -40,7 +40,7 @@ from orchestrator.host import launch as launch_mod
 from orchestrator.host import probe as probe_mod
 from orchestrator.host import select as select_mod
 from orchestrator.machine import daemon, preflight, registry_server
-from orchestrator.oci import backends
+from orchestrator.oci import backends as manifests
 from orchestrator.oci.layers import default_cache
 from orchestrator.oci.registry import Registry
 from orchestrator.project import lock as lock_mod
@@ -110,11 +110,11 @@ def _lock(project: spec_mod.Project, log, upgrade: bool) -> list[Path]:
     return changed
 
 
-def load_all_locks(project: spec_mod.Project, backends_=None, platforms=None) -> dict:
+def load_all_locks(project: spec_mod.Project, backends=None, platforms=None) -> dict:
     """(backend, platform) -> its locks, refusing stale ones (a build from them would not be what was asked)."""
     out = {}
     for backend, platform in lock_mod.targets(project):
-        if (backends_ and backend.name not in backends_) or (platforms and platform not in platforms):
+        if (backends and backend.name not in backends) or (platforms and platform not in platforms):
             continue
         out[(backend.name, platform)] = lock_mod.load_locks(project, backend, platform)
     stale = [s for s in lock_mod.check(project) if s.reason != "no longer used by the project file"]
@@ -125,9 +125,9 @@ def load_all_locks(project: spec_mod.Project, backends_=None, platforms=None) ->
 
 # --- plan and render -------------------------------------------------------------
 
-def plan(project: spec_mod.Project, backends_=None, services=None, platforms=None) -> BuildPlan:
-    check_selection(project, backends_, services, platforms)
-    return make_plan(project, load_all_locks(project, backends_, platforms), backends_, services, platforms,
+def plan(project: spec_mod.Project, backends=None, services=None, platforms=None) -> BuildPlan:
+    check_selection(project, backends, services, platforms)
+    return make_plan(project, load_all_locks(project, backends, platforms), backends, services, platforms,
                      system=apt_locks.load_apt_locks(project, platforms))
 
 
@@ -161,28 +161,28 @@ def render(project: spec_mod.Project, check: bool = False) -> list[str]:
 
 # --- build, smoke, publish ---------------------------------------------------------
 
-def build(project: spec_mod.Project, backends_=None, services=None, platforms=None, log=print,
+def build(project: spec_mod.Project, backends=None, services=None, platforms=None, log=print,
           force: bool = False, no_cache: bool = False, stats: dict | None = None) -> list[BuildResult]:
     """Render, then build and push by content tag what the registry lacks (no human tag moves)."""
     with run_lock(project, "build"):
         render(project)
-        the_plan = plan(project, backends_, services, platforms)
+        the_plan = plan(project, backends, services, platforms)
         return images.build(project, the_plan, render_all(the_plan), log=log, force=force, no_cache=no_cache,
                             stats=stats)
 
 
-def variants(project: spec_mod.Project, services=None, backends_=None, platforms=None,
+def variants(project: spec_mod.Project, services=None, backends=None, platforms=None,
              log=None) -> list[smoke_mod.Variant]:
     """The variants of the project's current inputs, by digest: built and pushed first where missing."""
-    return smoke_mod.variants_from_builds(project, build(project, backends_, services, platforms,
+    return smoke_mod.variants_from_builds(project, build(project, backends, services, platforms,
                                                          log=log or (lambda *_: None)))
 
 
-def smoke(project: spec_mod.Project, services=None, backends_=None, platforms=None, log=print,
+def smoke(project: spec_mod.Project, services=None, backends=None, platforms=None, log=print,
           ready_timeout: float = smoke_mod.READY_TIMEOUT, jobs: int | None = None) -> list[smoke_mod.VariantResult]:
     """Smoke-test every variant of the current inputs, building what is not built yet."""
     with run_lock(project, "smoke"):
-        chosen = variants(project, services, backends_, platforms, log=log)
+        chosen = variants(project, services, backends, platforms, log=log)
         return smoke_mod.run(chosen, daemon.docker_client(), log=log, ready_timeout=ready_timeout, jobs=jobs)
 
 
@@ -224,10 +224,10 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
 
 def backend_manifest(project: spec_mod.Project, service: str, manifest_file: str | None = None):
     """(backend manifest, where it came from, its artifact ref in the registry)."""
-    ref = f"{project.repository(service)}:{backends.artifact_tag(project.services[service].version)}"
+    ref = f"{project.repository(service)}:{manifests.artifact_tag(project.services[service].version)}"
     if manifest_file:
-        return backends.load_manifest_file(manifest_file), manifest_file, ref
-    return backends.fetch_manifest(ref), ref, ref  # fetch_manifest checks the artifact's digests
+        return manifests.load_manifest_file(manifest_file), manifest_file, ref
+    return manifests.fetch_manifest(ref), ref, ref  # fetch_manifest checks the artifact's digests
 
 
 def verify(data: dict, source: str, ref: str, platform: str, backend_names) -> None:
