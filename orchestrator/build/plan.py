@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.common.errors import UserError
-from orchestrator.debian.apt import AptLock
+from orchestrator.debian.aptlock import AptLock
 from orchestrator.debian.layer import layer_key
 from orchestrator.host.contract import (  # noqa: F401
     APP_DIR,

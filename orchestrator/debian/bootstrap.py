@@ -21,7 +21,7 @@ from pathlib import Path
 from orchestrator.common.errors import EnvironmentProblem, UserError
 from orchestrator.common.files import atomic_write
 from orchestrator.common.hostinfo import host_arch
-from orchestrator.debian import apt
+from orchestrator.debian import archive
 from orchestrator.oci import image as image_mod
 from orchestrator.oci import layers as layers_mod
 from orchestrator.project.spec import Project
@@ -33,7 +33,7 @@ def pin_moved(packages: tuple[str, ...], platform: str, suite: str) -> str | Non
     """None when a bootstrap now would install exactly these pinned package versions (name=version) (so, bootstraps being
     reproducible, give the pinned digest); else what moved. Reads the archive's Packages indexes."""
     try:
-        index, _ = apt.fetch_index(apt.default_sources(suite), platform)
+        index, _ = archive.fetch_index(archive.default_sources(suite), platform)
     except (EnvironmentProblem, UserError) as e:
         return f"the Debian archive could not be read ({e.message})"
     return packages_moved(packages, index)
@@ -70,14 +70,14 @@ def _diff_packages(old: tuple[str, ...], new: tuple[str, ...]) -> str:
 def archive_state(suite: str, platform: str) -> str | None:
     """What a bootstrap of suite for platform installs from: the Packages indexes' sha256 in each source's
     InRelease (they change when a package does, not when the archive re-signs). None when unreadable."""
-    dl = apt.Downloader(retries=2, timeout=20, backoff=1.0)
-    arch = apt.debian_arch(platform)
+    dl = archive.Downloader(retries=2, timeout=20, backoff=1.0)
+    arch = archive.debian_arch(platform)
     h = hashlib.sha256()
     try:
-        for src in apt.default_sources(suite):
-            rel = apt.parse_release(apt._clearsigned_body(
+        for src in archive.default_sources(suite):
+            rel = archive.parse_release(archive._clearsigned_body(
                 dl.get(f"{src.url.rstrip('/')}/dists/{src.suite}/InRelease").decode("utf-8", "replace")))
-            h.update(f"{src} {apt._packages_entry(rel, 'main', arch)[1]}\n".encode())
+            h.update(f"{src} {archive._packages_entry(rel, 'main', arch)[1]}\n".encode())
     except (EnvironmentProblem, UserError):
         return None
     return h.hexdigest()

@@ -51,8 +51,11 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
-from orchestrator.debian.apt import AptLock, AptPin, Downloader, cache_root
+from orchestrator.debian.aptlock import AptLock
+from orchestrator.debian.archive import Downloader, cache_root
+from orchestrator.debian.resolve import AptPin
 from orchestrator.oci import layers as layers_mod
+from orchestrator.oci.layers import clean_name
 
 LAYER_FORMAT = 1  # bump when the unpacking rules change: it is part of the layer cache key
 DROPPED = ("usr/share/doc/", "usr/share/man/", "usr/share/info/", "usr/share/lintian/", "usr/share/locale/",
@@ -228,13 +231,6 @@ def scan_scripts(package: str, control: dict[str, bytes], multiarch: str) -> Scr
 
 # --- merging the packages into one tar ----------------------------------------
 
-def _clean(name: str) -> str:
-    name = name.lstrip("/")
-    while name.startswith("./"):
-        name = name[2:]
-    return name.rstrip("/")
-
-
 def _usr_merged(name: str) -> str:
     for old, new in MERGED_USR.items():
         if name == old or name.startswith(old + "/"):
@@ -346,7 +342,7 @@ def merge(pins: tuple[AptPin, ...], debs: dict[str, Path], platform: str, out: B
         with tarfile.open(raw, "r:") as tf:
             members = tf.getmembers()
         for m in members:
-            name = _usr_merged(_clean(m.name))
+            name = _usr_merged(clean_name(m.name))
             if not name or name in MERGED_USR or _dropped(name):
                 continue  # the base has bin, lib, ... as symlinks: leave them
             if m.uname not in ("", "root") or m.gname not in ("", "root"):
@@ -356,7 +352,7 @@ def merge(pins: tuple[AptPin, ...], debs: dict[str, Path], platform: str, out: B
                              "set LD_LIBRARY_PATH for it in the image")
             info = layers_mod.tarinfo_replace(m, name=name)
             if m.islnk():
-                info.linkname = _usr_merged(_clean(m.linkname))
+                info.linkname = _usr_merged(clean_name(m.linkname))
             add(name, p.name, _Item(info, raw, m.offset_data))
         for fname, data in ((f"var/lib/dpkg/status.d/{p.name}", control.get("control")),
                             (f"var/lib/dpkg/status.d/{p.name}.md5sums", control.get("md5sums"))):
@@ -364,7 +360,7 @@ def merge(pins: tuple[AptPin, ...], debs: dict[str, Path], platform: str, out: B
                 add(fname, p.name, _Item(_file_info(fname, len(data)), blob=data))
     for alt in _chosen_alternatives(reports):
         # What update-alternatives leaves behind: link -> /etc/alternatives/name -> path.
-        link, managed = _clean(alt.link), f"etc/alternatives/{alt.name}"
+        link, managed = clean_name(alt.link), f"etc/alternatives/{alt.name}"
         add(link, alt.package, _Item(_symlink_info(link, "/" + managed)))
         add(managed, alt.package, _Item(_symlink_info(managed, alt.path)))
     for d in ("etc", "etc/alternatives", "var", "var/lib", "var/lib/dpkg", "var/lib/dpkg/status.d"):

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.common.errors import UserError
-from orchestrator.debian import apt, basepin
+from orchestrator.debian import aptlock
+from orchestrator.debian import archive
+from orchestrator.debian import basepin
 from orchestrator.project.lockfile import LOCK_DIR, Stale
 from orchestrator.project.spec import Project
 
@@ -28,7 +30,7 @@ class AptTarget:
     requests: tuple[str, ...]  # as written: name or name=version
 
     def path(self, root: Path) -> Path:
-        return apt.lock_path(root, self.platform, self.layer)
+        return aptlock.lock_path(root, self.platform, self.layer)
 
 
 def apt_targets(project: Project) -> list[AptTarget]:
@@ -43,15 +45,15 @@ def apt_targets(project: Project) -> list[AptTarget]:
     return out
 
 
-def apt_sources(project: Project) -> tuple[apt.Source, ...]:
+def apt_sources(project: Project) -> tuple[archive.Source, ...]:
     """The Debian archive the base was bootstrapped from: its suite, -updates and -security."""
-    return apt.default_sources(project.base.suite)
+    return archive.default_sources(project.base.suite)
 
 
 def base_packages(project: Project, platform: str) -> dict[str, str] | None:
     """The base's Debian packages (name -> version) from locks/base.json; None when it has no list."""
     pin = basepin.read_pins(project).get(platform)
-    return apt.installed_from_base(pin.packages) if pin is not None and pin.packages else None
+    return aptlock.installed_from_base(pin.packages) if pin is not None and pin.packages else None
 
 
 def _no_base_packages(project: Project, platform: str) -> UserError:
@@ -66,7 +68,7 @@ def _no_base_packages(project: Project, platform: str) -> UserError:
                      "its packages), run `invoke engine.up`, then `invoke lock`")
 
 
-def apt_installed(project: Project, target: AptTarget, system: apt.AptLock | None) -> dict[str, str] | None:
+def apt_installed(project: Project, target: AptTarget, system: aptlock.AptLock | None) -> dict[str, str] | None:
     """What is installed below the target's layer: the base's packages, and for a service layer the
     project-level pins too (system: that platform's project-level lock). None: the base lists none."""
     installed = base_packages(project, target.platform)
@@ -78,21 +80,21 @@ def apt_installed(project: Project, target: AptTarget, system: apt.AptLock | Non
 
 
 def _apt_stale(target: AptTarget, lk, sources, installed) -> str | None:
-    why = apt.stale_reason(lk, target.requests, sources, target.platform, installed)
+    why = aptlock.stale_reason(lk, target.requests, sources, target.platform, installed)
     if why == "the base image's packages changed" and target.layer != "system":
         return "the packages below it changed: the base's, or the project-level system lock's"
     return why
 
 
 def apt_check(project: Project) -> list[Stale]:
-    """Every apt lock that is missing, edited or resolved from other inputs, with apt.stale_reason's words,
+    """Every apt lock that is missing, edited or resolved from other inputs, with aptlock.stale_reason's words,
     and every apt lock file no target uses any more."""
     out: list[Stale] = []
     sources = apt_sources(project)
-    system: dict[str, apt.AptLock | None] = {}
+    system: dict[str, aptlock.AptLock | None] = {}
     for target in apt_targets(project):
         path = target.path(project.root)
-        lk = apt.read_apt_lock(path)
+        lk = aptlock.read_apt_lock(path)
         if target.layer == "system":
             system[target.platform] = lk
         rel = Path(os.path.relpath(path, project.root))
@@ -120,11 +122,11 @@ def resolve_apt(project: Project, upgrade: bool = False, log=print) -> list[Path
     """
     changed: list[Path] = []
     sources = apt_sources(project)
-    system: dict[str, apt.AptLock] = {}
+    system: dict[str, aptlock.AptLock] = {}
     for target in apt_targets(project):
         path = target.path(project.root)
         rel = os.path.relpath(path, project.root)
-        previous = apt.read_apt_lock(path)
+        previous = aptlock.read_apt_lock(path)
         installed = apt_installed(project, target, system.get(target.platform))
         if installed is None:
             raise _no_base_packages(project, target.platform)
@@ -136,7 +138,7 @@ def resolve_apt(project: Project, upgrade: bool = False, log=print) -> list[Path
             continue
         why = "missing" if why and not path.exists() else why
         log(f"locking {rel} ({why or 'upgrade'}): {' '.join(target.requests)}")
-        lk, res = apt.make_lock(target.requests, target.platform, installed, sources=sources,
+        lk, res = aptlock.make_lock(target.requests, target.platform, installed, sources=sources,
                                 suite=project.base.suite, previous=None if upgrade else previous, log=log)
         for note in res.notes:
             log(f"  note: {note}")
@@ -146,19 +148,19 @@ def resolve_apt(project: Project, upgrade: bool = False, log=print) -> list[Path
         if previous is not None and why is None and previous.pins == lk.pins:
             continue  # --upgrade moved nothing: keep the file (and its sources' dates) as it is
         path.parent.mkdir(parents=True, exist_ok=True)
-        apt.write_apt_lock(path, lk)
+        aptlock.write_apt_lock(path, lk)
         changed.append(path)
     return changed
 
 
-def load_apt_locks(project: Project, platforms=None) -> dict[tuple[str, str], apt.AptLock]:
+def load_apt_locks(project: Project, platforms=None) -> dict[tuple[str, str], aptlock.AptLock]:
     """(platform, layer) -> the apt lock; raises naming a missing or hand-edited one."""
     out = {}
     for target in apt_targets(project):
         if platforms and target.platform not in platforms:
             continue
         path = target.path(project.root)
-        lk = apt.read_apt_lock(path)
+        lk = aptlock.read_apt_lock(path)
         if lk is None:
             why = "missing" if not path.exists() else "unreadable or edited by hand (its lock-sha256 does not match)"
             raise UserError(f"lock {os.path.relpath(path, project.root)} is {why}", "run `invoke lock`")

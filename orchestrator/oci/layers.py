@@ -265,7 +265,8 @@ def _sort_key(name: str) -> tuple[str, ...]:
     return tuple(name.split("/"))
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A tar member's name as layers hold it: no leading '/' or './', no trailing '/'."""
     name = name.lstrip("/")
     while name.startswith("./"):
         name = name[2:]
@@ -281,7 +282,7 @@ def normalize(members, out: tarfile.TarFile, epoch: int) -> None:
     """
     links: dict[str, str] = {}  # name as written by the producer -> name in the output
     for info, data in members:
-        name = _clean_name(info.name)
+        name = clean_name(info.name)
         if not name or name == ".":
             continue
         new = tarfile.TarInfo(name)
@@ -291,7 +292,7 @@ def normalize(members, out: tarfile.TarFile, epoch: int) -> None:
         new.mtime = epoch
         new.type = info.type
         if info.islnk():
-            new.linkname = links.get(_clean_name(info.linkname), _clean_name(info.linkname))
+            new.linkname = links.get(clean_name(info.linkname), clean_name(info.linkname))
             new.size = 0
         elif info.issym():
             new.linkname = info.linkname
@@ -307,7 +308,7 @@ def _stream_members(tf: tarfile.TarFile):
     """Members of a stream-mode tar with their data, refusing an unsorted stream."""
     last: tuple[str, ...] | None = None
     for info in tf:
-        key = _sort_key(_clean_name(info.name))
+        key = _sort_key(clean_name(info.name))
         if last is not None and key < last:
             raise _Unsorted()
         last = key
@@ -320,26 +321,26 @@ class _Unsorted(Exception):
 
 def _sorted_members(path: Path):
     tf = tarfile.open(path, "r:")
-    members = sorted(tf.getmembers(), key=lambda m: _sort_key(_clean_name(m.name)))
+    members = sorted(tf.getmembers(), key=lambda m: _sort_key(clean_name(m.name)))
     # A hard link must follow its target: make the first name of each group the file.
     first: dict[str, tarfile.TarInfo] = {}
     for m in tf.getmembers():
         if m.isreg():
-            first.setdefault(_clean_name(m.name), m)
+            first.setdefault(clean_name(m.name), m)
     out = []
     seen: dict[str, str] = {}
     for m in members:
         if m.islnk():
-            target = _clean_name(m.linkname)
+            target = clean_name(m.linkname)
             if target not in seen:  # the link sorts first: it carries the data
                 src = first[target]
-                seen[target] = _clean_name(m.name)
+                seen[target] = clean_name(m.name)
                 out.append((tarinfo_replace(src, name=m.name), tf.extractfile(src)))
                 continue
             out.append((tarinfo_replace(m, linkname=seen[target]), None))
             continue
         if m.isreg():
-            name = _clean_name(m.name)
+            name = clean_name(m.name)
             if name in seen:  # already written under a link's name that sorted first
                 link = copy.copy(m)
                 link.type, link.linkname, link.size = tarfile.LNKTYPE, seen[name], 0
@@ -424,19 +425,19 @@ def _write_members(members, cache: BlobCache, c: Codec, epoch: int, progress) ->
 # --- one export, several layers (orchestrator/layer_split.py) --------------
 
 def _group_of(name: str) -> str:
-    return _clean_name(name).split("/", 1)[0]
+    return clean_name(name).split("/", 1)[0]
 
 
 def _in_group(members, group: str):
     """A group's members with the group directory taken off their names (and hard links' targets)."""
     prefix = group + "/"
     for info, data in members:
-        name = _clean_name(info.name)
+        name = clean_name(info.name)
         if name == group:
             continue  # the group directory itself: not part of the layer
         changes = {"name": name[len(prefix):]}
         if info.islnk():
-            target = _clean_name(info.linkname)
+            target = clean_name(info.linkname)
             if not target.startswith(prefix):
                 raise UserError(f"{name} is a hard link to {target}, in another layer",
                                 "this is a bug in the layer split; please report it")

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.debian import apt
+from orchestrator.debian import aptlock
+
+from orchestrator.debian import archive
 from orchestrator.debian import layer as apt_layer
 from orchestrator.oci import layers
 
@@ -41,9 +43,9 @@ def log(msg: str) -> None:
 def archive():
     import requests
 
-    url = f"{apt.DEFAULT_MIRROR}/dists/{SUITE}/InRelease"
+    url = f"{archive.DEFAULT_MIRROR}/dists/{SUITE}/InRelease"
     try:
-        requests.head(url, timeout=15, verify=apt.ca_verify()).raise_for_status()
+        requests.head(url, timeout=15, verify=archive.ca_verify()).raise_for_status()
     except requests.RequestException as e:
         unavailable(f"the Debian archive is not reachable ({url}: {type(e).__name__})")
 
@@ -51,7 +53,7 @@ def archive():
 @pytest.fixture(scope="module")
 def base_packages():
     pins = json.loads((ROOT / "locks" / "base.json").read_text())["platforms"]
-    return {p: apt.installed_from_base(pins[p]["packages"]) for p in PLATFORMS}
+    return {p: aptlock.installed_from_base(pins[p]["packages"]) for p in PLATFORMS}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def ffmpeg_locks(archive, base_packages):
     out = {}
     for platform in PLATFORMS:
         started = time.monotonic()
-        lk, res = apt.make_lock(["ffmpeg"], platform, base_packages[platform], suite=SUITE, log=log)
+        lk, res = aptlock.make_lock(["ffmpeg"], platform, base_packages[platform], suite=SUITE, log=log)
         log(f"[test] {platform}: ffmpeg resolves to {len(lk.pins)} packages, "
             f"{sum(p.size for p in lk.pins) / 1e6:.1f} MB of .debs, in {time.monotonic() - started:.1f} s")
         out[platform] = (lk, res)
@@ -77,10 +79,10 @@ def test_ffmpeg_resolves_on_top_of_the_base_for_both_platforms(ffmpeg_locks, bas
         assert all(p.url.startswith(("http://deb.debian.org/debian/pool/",
                                      "http://deb.debian.org/debian-security/pool/")) for p in lk.pins)
         assert [s.source.suite for s in lk.snapshots] == [SUITE, f"{SUITE}-updates", f"{SUITE}-security"]
-        if shutil.which("gpgv") and Path(apt.DEFAULT_KEYRING).is_file():
+        if shutil.which("gpgv") and Path(archive.DEFAULT_KEYRING).is_file():
             assert all(s.signature.startswith("gpgv ") for s in lk.snapshots), lk.snapshots
-        assert apt.parse_apt_lock(lk.text()) == lk
-        assert apt.stale_reason(lk, ["ffmpeg"], apt.default_sources(SUITE), platform,
+        assert aptlock.parse_apt_lock(lk.text()) == lk
+        assert aptlock.stale_reason(lk, ["ffmpeg"], archive.default_sources(SUITE), platform,
                                 base_packages[platform]) is None
 
 
@@ -88,10 +90,10 @@ def test_an_unknown_package_fails_at_lock_time_naming_suite_and_platform(archive
     from orchestrator.common.errors import UserError
 
     with pytest.raises(UserError, match=r"'no-such-package-xyz' is not available in Debian bookworm for linux/arm64"):
-        apt.make_lock(["ffmpeg", "no-such-package-xyz"], "linux/arm64", base_packages["linux/arm64"], suite=SUITE)
+        aptlock.make_lock(["ffmpeg", "no-such-package-xyz"], "linux/arm64", base_packages["linux/arm64"], suite=SUITE)
 
 
-def _build(lk: apt.AptLock, root: Path, apt_cache: Path | None = None) -> apt_layer.AptLayer:
+def _build(lk: aptlock.AptLock, root: Path, apt_cache: Path | None = None) -> apt_layer.AptLayer:
     cache = layers.BlobCache(root / "blobs")
     return apt_layer.build_layer(lk, cache, layers.codec("gzip"), apt_cache=apt_cache or root / "apt", log=log)
 
@@ -197,7 +199,7 @@ def test_the_arm64_layer_unpacks_on_this_host_and_its_ffmpeg_decodes_ogg_under_q
     tmp_path = scratch
     lk, _ = ffmpeg_locks["linux/arm64"]
     started = time.monotonic()
-    built = _build(lk, tmp_path / "one", apt_cache=apt.cache_root())  # the .debs are cached between runs
+    built = _build(lk, tmp_path / "one", apt_cache=archive.cache_root())  # the .debs are cached between runs
     log(f"[test] linux/arm64: build {time.monotonic() - started:.1f} s "
         f"({built.fragment.downloaded_bytes / 1e6:.1f} MB downloaded); layer {built.layer.digest}, "
         f"{built.layer.blob_size / 1e6:.1f} MB gzip, {built.layer.size / 1e6:.1f} MB tar")
@@ -215,8 +217,8 @@ def test_the_arm64_layer_unpacks_on_this_host_and_its_ffmpeg_decodes_ogg_under_q
         unavailable("qemu-user-static is not installed (ci/setup.sh installs it)")
     # The base's packages for arm64, unpacked the same way, complete a root file system.
     base = json.loads((ROOT / "locks" / "base.json").read_text())["platforms"]["linux/arm64"]["packages"]
-    base_lock, _ = apt.make_lock(sorted({e.split("=")[0] for e in base}), "linux/arm64", {}, suite=SUITE)
-    _extract(_build(base_lock, tmp_path / "base", apt_cache=apt.cache_root()).layer, root)
+    base_lock, _ = aptlock.make_lock(sorted({e.split("=")[0] for e in base}), "linux/arm64", {}, suite=SUITE)
+    _extract(_build(base_lock, tmp_path / "base", apt_cache=archive.cache_root()).layer, root)
     for link, target in apt_layer.MERGED_USR.items():
         if "/" not in link and (root / target).is_dir() and not (root / link).exists():
             (root / link).symlink_to(target)

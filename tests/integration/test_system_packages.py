@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from orchestrator.debian import locks as apt_locks
-from orchestrator.debian import apt
+from orchestrator.debian import archive
 from orchestrator.debian import layer as apt_layer
 from orchestrator.machine import daemon
 from orchestrator.oci import layers
@@ -168,7 +168,7 @@ def test_changing_one_services_packages_re_sends_that_layer_only(mini_project, b
     import requests as rq
 
     try:
-        rq.head(f"{apt.DEFAULT_MIRROR}/dists/bookworm/InRelease", timeout=15, verify=apt.ca_verify())
+        rq.head(f"{archive.DEFAULT_MIRROR}/dists/bookworm/InRelease", timeout=15, verify=archive.ca_verify())
     except rq.RequestException as e:
         unavailable(f"the Debian archive is not reachable ({type(e).__name__})")
     pf = mini_project.file

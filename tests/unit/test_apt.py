@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.debian import apt
+from orchestrator.debian import aptlock
+
+from orchestrator.debian import archive
+
+from orchestrator.debian import packages as debpackages
+
+from orchestrator.debian import resolve as resolver
+
+from orchestrator.debian import versions as debversions
 from orchestrator.debian import layer as apt_layer
 from orchestrator.oci import layers
 from orchestrator.common.errors import EnvironmentProblem, UserError
@@ -28,11 +36,11 @@ ORDERED = ["1.0~rc1", "1.0", "1.0-1", "1.0-1+b1", "1.0-1+deb12u1", "1.0a", "1.0.
 def test_debian_versions_sort_as_dpkg_sorts_them():
     for i, a in enumerate(ORDERED):
         for j, b in enumerate(ORDERED):
-            assert apt.compare_versions(a, b) == (i > j) - (i < j), (a, b)
-    assert apt.compare_versions("1.0", "1.00") == 0  # leading zeros of a number do not count
-    assert apt.compare_versions("1.0", "1.0-0") == 0  # no revision is revision 0
-    assert apt.compare_versions("7:5.1.9-0+deb12u1", "7:5.1") == 1
-    assert apt.compare_versions("2.36-9+deb12u14", "2.36-9+deb12u9") == 1
+            assert debversions.compare_versions(a, b) == (i > j) - (i < j), (a, b)
+    assert debversions.compare_versions("1.0", "1.00") == 0  # leading zeros of a number do not count
+    assert debversions.compare_versions("1.0", "1.0-0") == 0  # no revision is revision 0
+    assert debversions.compare_versions("7:5.1.9-0+deb12u1", "7:5.1") == 1
+    assert debversions.compare_versions("2.36-9+deb12u14", "2.36-9+deb12u9") == 1
 
 
 def test_versions_agree_with_dpkg_compare_versions():
@@ -43,17 +51,17 @@ def test_versions_agree_with_dpkg_compare_versions():
     for a, b in pairs:
         lt = subprocess.run(["dpkg", "--compare-versions", a, "lt", b]).returncode == 0
         eq = subprocess.run(["dpkg", "--compare-versions", a, "eq", b]).returncode == 0
-        assert apt.compare_versions(a, b) == (0 if eq else -1 if lt else 1), (a, b)
+        assert debversions.compare_versions(a, b) == (0 if eq else -1 if lt else 1), (a, b)
 
 
 def test_relations_parse_alternatives_versions_and_qualifiers():
-    rels = apt.parse_relations("libc6 (>= 2.34), perl:any, debconf (>= 0.5) | debconf-2.0, old (> 1), x [amd64]")
+    rels = debpackages.parse_relations("libc6 (>= 2.34), perl:any, debconf (>= 0.5) | debconf-2.0, old (> 1), x [amd64]")
     assert rels == (
-        (apt.Relation("libc6", ">=", "2.34"),),
-        (apt.Relation("perl"),),
-        (apt.Relation("debconf", ">=", "0.5"), apt.Relation("debconf-2.0")),
-        (apt.Relation("old", ">=", "1"),),  # the obsolete `>` means >=
-        (apt.Relation("x"),),
+        (debpackages.Relation("libc6", ">=", "2.34"),),
+        (debpackages.Relation("perl"),),
+        (debpackages.Relation("debconf", ">=", "0.5"), debpackages.Relation("debconf-2.0")),
+        (debpackages.Relation("old", ">=", "1"),),  # the obsolete `>` means >=
+        (debpackages.Relation("x"),),
     )
 
 
@@ -188,12 +196,12 @@ MIRROR = "http://deb.example/debian"
 SEC = "http://deb.example/debian-security"
 
 
-def index() -> apt.Index:
-    return apt.Index(apt.parse_packages(MAIN, MIRROR) + apt.parse_packages(SECURITY, SEC))
+def index() -> debpackages.Index:
+    return debpackages.Index(debpackages.parse_packages(MAIN, MIRROR) + debpackages.parse_packages(SECURITY, SEC))
 
 
 def resolve(reqs, installed=BASE):
-    return apt.resolve(index(), reqs, installed, suite="bookworm", platform="linux/amd64")
+    return resolver.resolve(index(), reqs, installed, suite="bookworm", platform="linux/amd64")
 
 
 def test_the_closure_takes_the_newest_satisfying_version_the_first_satisfiable_alternative_and_a_provider():
@@ -234,14 +242,14 @@ def test_an_exact_version_can_be_requested():
 
 def test_versions_of_the_previous_lock_are_kept_where_they_still_satisfy():
     prefer = {"libfoo": "1.1-1", "libc6": "2.36-9+deb12u1", "libbar": "1.0"}  # libbar 1.0 is gone
-    got = {p.name: p.version for p in apt.resolve(index(), ["libfoo", "needs-new-libc", "libbar"], BASE,
+    got = {p.name: p.version for p in resolver.resolve(index(), ["libfoo", "needs-new-libc", "libbar"], BASE,
                                                   suite="bookworm", platform="linux/amd64", prefer=prefer).pins}
     assert got == {"libfoo": "1.1-1", "libc6": "2.36-9+deb12u4", "libbar": "2.0", "needs-new-libc": "1"}
 
 
 def test_an_unknown_package_names_the_package_the_suite_and_the_platform():
     with pytest.raises(UserError) as e:
-        apt.resolve(index(), ["ffmpge"], BASE, suite="bookworm", platform="linux/arm64")
+        resolver.resolve(index(), ["ffmpge"], BASE, suite="bookworm", platform="linux/arm64")
     msg = str(e.value)
     assert "'ffmpge'" in msg and "bookworm" in msg and "linux/arm64" in msg
     assert "packages.debian.org/bookworm/ffmpge" in e.value.hint
@@ -273,25 +281,25 @@ def test_a_malformed_request_is_refused():
 
 def test_the_resolution_does_not_depend_on_the_order_of_requests_or_stanzas():
     a = resolve(["app", "needs-new-libc"])
-    b = apt.resolve(apt.Index(list(reversed(apt.parse_packages(SECURITY, SEC) + apt.parse_packages(MAIN, MIRROR)))),
+    b = resolver.resolve(debpackages.Index(list(reversed(debpackages.parse_packages(SECURITY, SEC) + debpackages.parse_packages(MAIN, MIRROR)))),
                     ["needs-new-libc", "app"], BASE, suite="bookworm", platform="linux/amd64")
     assert a.pins == b.pins
 
 
 def test_an_unsupported_platform_is_a_user_error():
     with pytest.raises(UserError, match="linux/s390x"):
-        apt.debian_arch("linux/s390x")
+        archive.debian_arch("linux/s390x")
 
 
 # --- the lock ---------------------------------------------------------------------
 
-SOURCES = apt.default_sources("bookworm", MIRROR, SEC)
+SOURCES = archive.default_sources("bookworm", MIRROR, SEC)
 
 
-def make_lock(reqs=("app",)) -> apt.AptLock:
+def make_lock(reqs=("app",)) -> aptlock.AptLock:
     res = resolve(list(reqs))
-    snaps = tuple(apt.Snapshot(s, "Sat, 11 Jul 2026 10:16:37 UTC", "c" * 64, "gpgv ABC") for s in SOURCES)
-    return apt.AptLock("bookworm", "linux/amd64", apt.apt_inputs_hash(reqs, SOURCES, "linux/amd64", BASE),
+    snaps = tuple(archive.Snapshot(s, "Sat, 11 Jul 2026 10:16:37 UTC", "c" * 64, "gpgv ABC") for s in SOURCES)
+    return aptlock.AptLock("bookworm", "linux/amd64", aptlock.apt_inputs_hash(reqs, SOURCES, "linux/amd64", BASE),
                        tuple(reqs), snaps, res.pins)
 
 
@@ -304,32 +312,32 @@ def test_the_lock_is_one_sorted_line_per_package_under_a_header_and_round_trips(
     names = [line.split("=", 1)[0] for line in lines]
     assert names == sorted(names) and len(lines) == 6
     assert lines[0] == f"app=1.0-1 amd64 {'a' * 64} 100 {MIRROR}/pool/main/a/app/app_1.0-1_amd64.deb"
-    path = apt.lock_path(tmp_path, "linux/amd64")
+    path = aptlock.lock_path(tmp_path, "linux/amd64")
     assert path == tmp_path / "locks" / "apt-amd64" / "system.txt"
-    apt.write_apt_lock(path, lk)
-    assert apt.read_apt_lock(path) == lk
+    aptlock.write_apt_lock(path, lk)
+    assert aptlock.read_apt_lock(path) == lk
 
 
 def test_a_lock_edited_by_hand_reads_as_missing():
     text = make_lock().text()
-    assert apt.parse_apt_lock(text.replace("libbar=2.0", "libbar=2.1")) is None
-    assert apt.parse_apt_lock(text.replace("2026 10:16", "2026 10:17")) is None  # the snapshot is covered too
-    assert apt.parse_apt_lock("garbage") is None
+    assert aptlock.parse_apt_lock(text.replace("libbar=2.0", "libbar=2.1")) is None
+    assert aptlock.parse_apt_lock(text.replace("2026 10:16", "2026 10:17")) is None  # the snapshot is covered too
+    assert aptlock.parse_apt_lock("garbage") is None
 
 
 def test_staleness_is_decided_from_the_header_alone():
     lk = make_lock()
-    assert apt.stale_reason(lk, ["app"], SOURCES, "linux/amd64", BASE) is None
-    assert apt.stale_reason(lk, ["app", "perl"], SOURCES, "linux/amd64", BASE) == "requests changed: +perl"
-    assert apt.stale_reason(lk, ["app"], SOURCES[:1], "linux/amd64", BASE) == "sources changed"
-    assert apt.stale_reason(lk, ["app"], SOURCES, "linux/amd64", {**BASE, "perl": "5.36.0-8"}) == \
+    assert aptlock.stale_reason(lk, ["app"], SOURCES, "linux/amd64", BASE) is None
+    assert aptlock.stale_reason(lk, ["app", "perl"], SOURCES, "linux/amd64", BASE) == "requests changed: +perl"
+    assert aptlock.stale_reason(lk, ["app"], SOURCES[:1], "linux/amd64", BASE) == "sources changed"
+    assert aptlock.stale_reason(lk, ["app"], SOURCES, "linux/amd64", {**BASE, "perl": "5.36.0-8"}) == \
         "the base image's packages changed"
-    assert apt.stale_reason(lk, ["app"], SOURCES, "linux/arm64", BASE) == "locked for linux/amd64, not linux/arm64"
-    assert apt.stale_reason(None, ["app"], SOURCES, "linux/amd64", BASE) == "missing or edited by hand"
+    assert aptlock.stale_reason(lk, ["app"], SOURCES, "linux/arm64", BASE) == "locked for linux/amd64, not linux/arm64"
+    assert aptlock.stale_reason(None, ["app"], SOURCES, "linux/amd64", BASE) == "missing or edited by hand"
 
 
 def test_base_json_packages_become_a_mapping():
-    assert apt.installed_from_base(["libc6=2.36-9+deb12u14", "bsdutils=1:2.38.1-5+deb12u3"]) == {
+    assert aptlock.installed_from_base(["libc6=2.36-9+deb12u14", "bsdutils=1:2.38.1-5+deb12u3"]) == {
         "libc6": "2.36-9+deb12u14", "bsdutils": "1:2.38.1-5+deb12u3"}
 
 
@@ -354,22 +362,22 @@ abc
 
 
 def test_a_release_file_gives_the_hashes_of_the_indexes():
-    rel = apt.parse_release(apt._clearsigned_body(RELEASE))
+    rel = archive.parse_release(archive._clearsigned_body(RELEASE))
     assert rel.fields["Codename"] == "bookworm" and rel.fields["-dash-escaped"] == "yes"
-    assert apt._packages_entry(rel, "main", "amd64") == ("main/binary-amd64/Packages.xz", "2" * 64, 45)
-    assert apt._packages_entry(rel, "main", "arm64") == ("", "", 0)
+    assert archive._packages_entry(rel, "main", "amd64") == ("main/binary-amd64/Packages.xz", "2" * 64, 45)
+    assert archive._packages_entry(rel, "main", "arm64") == ("", "", 0)
 
 
 def test_without_a_keyring_the_release_is_read_and_marked_unverified(tmp_path):
-    text, sig = apt.verify_inrelease(RELEASE.encode(), str(tmp_path / "none.gpg"), "http://x/InRelease")
+    text, sig = archive.verify_inrelease(RELEASE.encode(), str(tmp_path / "none.gpg"), "http://x/InRelease")
     assert sig.startswith("not verified: ") and "Codename: bookworm" in text
 
 
 def test_a_forged_inrelease_is_refused():
-    if not (shutil.which("gpgv") and Path(apt.DEFAULT_KEYRING).is_file()):
+    if not (shutil.which("gpgv") and Path(archive.DEFAULT_KEYRING).is_file()):
         unavailable("gpgv or debian-archive-keyring is not installed (ci/setup.sh installs both)")
     with pytest.raises(EnvironmentProblem, match="signature does not verify"):
-        apt.verify_inrelease(RELEASE.encode(), apt.DEFAULT_KEYRING, "http://x/InRelease")
+        archive.verify_inrelease(RELEASE.encode(), archive.DEFAULT_KEYRING, "http://x/InRelease")
 
 
 class FakeResponse:
@@ -453,14 +461,14 @@ def debs(tmp_path):
         ("./usr/share/doc", "dir", None), ("./usr/share/doc/libb", "sym", "liba"),
         ("./usr/share/b", "file", b"b data"), ("./bin", "dir", None), ("./bin/b", "sym", "/usr/bin/a"),
     ])
-    pins = tuple(apt.AptPin(n, v, "amd64", hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size,
+    pins = tuple(resolver.AptPin(n, v, "amd64", hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size,
                             f"{MIRROR}/pool/main/{p.name}") for n, v, p in (("liba", "1.0", a), ("libb", "2.0", b)))
-    lk = apt.AptLock("bookworm", "linux/amd64", "0" * 64, ("liba", "libb"), (), pins)
+    lk = aptlock.AptLock("bookworm", "linux/amd64", "0" * 64, ("liba", "libb"), (), pins)
     return lk, {MIRROR + f"/pool/main/{p.name}": p.read_bytes() for p in (a, b)}
 
 
 def build(lk, files, root: Path):
-    dl = apt.Downloader(root / "apt", session=FakeSession(files))
+    dl = archive.Downloader(root / "apt", session=FakeSession(files))
     cache = layers.BlobCache(root / "blobs")
     return apt_layer.build_layer(lk, cache, layers.codec("gzip"), downloader=dl)
 

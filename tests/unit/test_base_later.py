@@ -9,19 +9,19 @@ import threading
 
 import pytest
 
-from orchestrator.debian import apt
+from orchestrator.debian import packages as debpackages
 from orchestrator.build import bases as base
 from orchestrator.debian import bootstrap as bootstrap_mod
 
 PINNED = ("base-files=12.4+deb12u15", "libpam0g=1.5.2-6+deb12u3", "python3=3.11.2-1+b1")
 
 
-def _pkg(name: str, version: str, priority: str = "optional", essential: bool = False) -> apt.Package:
-    return apt.Package(name, version, "arm64", f"pool/{name}.deb", 1, "0" * 64, priority=priority, essential=essential)
+def _pkg(name: str, version: str, priority: str = "optional", essential: bool = False) -> debpackages.Package:
+    return debpackages.Package(name, version, "arm64", f"pool/{name}.deb", 1, "0" * 64, priority=priority, essential=essential)
 
 
-def _archive(*extra: apt.Package) -> apt.Index:
-    return apt.Index([_pkg("base-files", "12.4+deb12u15", "required", True), _pkg("libpam0g", "1.5.2-6+deb12u3"),
+def _archive(*extra: debpackages.Package) -> debpackages.Index:
+    return debpackages.Index([_pkg("base-files", "12.4+deb12u15", "required", True), _pkg("libpam0g", "1.5.2-6+deb12u3"),
                       _pkg("libpam0g", "1.5.2-6+deb12u2"), _pkg("python3", "3.11.2-1+b1"),
                       _pkg("cowsay", "3.03+dfsg2-8"), *extra])
 
@@ -38,7 +38,7 @@ def test_a_newer_version_of_a_pinned_package_means_a_bootstrap_now_would_move_th
 def test_a_new_required_package_or_a_removed_one_moves_it_too():
     moved = bootstrap_mod.packages_moved(PINNED, _archive(_pkg("sysvinit-utils", "3.06-4", "required")))
     assert "sysvinit-utils - -> 3.06-4 (required)" in moved
-    index = apt.Index([p for p in _archive().versions("base-files")] + _archive().versions("libpam0g"))
+    index = debpackages.Index([p for p in _archive().versions("base-files")] + _archive().versions("libpam0g"))
     assert "python3 3.11.2-1+b1 -> gone" in bootstrap_mod.packages_moved(PINNED, index)
     assert bootstrap_mod.packages_moved((), _archive()) == "the pin lists no packages"
 

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.debian import locks as apt_locks
-from orchestrator.debian import apt
+from orchestrator.debian import aptlock
+from orchestrator.debian import archive
+from orchestrator.debian import packages as debpackages
+from orchestrator.debian import resolve as resolver
+from orchestrator.debian import versions as debversions
 from orchestrator import flow
 from orchestrator.build import plan as plan_mod
 from orchestrator.project import spec
@@ -44,10 +48,10 @@ def stanza(name, version, depends="", arch="amd64"):
 
 def fake_archive(monkeypatch, stanzas: list[str]):
     """fetch_index answers from these stanzas (every platform), the way the real archive would."""
-    index = apt.Index(apt.parse_packages("\n".join(stanzas), "http://deb.example/debian"))
-    snap = tuple(apt.Snapshot(s, "Sat, 01 Jan 2026 00:00:00 UTC", "b" * 64, "gpgv TEST")
-                 for s in apt.default_sources("bookworm"))
-    monkeypatch.setattr(apt, "fetch_index", lambda *a, **k: (index, snap))
+    index = debpackages.Index(debpackages.parse_packages("\n".join(stanzas), "http://deb.example/debian"))
+    snap = tuple(archive.Snapshot(s, "Sat, 01 Jan 2026 00:00:00 UTC", "b" * 64, "gpgv TEST")
+                 for s in archive.default_sources("bookworm"))
+    monkeypatch.setattr(aptlock, "fetch_index", lambda *a, **k: (index, snap))
 
 
 # --- which locks -------------------------------------------------------------------
@@ -72,7 +76,7 @@ def test_the_committed_apt_locks_pin_nothing_twice_and_nothing_the_base_has():
             # A base package is pinned only to replace it with a newer version a request needs.
             same = {p.name for p in lk.pins if base.get(p.name) == p.version}
             assert not same, f"{layer} on {platform} pins what the base already has: {same}"
-            assert all(apt.compare_versions(p.version, base[p.name]) > 0 for p in lk.pins if p.name in base)
+            assert all(debversions.compare_versions(p.version, base[p.name]) > 0 for p in lk.pins if p.name in base)
             if layer != "system" and (platform, "system") in locks:
                 assert not lk.names() & locks[(platform, "system")].names(), (platform, layer)
 
@@ -88,8 +92,8 @@ def test_adding_a_project_level_package_makes_its_locks_stale_by_name(mini):
 
 def test_a_changed_project_level_lock_makes_the_service_locks_above_it_stale(mini):
     path = mini / "locks/apt-arm64/system.txt"
-    lk = apt.read_apt_lock(path)
-    apt.write_apt_lock(path, apt.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
+    lk = aptlock.read_apt_lock(path)
+    aptlock.write_apt_lock(path, aptlock.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
                                          lk.pins[:-1]))
     stale = {str(s.path): s.reason for s in flow.stale_locks(spec.load(mini / "project.yaml"))}
     assert stale == {"locks/apt-arm64/service-echo.txt":
@@ -147,19 +151,19 @@ def test_relocking_keeps_versions_and_upgrade_moves_them(mini, monkeypatch):
     project = spec.load(mini / "project.yaml")
     apt_locks.resolve_apt(project, upgrade=True, log=lambda *_: None)
     system = mini / "locks/apt-amd64/system.txt"
-    lk = apt.read_apt_lock(system)
-    older = [apt.AptPin(p.name, "1.6-2", *[getattr(p, f) for f in ("architecture", "sha256", "size", "url")])
+    lk = aptlock.read_apt_lock(system)
+    older = [resolver.AptPin(p.name, "1.6-2", *[getattr(p, f) for f in ("architecture", "sha256", "size", "url")])
              if p.name == "libjq1" else p for p in lk.pins]
-    apt.write_apt_lock(system, apt.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
+    aptlock.write_apt_lock(system, aptlock.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
                                            tuple(older)))
     project = edit(mini, "system_packages: [jq]", "system_packages: [jq, file]")
     apt_locks.resolve_apt(project, log=lambda *_: None)
-    versions = {p.name: p.version for p in apt.read_apt_lock(system).pins}
+    versions = {p.name: p.version for p in aptlock.read_apt_lock(system).pins}
     assert versions == {"jq": "1.6-2", "libjq1": "1.6-2", "file": "1:5.44-3"}  # adding file moved nothing
     before = system.read_text()
     assert apt_locks.resolve_apt(project, log=lambda *_: None) == []  # fresh: left alone
     apt_locks.resolve_apt(project, upgrade=True, log=lambda *_: None)
-    assert {p.name: p.version for p in apt.read_apt_lock(system).pins}["libjq1"] == "1.6-3"
+    assert {p.name: p.version for p in aptlock.read_apt_lock(system).pins}["libjq1"] == "1.6-3"
     assert system.read_text() != before
 
 
@@ -220,8 +224,8 @@ def test_the_debian_pins_are_in_the_build_context_so_the_content_tag_follows_the
     assert text.startswith("# apt layer ") and "\nffmpeg=7:" in text and "date=" not in text
     shutil.rmtree(ctx)
     path = mini / "locks/apt-amd64/service-echo.txt"
-    lk = apt.read_apt_lock(path)
-    apt.write_apt_lock(path, apt.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
+    lk = aptlock.read_apt_lock(path)
+    aptlock.write_apt_lock(path, aptlock.AptLock(lk.suite, lk.platform, lk.inputs_hash, lk.requests, lk.snapshots,
                                          lk.pins[1:]))
     moved = next(i for i in _plan(project).images if i.key == "echo" and i.platform == AMD)
     ctx2, digest2 = stage_context(project, moved, "FROM x")
