@@ -23,7 +23,7 @@ import pytest
 
 from orchestrator.debian import aptlock
 
-from orchestrator.debian import archive
+from orchestrator.debian import archive as debian_archive
 from orchestrator.debian import layer as apt_layer
 from orchestrator.oci import layers
 
@@ -43,9 +43,9 @@ def log(msg: str) -> None:
 def archive():
     import requests
 
-    url = f"{archive.DEFAULT_MIRROR}/dists/{SUITE}/InRelease"
+    url = f"{debian_archive.DEFAULT_MIRROR}/dists/{SUITE}/InRelease"
     try:
-        requests.head(url, timeout=15, verify=archive.ca_verify()).raise_for_status()
+        requests.head(url, timeout=15, verify=debian_archive.ca_verify()).raise_for_status()
     except requests.RequestException as e:
         unavailable(f"the Debian archive is not reachable ({url}: {type(e).__name__})")
 
@@ -79,10 +79,10 @@ def test_ffmpeg_resolves_on_top_of_the_base_for_both_platforms(ffmpeg_locks, bas
         assert all(p.url.startswith(("http://deb.debian.org/debian/pool/",
                                      "http://deb.debian.org/debian-security/pool/")) for p in lk.pins)
         assert [s.source.suite for s in lk.snapshots] == [SUITE, f"{SUITE}-updates", f"{SUITE}-security"]
-        if shutil.which("gpgv") and Path(archive.DEFAULT_KEYRING).is_file():
+        if shutil.which("gpgv") and Path(debian_archive.DEFAULT_KEYRING).is_file():
             assert all(s.signature.startswith("gpgv ") for s in lk.snapshots), lk.snapshots
         assert aptlock.parse_apt_lock(lk.text()) == lk
-        assert aptlock.stale_reason(lk, ["ffmpeg"], archive.default_sources(SUITE), platform,
+        assert aptlock.stale_reason(lk, ["ffmpeg"], debian_archive.default_sources(SUITE), platform,
                                 base_packages[platform]) is None
 
 
@@ -199,7 +199,7 @@ def test_the_arm64_layer_unpacks_on_this_host_and_its_ffmpeg_decodes_ogg_under_q
     tmp_path = scratch
     lk, _ = ffmpeg_locks["linux/arm64"]
     started = time.monotonic()
-    built = _build(lk, tmp_path / "one", apt_cache=archive.cache_root())  # the .debs are cached between runs
+    built = _build(lk, tmp_path / "one", apt_cache=debian_archive.cache_root())  # the .debs are cached between runs
     log(f"[test] linux/arm64: build {time.monotonic() - started:.1f} s "
         f"({built.fragment.downloaded_bytes / 1e6:.1f} MB downloaded); layer {built.layer.digest}, "
         f"{built.layer.blob_size / 1e6:.1f} MB gzip, {built.layer.size / 1e6:.1f} MB tar")
@@ -218,7 +218,7 @@ def test_the_arm64_layer_unpacks_on_this_host_and_its_ffmpeg_decodes_ogg_under_q
     # The base's packages for arm64, unpacked the same way, complete a root file system.
     base = json.loads((ROOT / "locks" / "base.json").read_text())["platforms"]["linux/arm64"]["packages"]
     base_lock, _ = aptlock.make_lock(sorted({e.split("=")[0] for e in base}), "linux/arm64", {}, suite=SUITE)
-    _extract(_build(base_lock, tmp_path / "base", apt_cache=archive.cache_root()).layer, root)
+    _extract(_build(base_lock, tmp_path / "base", apt_cache=debian_archive.cache_root()).layer, root)
     for link, target in apt_layer.MERGED_USR.items():
         if "/" not in link and (root / target).is_dir() and not (root / link).exists():
             (root / link).symlink_to(target)
