@@ -97,86 +97,111 @@ def build(project: Project, plan: BuildPlan, texts: dict[str, str], log=print, f
     # Only the engines of the platforms this run builds must answer.
     builders = {p: daemon.builder_for(project, p) for p in dict.fromkeys(i.platform for i in plan.images)}
     natives = connect_builders(project, builders, log)  # each engine answers; the platform it runs natively
-    cache = layers_mod.default_cache()
-    c = layers_mod.codec(project.compression)
-    # Pip stages run on each engine's own platform: its build base is that platform's base, needed now.
-    # A base no engine here runs natively is only assembled on: if it must be bootstrapped (minutes of
-    # maintainer scripts under QEMU), that runs in the background while the other platforms build.
-    needed = list(dict.fromkeys([*(i.platform for i in plan.images), *natives.values()]))
-    bases = base_mod.Bases(project, needed, [p for p in needed if p not in natives.values()], reg, cache, log)
-    uploader = Uploader(reg.host, log)
-    docker_config = export.engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
+    run = _Run(project, plan, texts, reg, natives, log, force, no_cache)
     groups: dict[Builder, list[tuple[int, ImagePlan]]] = {}
     for i, image in enumerate(plan.images):  # each builder keeps the plan's order: CUDA-libs, then services
         groups.setdefault(builders[image.platform], []).append((i, image))
-    for members in groups.values():  # except that platforms whose base is still being made go last
-        members.sort(key=lambda m: m[1].platform in bases.pending)
-    if len(groups) > 1:
-        log(f"building on {len(groups)} engines at once: " + "; ".join(
-            f"{', '.join(dict.fromkeys(im.platform for _, im in members))} on {b.host}"
-            for b, members in groups.items()))
-    results: dict[int, BuildResult] = {}
-    contexts: list[Path] = []
-    halt = export.Halt()
+    try:
+        for members in groups.values():  # except that platforms whose base is still being made go last
+            members.sort(key=lambda m: m[1].platform in run.bases.pending)
+        if len(groups) > 1:
+            log(f"building on {len(groups)} engines at once: " + "; ".join(
+                f"{', '.join(dict.fromkeys(im.platform for _, im in members))} on {b.host}"
+                for b, members in groups.items()))
+            run.per_thread_registry = True
+        export.on_builders(list(groups.items()), run.on_builder, run.halt)
+        ordered = run.wait_for_pushes()
+    finally:
+        run.close()
+    if stats is not None:
+        stats["uploaded_bytes"] = sum(r.uploaded_bytes for r in ordered)
+    return ordered
 
-    def on_builder(builder: Builder, images: list[tuple[int, ImagePlan]]) -> None:
-        here = Registry(project.registry) if len(groups) > 1 else reg  # a client per thread
-        build_base = bases.get(natives[builder])
-        where = f" on {builder.host}" if project.builders else ""
+
+class _Run:
+    """What one build shares across its builders' threads: bases, the uploader, the results so far."""
+
+    def __init__(self, project: Project, plan: BuildPlan, texts: dict[str, str], reg: Registry,
+                 natives: dict[Builder, str], log, force: bool, no_cache: bool):
+        self.project, self.texts, self.reg, self.natives, self.log = project, texts, reg, natives, log
+        self.force, self.no_cache = force, no_cache
+        self.cache = layers_mod.default_cache()
+        self.codec = layers_mod.codec(project.compression)
+        self.results: dict[int, BuildResult] = {}
+        self.contexts: list[Path] = []
+        self.halt = export.Halt()
+        self.per_thread_registry = False
+        self.failed = True
+        # Pip stages run on each engine's own platform: its build base is that platform's base, needed now.
+        # A base no engine here runs natively is only assembled on: if it must be bootstrapped (minutes of
+        # maintainer scripts under QEMU), that runs in the background while the other platforms build.
+        needed = list(dict.fromkeys([*(i.platform for i in plan.images), *natives.values()]))
+        self.bases = base_mod.Bases(project, needed, [p for p in needed if p not in natives.values()], reg,
+                                    self.cache, log)
+        self.uploader = Uploader(reg.host, log)
+        self.docker_config = export.engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
+
+    def on_builder(self, builder: Builder, images: list[tuple[int, ImagePlan]]) -> None:
+        """One builder's images, in order (run in that builder's thread)."""
+        here = Registry(self.project.registry) if self.per_thread_registry else self.reg  # a client per thread
+        build_base = self.bases.get(self.natives[builder])
         libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
         for i, image in images:
-            halt.check()
-            base = bases.get(image.platform)
+            self.halt.check()
             parent = libs[(image.backend.cuda, image.platform)] if image.from_image == "cuda-libs" else None
-            parent_img = parent.assembled if parent else base.image
-            locks = [s.lock for s in image.layers]
-            wheels = (sdist.built_wheels(locks, image.platform, base, image.backend.sources, log)
-                      if sdist.needs_wheels(locks) else [])
-            ctx, ctx_digest = stage_context(project, image, texts[image.dockerfile], wheels)
-            contexts.append(ctx)
-            identity = f"{parent_img.config_digest} {build_base.image.config_digest} {c.key}"
-            tag = content_tag(image, texts[image.dockerfile], ctx_digest, identity)
-            _, name, _ = split_ref(image.ref(tag))
-            started = time.monotonic()
-            existing = None if force else here.get_manifest(name, tag)
-            if existing is not None:
-                log(f"{image.key}/{image.backend.name} {image.platform}: {tag} is already in the registry; "
-                    "not rebuilt")
-                result = BuildResult(image, tag, existing.digest, built=False,
-                                     assembled=_existing(here, name, image, existing.digest))
-            else:
-                result = _build_one(project, image, ctx, tag, name, base, build_base, parent_img, parent,
-                                    cache, c, uploader, here, log, force or no_cache, no_cache, docker_config,
-                                    builder, halt, where)
-            result.seconds = time.monotonic() - started
-            results[i] = result
+            result = self.results[i] = self.image(image, here, builder, build_base, parent)
             if image.kind == "cuda-libs":
                 libs[(image.backend.cuda, image.platform)] = result
 
-    failed = True
-    try:
-        export.on_builders(list(groups.items()), on_builder, halt)
-        ordered = [results[i] for i in sorted(results)]
-        for r in ordered:  # every manifest is up before build returns
+    def image(self, image: ImagePlan, reg: Registry, builder: Builder, build_base, parent) -> BuildResult:
+        """One image: found in the registry by its content tag, or built and pushed in the background."""
+        base = self.bases.get(image.platform)
+        parent_img = parent.assembled if parent else base.image
+        locks = [s.lock for s in image.layers]
+        wheels = (sdist.built_wheels(locks, image.platform, base, image.backend.sources, self.log)
+                  if sdist.needs_wheels(locks) else [])
+        ctx, ctx_digest = stage_context(self.project, image, self.texts[image.dockerfile], wheels)
+        self.contexts.append(ctx)
+        identity = f"{parent_img.config_digest} {build_base.image.config_digest} {self.codec.key}"
+        tag = content_tag(image, self.texts[image.dockerfile], ctx_digest, identity)
+        _, name, _ = split_ref(image.ref(tag))
+        started = time.monotonic()
+        existing = None if self.force else reg.get_manifest(name, tag)
+        if existing is not None:
+            self.log(f"{image.key}/{image.backend.name} {image.platform}: {tag} is already in the registry; "
+                     "not rebuilt")
+            result = BuildResult(image, tag, existing.digest, built=False,
+                                 assembled=_existing(reg, name, image, existing.digest))
+        else:
+            where = f" on {builder.host}" if self.project.builders else ""
+            result = _build_one(self.project, image, ctx, tag, name, base, build_base, parent_img, parent,
+                                self.cache, self.codec, self.uploader, reg, self.log, self.force or self.no_cache,
+                                self.no_cache, self.docker_config, builder, self.halt, where)
+        result.seconds = time.monotonic() - started
+        return result
+
+    def wait_for_pushes(self) -> list[BuildResult]:
+        """Every manifest is up before build returns; the results in plan order."""
+        ordered = [self.results[i] for i in sorted(self.results)]
+        for r in ordered:
             if r.pending is not None:
                 r.uploaded_bytes, r.pushed_layers = r.pending.result()
                 r.reused_layers = len(r.assembled.layers) - r.pushed_layers
                 r.pending = None
-                log(f"{r.image.key}/{r.image.backend.name} {r.image.platform}: registry received "
-                    f"{r.uploaded_bytes:,} bytes")
-        failed = False
-    finally:
+                self.log(f"{r.image.key}/{r.image.backend.name} {r.image.platform}: registry received "
+                         f"{r.uploaded_bytes:,} bytes")
+        self.failed = False
+        return ordered
+
+    def close(self) -> None:
         # On an error or Ctrl-C, queued uploads and manifest pushes are dropped: no tag is
         # written after the run has failed, and a dead registry is not retried once per blob.
-        uploader.close(cancel=failed)
-        bases.close()
-        if docker_config:
-            shutil.rmtree(docker_config, ignore_errors=True)
-        for ctx in contexts:
+        self.uploader.close(cancel=self.failed)
+        self.bases.close()
+        if self.docker_config:
+            shutil.rmtree(self.docker_config, ignore_errors=True)
+        for ctx in self.contexts:
             shutil.rmtree(ctx, ignore_errors=True)
-    if stats is not None:
-        stats["uploaded_bytes"] = sum(r.uploaded_bytes for r in ordered)
-    return ordered
 
 
 def connect_builders(project: Project, builders: dict[str, Builder], log=print) -> dict[Builder, str]:

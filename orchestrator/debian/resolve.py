@@ -85,103 +85,119 @@ def resolve(index: Index, requests: Iterable[str], installed: Mapping[str, str],
     prefer (name -> version, the previous lock): kept where the archive still
     offers it and it satisfies, so adding a package moves nothing else.
     """
-    prefer = prefer or {}
-    chosen: dict[str, Package] = {}
-    why: dict[str, str] = {}
-    notes: list[str] = []
-    installed_provides: dict[str, list[tuple[str, Relation]]] = {}
-    for name, version in sorted(installed.items()):
-        # The base's Provides come from the index entry of its exact version (the
-        # newest one when the archive has moved on: Provides rarely change).
-        entry = index.get(name, version) or next(iter(index.versions(name)), None)
-        if entry is not None:
-            for rel in entry.provided():
-                installed_provides.setdefault(rel.name, []).append((name, rel))
+    r = _Resolver(index, installed, suite, platform, prefer or {})
+    for req in sorted(set(requests)):
+        r.request(parse_request(req))
+    r.follow()
+    pins = tuple(AptPin.from_package(r.chosen[n]) for n in sorted(r.chosen))
+    return Resolution(pins, tuple(r.notes), tuple(sorted(r.why.items())))
 
-    def provides_ok(rel: Relation, provided: Relation) -> bool:
-        if rel.op is None:
-            return True
-        return provided.op == "=" and version_satisfies(provided.version, rel.op, rel.version)
 
-    def satisfied(rel: Relation) -> bool:
-        p = chosen.get(rel.name)
+def _provides_ok(rel: Relation, provided: Relation) -> bool:
+    """A Provides entry satisfies rel: any for an unversioned relation, a versioned `=` one for a versioned."""
+    if rel.op is None:
+        return True
+    return provided.op == "=" and version_satisfies(provided.version, rel.op, rel.version)
+
+
+class _Resolver:
+    """One resolution's state: what is chosen so far, why, and the queue of packages whose relations to follow."""
+
+    def __init__(self, index: Index, installed: Mapping[str, str], suite: str, platform: str,
+                 prefer: Mapping[str, str]):
+        self.index, self.installed, self.suite, self.platform, self.prefer = index, installed, suite, platform, prefer
+        self.chosen: dict[str, Package] = {}
+        self.why: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.queue: deque[Package] = deque()
+        self.installed_provides: dict[str, list[tuple[str, Relation]]] = {}
+        for name, version in sorted(installed.items()):
+            # The base's Provides come from the index entry of its exact version (the
+            # newest one when the archive has moved on: Provides rarely change).
+            entry = index.get(name, version) or next(iter(index.versions(name)), None)
+            if entry is not None:
+                for rel in entry.provided():
+                    self.installed_provides.setdefault(rel.name, []).append((name, rel))
+
+    def satisfied(self, rel: Relation) -> bool:
+        p = self.chosen.get(rel.name)
         if p is not None and version_satisfies(p.version, rel.op, rel.version):
             return True
-        if rel.name in installed and rel.name not in chosen and \
-                version_satisfies(installed[rel.name], rel.op, rel.version):
+        if rel.name in self.installed and rel.name not in self.chosen and \
+                version_satisfies(self.installed[rel.name], rel.op, rel.version):
             return True
-        if any(provides_ok(rel, prov) for _, prov in installed_provides.get(rel.name, ())):
+        if any(_provides_ok(rel, prov) for _, prov in self.installed_provides.get(rel.name, ())):
             return True
-        return any(provides_ok(rel, prov) for p, prov in index.providers(rel.name)
-                   if chosen.get(p.name) is p)
+        return any(_provides_ok(rel, prov) for p, prov in self.index.providers(rel.name)
+                   if self.chosen.get(p.name) is p)
 
-    def best(rel: Relation) -> Package | None:
-        kept = index.get(rel.name, prefer[rel.name]) if rel.name in prefer else None
+    def best(self, rel: Relation) -> Package | None:
+        kept = self.index.get(rel.name, self.prefer[rel.name]) if rel.name in self.prefer else None
         if kept is not None and version_satisfies(kept.version, rel.op, rel.version):
             return kept
-        return next((p for p in index.versions(rel.name) if version_satisfies(p.version, rel.op, rel.version)), None)
+        return next((p for p in self.index.versions(rel.name) if version_satisfies(p.version, rel.op, rel.version)),
+                    None)
 
-    def candidate(rel: Relation) -> Package | None:
-        if rel.name in chosen:
+    def candidate(self, rel: Relation) -> Package | None:
+        if rel.name in self.chosen:
             return None  # a version is already taken: another one cannot be installed beside it
-        p = best(rel)
+        p = self.best(rel)
         if p is not None:
             return p
-        providers = [(p, prov) for p, prov in index.providers(rel.name) if provides_ok(rel, prov)
-                     and (p.name not in chosen or chosen[p.name] is p)
-                     and p is index.versions(p.name)[0]]  # a provider's candidate is its newest version
+        providers = [(p, prov) for p, prov in self.index.providers(rel.name) if _provides_ok(rel, prov)
+                     and (p.name not in self.chosen or self.chosen[p.name] is p)
+                     and p is self.index.versions(p.name)[0]]  # a provider's candidate is its newest version
         providers.sort(key=lambda pp: (PRIORITY_RANK.get(pp[0].priority, 5), pp[0].name))
         return providers[0][0] if providers else None
 
-    def take(p: Package, chain: str) -> None:
-        chosen[p.name] = p
-        why[p.name] = chain
-        if p.name in installed:
-            notes.append(f"{p.name} {p.version} replaces the base's {installed[p.name]} ({chain} needs it)")
-        queue.append(p)
+    def take(self, p: Package, chain: str) -> None:
+        self.chosen[p.name] = p
+        self.why[p.name] = chain
+        if p.name in self.installed:
+            self.notes.append(f"{p.name} {p.version} replaces the base's {self.installed[p.name]} ({chain} needs it)")
+        self.queue.append(p)
 
-    queue: deque[Package] = deque()
-    for req in sorted(set(requests)):
-        rel = parse_request(req)
-        if rel.name in installed and version_satisfies(installed[rel.name], rel.op, rel.version):
-            notes.append(f"{rel.name} is already in the base image ({installed[rel.name]})")
-            continue
-        if rel.name in chosen:
-            continue
-        found = best(rel)
+    def request(self, rel: Relation) -> None:
+        """One name the project file asks for."""
+        if rel.name in self.installed and version_satisfies(self.installed[rel.name], rel.op, rel.version):
+            self.notes.append(f"{rel.name} is already in the base image ({self.installed[rel.name]})")
+            return
+        if rel.name in self.chosen:
+            return
+        found = self.best(rel)
         if found is not None:
-            take(found, rel.name)
-            continue
-        _raise_unknown(index, rel, suite, platform)
-        if satisfied(rel):  # a virtual name the base or an earlier request already provides
-            continue
-        providers = sorted({p.name for p, prov in index.providers(rel.name)})
+            self.take(found, rel.name)
+            return
+        _raise_unknown(self.index, rel, self.suite, self.platform)
+        if self.satisfied(rel):  # a virtual name the base or an earlier request already provides
+            return
+        providers = sorted({p.name for p, prov in self.index.providers(rel.name)})
         if len(providers) > 1:
-            raise UserError(f"system package {rel.name!r} is virtual in {_where(suite, platform)}: "
+            raise UserError(f"system package {rel.name!r} is virtual in {_where(self.suite, self.platform)}: "
                             f"{', '.join(providers)} provide it",
                             f"name the one to install instead of {rel.name}")
-        take(index.versions(providers[0])[0], rel.name)
+        self.take(self.index.versions(providers[0])[0], rel.name)
 
-    while queue:
-        pkg = queue.popleft()
-        chain = why[pkg.name]
-        for group in pkg.relations():
-            if any(satisfied(rel) for rel in group):
-                continue
-            for rel in group:
-                p = candidate(rel)
-                if p is not None:
-                    take(p, f"{chain} -> {p.name}")
-                    break
-            else:
-                raise UserError(
-                    f"cannot install system packages for {platform}: {pkg.name} {pkg.version} needs "
-                    f"{' | '.join(map(str, group))}, which {_where(suite, platform)} cannot satisfy "
-                    f"({_offered(index, group, chosen, installed)}); pulled in by {chain}",
-                    "drop or change the package that needs it, or add the source that has it "
-                    "(e.g. the -updates or -security archive)")
-    pins = tuple(AptPin.from_package(chosen[n]) for n in sorted(chosen))
-    return Resolution(pins, tuple(notes), tuple(sorted(why.items())))
+    def follow(self) -> None:
+        """Every chosen package's Pre-Depends and Depends, until nothing new is needed."""
+        while self.queue:
+            pkg = self.queue.popleft()
+            chain = self.why[pkg.name]
+            for group in pkg.relations():
+                if any(self.satisfied(rel) for rel in group):
+                    continue
+                for rel in group:
+                    p = self.candidate(rel)
+                    if p is not None:
+                        self.take(p, f"{chain} -> {p.name}")
+                        break
+                else:
+                    raise UserError(
+                        f"cannot install system packages for {self.platform}: {pkg.name} {pkg.version} needs "
+                        f"{' | '.join(map(str, group))}, which {_where(self.suite, self.platform)} cannot satisfy "
+                        f"({_offered(self.index, group, self.chosen, self.installed)}); pulled in by {chain}",
+                        "drop or change the package that needs it, or add the source that has it "
+                        "(e.g. the -updates or -security archive)")
 
 
 def _offered(index: Index, group: tuple[Relation, ...], chosen: Mapping[str, Package],

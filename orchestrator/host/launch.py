@@ -129,77 +129,79 @@ def launch(client, manifest: dict, platform: str, port: int, name: str, override
     if override and override not in entry["backends"]:
         raise UserError(f"backend {override!r} is not published for {platform} (available: {sorted(entry['backends'])})",
                         "drop --backend to walk the fallback list")
-    order = [override] if override else walk_order(entry)
     facts = None  # docker info once, and only when a CUDA backend is tried
     result = Launch(None, None, None)
-    for backend in order:
+    for backend in [override] if override else walk_order(entry):
         spec = entry["backends"][backend]
-        image = spec["image"]
         cuda = is_cuda_backend(spec)
         if cuda and facts is None:
             facts = gpu_mod.host_facts(client.info(), environ)
-        gpu = gpu_mod.decide(facts, cuda)
-        started = time.monotonic()
-        log(f"starting {backend}: {image}" + (f" ({gpu.description})" if cuda else ""))
-        _remove(client, name)  # a previous run of the service, or an attempt left behind
-        try:
-            container = client.containers.run(image, name=name, detach=True,
-                                               environment={"BACKEND_POLICY": "strict", **gpu.environment},
-                                               ports={f"{port}/tcp": ("127.0.0.1", host_port or None)},
-                                               **gpu.kwargs(), **run_options())
-        except docker.errors.APIError as e:
-            if (not gpu.requested or isinstance(e, docker.errors.NotFound)
-                    or not gpu_start_error(str(e.explanation or e))):
-                raise EnvironmentProblem(f"could not start {image}: {e.explanation or e}",
-                                         "is the port in use, or the image missing from the registry?") from None
-            # The engine could not attach the GPUs (driver gone, toolkit broken): the next backend may still serve.
-            _remove(client, name)
-            now = time.monotonic()
-            detail = f"the engine could not attach GPUs ({gpu.description}): {e.explanation or e}"
-            result.attempts.append(Attempt(backend, image, "failed", detail, started, now,
-                                           gpu=gpu.description if cuda else None))
-            log(f"  {backend}: failed ({detail})")
-            continue
-        outcome = None
-        code = serving_since = None
-        while time.monotonic() - started < timeout:
-            container.reload()
-            if container.status in ("exited", "dead"):
-                code = container.wait()["StatusCode"]
-                container.reload()  # FinishedAt
-                line = _last_line(container)
-                outcome = ("exit 78", line) if code == EX_CONFIG else ("failed", f"exit {code}: {line}")
-                break
-            binding = (container.attrs["NetworkSettings"]["Ports"] or {}).get(f"{port}/tcp")
-            if binding:
-                url = f"http://127.0.0.1:{binding[0]['HostPort']}"
-                try:
-                    if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                        serving_since = time.time()
-                        outcome = ("serving", url)
-                        result.container, result.backend, result.url = container.name, backend, url
-                        break
-                except requests.RequestException:
-                    pass
-            time.sleep(0.1)
-        ended = time.monotonic()
-        if outcome is None:
-            outcome = ("failed", f"no /health within {timeout:.0f} s")
-        try:
-            container.reload()
-        except docker.errors.APIError:
-            pass
-        container_started, container_finished = _state_times(container)
-        if outcome[0] != "serving":
-            container.remove(force=True)
-            container_finished = container_finished or (time.time() if outcome[1].startswith("no /health") else None)
-        else:
-            container_finished = None
-        result.attempts.append(Attempt(backend, image, outcome[0], outcome[1], started, ended,
-                                       container_started, container_finished, code, serving_since,
-                                       gpu.description if cuda else None))
-        log(f"  {backend}: {outcome[0]} ({outcome[1]}) after {time.monotonic() - started:.1f} s")
-        if outcome[0] == "serving":
+        attempt, url = _attempt(client, backend, spec["image"], gpu_mod.decide(facts, cuda), cuda, port, name,
+                                host_port, timeout, log)
+        result.attempts.append(attempt)
+        if attempt.outcome == "serving":
+            result.container, result.backend, result.url = name, backend, url
             return result
     raise EnvironmentProblem("no backend could start: " + "; ".join(f"{a.backend}: {a.outcome} ({a.detail})"
                                                                   for a in result.attempts))
+
+
+def _attempt(client, backend: str, image: str, gpu: gpu_mod.GpuRequest, cuda: bool, port: int, name: str,
+             host_port: int, timeout: float, log) -> tuple[Attempt, str | None]:
+    """Start one backend's image with BACKEND_POLICY=strict and watch it: (what happened, its URL if it serves)."""
+    started = time.monotonic()
+    log(f"starting {backend}: {image}" + (f" ({gpu.description})" if cuda else ""))
+    _remove(client, name)  # a previous run of the service, or an attempt left behind
+    try:
+        container = client.containers.run(image, name=name, detach=True,
+                                           environment={"BACKEND_POLICY": "strict", **gpu.environment},
+                                           ports={f"{port}/tcp": ("127.0.0.1", host_port or None)},
+                                           **gpu.kwargs(), **run_options())
+    except docker.errors.APIError as e:
+        if (not gpu.requested or isinstance(e, docker.errors.NotFound)
+                or not gpu_start_error(str(e.explanation or e))):
+            raise EnvironmentProblem(f"could not start {image}: {e.explanation or e}",
+                                     "is the port in use, or the image missing from the registry?") from None
+        # The engine could not attach the GPUs (driver gone, toolkit broken): the next backend may still serve.
+        _remove(client, name)
+        detail = f"the engine could not attach GPUs ({gpu.description}): {e.explanation or e}"
+        log(f"  {backend}: failed ({detail})")
+        return Attempt(backend, image, "failed", detail, started, time.monotonic(),
+                       gpu=gpu.description if cuda else None), None
+    outcome, code, serving_since = _watch(container, port, started, timeout)
+    ended = time.monotonic()
+    try:
+        container.reload()
+    except docker.errors.APIError:
+        pass
+    container_started, container_finished = _state_times(container)
+    if outcome[0] != "serving":
+        container.remove(force=True)
+        container_finished = container_finished or (time.time() if outcome[1].startswith("no /health") else None)
+    else:
+        container_finished = None
+    log(f"  {backend}: {outcome[0]} ({outcome[1]}) after {time.monotonic() - started:.1f} s")
+    return (Attempt(backend, image, outcome[0], outcome[1], started, ended, container_started, container_finished,
+                    code, serving_since, gpu.description if cuda else None),
+            outcome[1] if outcome[0] == "serving" else None)
+
+
+def _watch(container, port: int, started: float, timeout: float) -> tuple[tuple[str, str], int | None, float | None]:
+    """Until it serves /health, exits or times out: ((outcome, detail or URL), exit code, epoch of first 200)."""
+    while time.monotonic() - started < timeout:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            code = container.wait()["StatusCode"]
+            container.reload()  # FinishedAt
+            line = _last_line(container)
+            return (("exit 78", line) if code == EX_CONFIG else ("failed", f"exit {code}: {line}")), code, None
+        binding = (container.attrs["NetworkSettings"]["Ports"] or {}).get(f"{port}/tcp")
+        if binding:
+            url = f"http://127.0.0.1:{binding[0]['HostPort']}"
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    return ("serving", url), None, time.time()
+            except requests.RequestException:
+                pass
+        time.sleep(0.1)
+    return ("failed", f"no /health within {timeout:.0f} s"), None, None

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.project import validate
 from orchestrator.project import spec
 from orchestrator.common.errors import SpecError
 
@@ -246,7 +247,7 @@ def test_every_refusal_carries_a_hint(tmp_path):
     "[::1]:5000/x:y", "Registry.Example/x",
 ])
 def test_valid_image_references(ref):
-    assert spec.image_ref_problem(ref) is None
+    assert validate.image_ref_problem(ref) is None
 
 
 @pytest.mark.parametrize("ref, why", [
@@ -256,7 +257,7 @@ def test_valid_image_references(ref):
     ("reg.example/" + "a" * 260, "longer than 255"),
 ])
 def test_invalid_image_references(ref, why):
-    assert why in (spec.image_ref_problem(ref) or "")
+    assert why in (validate.image_ref_problem(ref) or "")
 
 
 @pytest.mark.parametrize("value, why", [
@@ -265,7 +266,7 @@ def test_invalid_image_references(ref, why):
     ("ghcr.io/Acme", "lower-case"),
 ])
 def test_registry_values(value, why):
-    problem = spec.registry_problem(value)
+    problem = validate.registry_problem(value)
     assert (problem is None) if why is None else (why in problem)
 
 
@@ -276,7 +277,7 @@ def test_registry_values(value, why):
 def test_lockable_requirements_files_pass(tmp_path, text):
     f = tmp_path / "r.in"
     f.write_text(text)
-    spec.check_requirements_file(str(tmp_path / "project.yaml"), "layers.shared.requirements", f)
+    validate.check_requirements_file(str(tmp_path / "project.yaml"), "layers.shared.requirements", f)
 
 
 @pytest.mark.parametrize("text, why", [
@@ -288,7 +289,7 @@ def test_unlockable_requirements_files_are_refused(tmp_path, text, why):
     f = tmp_path / "r.in"
     f.write_text(text)
     with pytest.raises(SpecError, match=why) as info:
-        spec.check_requirements_file(str(tmp_path / "project.yaml"), "services.x.requirements", f)
+        validate.check_requirements_file(str(tmp_path / "project.yaml"), "services.x.requirements", f)
     assert info.value.key == "services.x.requirements" and "'r.in' line 1" in str(info.value)
     assert info.value.hint
 
