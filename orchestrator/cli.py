@@ -129,10 +129,10 @@ def _quiet(json: bool):
 
 # --- starting a project -------------------------------------------------------------
 
-@task(help={
+@task(auto_shortflags=False, help={
     "directory": "where to write project.yaml (default: here)",
-    "services": "the directory whose subdirectories are the services (default: services/ if there is one, else "
-                "the project directory); each with an app.py is a service",
+    "services": "the directory whose subdirectories are the services, relative to the project directory "
+                "(default: services/ if there is one, else the project directory); each with an app.py is a service",
     "command": "the command every service runs, e.g. 'python3 -m uvicorn app:app --host 0.0.0.0 --port 8000' "
                "(default: python3 app.py); with it, every subdirectory is a service",
     "name": "the project name (default: the directory's name)",

@@ -125,7 +125,7 @@ def make(root: Path, services: list[FoundService], name: str, registry: str = DE
     line, line_torch = default_cuda(compat)
     use_torch = torch and line_torch is not None
     lines = [
-        f"# Written by `orchestrator init`; edit freely. The keys are described in the",
+        "# Written by `orchestrator init`; edit freely. The keys are described in the",
         "# orchestrator README; `orchestrator lock` pins every requirement layer.",
         "schema: 1",
         f"project: {name}",
