@@ -105,22 +105,12 @@
             # against. uv comes from pkgs.uv when no python package wraps it.
             pythonRelaxDeps = true;
             pythonRemoveDeps = lib.optional (!(builtins.hasAttr "uv" python.pkgs)) "uv";
+            # bin/orchestrator is pyproject's console script (orchestrator.cli:main): the
+            # tasks, options, help and exit codes of `invoke` in a checkout. The wrapper
+            # puts uv on its PATH (`orchestrator lock` runs it).
             makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ pkgs.uv ]) ];
-            # The tasks are the user interface: `orchestrator lock`, `orchestrator doctor`, ...
-            # run invoke over the packaged tasks.py in the current project directory.
-            postInstall = ''
-              install -Dm644 tasks.py $out/share/orchestrator/tasks.py
-              mkdir -p $out/bin
-              cat > $out/bin/orchestrator <<EOF
-              #!${python.interpreter}
-              import sys
-              from invoke.main import program
-              program.run([sys.argv[0], "--search-root", "$out/share/orchestrator", *sys.argv[1:]])
-              EOF
-              chmod +x $out/bin/orchestrator
-            '';
             doCheck = false; # checks.unit runs the unit tests
-            pythonImportsCheck = [ "orchestrator" ];
+            pythonImportsCheck = [ "orchestrator" "orchestrator.cli" ];
             meta = {
               description = "One project.yaml to reproducible CUDA/CPU service images in an OCI registry";
               mainProgram = "orchestrator";

@@ -127,6 +127,38 @@ def _quiet(json: bool):
     return (lambda *_: None) if json else log
 
 
+# --- starting a project -------------------------------------------------------------
+
+@task(auto_shortflags=False, help={
+    "directory": "where to write project.yaml (default: here)",
+    "services": "the directory whose subdirectories are the services, relative to the project directory "
+                "(default: services/ if there is one, else the project directory); each with an app.py is a service",
+    "command": "the command every service runs, e.g. 'python3 -m uvicorn app:app --host 0.0.0.0 --port 8000' "
+               "(default: python3 app.py); with it, every subdirectory is a service",
+    "name": "the project name (default: the directory's name)",
+    "port": "the port each service listens on (default 8000; the image sets SERVICE_PORT to it)",
+    "no_cuda": "only the cpu backend, no CUDA line",
+    "no_torch": "no torch in any backend (the CUDA line then ships only its CUDA runtime wheel)",
+})
+@friendly
+def init(c, directory=".", services=None, command=None, name=None, port="8000", no_cuda=False, no_torch=False):
+    """Start a project: write project.yaml (cpu + the newest CUDA line) and requirement files for a directory of services."""
+    import shlex
+
+    argv = tuple(shlex.split(command)) if command else None
+    if command is not None and not argv:
+        raise UserError("--command is empty", "e.g. --command 'python3 -m uvicorn app:app --host 0.0.0.0'")
+    number = port_number(port)
+    if number == 0:
+        raise UserError(f"--port {port!r} is not a port number", "pass 1-65535")
+    written, proj = flow.init(Path(directory), services, argv, name, number, cuda=not no_cuda, torch=not no_torch)
+    for path in written:
+        log(f"wrote {os.path.relpath(path)}")
+    log(f"{proj.name}: services {', '.join(proj.services)}; backends {', '.join(proj.backends)}; "
+        f"registry {proj.registry}")
+    log("next: `orchestrator lock`, then `orchestrator publish`")
+
+
 # --- the pipeline -------------------------------------------------------------------
 
 @task(help={"project": PROJECT_HELP, "check": "write nothing; exit 1 naming every stale or missing lock",
@@ -388,7 +420,7 @@ def doctor(c, project=None, json=False):
 
 
 engine_ns = Collection("engine", engine_up, engine_status, engine_down, engine_gc)
-ns = Collection(lock, render, build, publish, smoke, select_, run_, sbom, doctor, engine_ns)
+ns = Collection(init, lock, render, build, publish, smoke, select_, run_, sbom, doctor, engine_ns)
 program = Program(namespace=ns, version=__version__, name="orchestrator", binary="orchestrator")
 
 

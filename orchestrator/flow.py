@@ -1,5 +1,6 @@
 """The one place that chains the stages; every task is one function here.
 
+    init     = find the services -> write a starting project file (and its requirement files)
     lock     = base -> resolve (Python with uv, Debian packages) -> source builds
     render   = locks -> plan -> Dockerfiles
     build    = locks -> plan -> render -> build (bases, layers, push by content tag)
@@ -44,6 +45,7 @@ from orchestrator.oci import backends as manifests
 from orchestrator.oci.layers import default_cache
 from orchestrator.oci.registry import Registry
 from orchestrator.project import lock as lock_mod
+from orchestrator.project import scaffold
 from orchestrator.project import spec as spec_mod
 from orchestrator.release import gc as gc_mod
 from orchestrator.release import publish as publish_mod
@@ -56,6 +58,31 @@ RUN_LOCK = ".build/run.lock"
 
 def load_project(path: str) -> spec_mod.Project:
     return spec_mod.load(path)
+
+
+# --- init ----------------------------------------------------------------------
+
+def init(root: Path, services_dir: str | None = None, command: tuple[str, ...] | None = None,
+         name: str | None = None, port: int = 8000, cuda: bool = True, torch: bool = True,
+         registry: str | None = None) -> tuple[list[Path], spec_mod.Project]:
+    """Write a starting project file for the services under root; (files written, the loaded project).
+
+    services_dir: where the service directories are (default: services/ when root has one, else root).
+    registry: default $ORCH_REGISTRY, else the embedded registry.
+    """
+    root = Path(root).resolve()
+    scaffold.refuse_existing(root)  # before looking for services: the plainer message
+    project_name = name or scaffold.name_from(root.name)
+    if not spec_mod.NAME_RE.match(project_name):
+        raise UserError(f"{project_name!r} cannot be a project name (lower-case letters, digits and . _ -)",
+                        "pass --name NAME, e.g. --name " + (scaffold.name_from(project_name) or "speech"))
+    if services_dir is None:
+        services_dir = "services" if (root / "services").is_dir() else "."
+    found = scaffold.find_services(root, services_dir, command)
+    made = scaffold.make(root, found, project_name, registry or os.environ.get("ORCH_REGISTRY")
+                         or spec_mod.DEFAULT_REGISTRY, port, cuda=cuda, torch=torch)
+    written = scaffold.write(root, made)
+    return written, spec_mod.load(root / scaffold.PROJECT_FILE)
 
 
 # --- lock ----------------------------------------------------------------------
@@ -83,6 +110,14 @@ def _lock(project: spec_mod.Project, log, upgrade: bool) -> list[Path]:
     changed: list[Path] = []
     stale_paths = {s.path for s in lock_mod.check(project)}
     reg = Registry(project.registry)
+    # The base pin is a lock like the others (`lock --check` names it): a new project, or one whose
+    # base settings changed, gets it here as `engine.up` would give it, so lock alone makes the check pass.
+    for platform in daemon.base_platforms(project):
+        if platform not in basepin.read_pins(project):
+            _, how = bases_mod.ensure(project, platform, reg, default_cache(), log=log)
+            log(f"base for {platform}: {how}")
+            if basepin.pin_path(project) not in changed:
+                changed.append(basepin.pin_path(project))
 
     def build_sdists(backend, platform, pins, names):
         base, _ = bases_mod.ensure(project, platform, reg, default_cache(), log=log)

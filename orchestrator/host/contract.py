@@ -22,8 +22,22 @@ WRITABLE_LABEL = f"{LABEL_PREFIX}.writable-dirs"
 EX_CONFIG = 78  # what the entrypoint exits with when its backend cannot run here (strict policy)
 
 
+# tmpfs mount options per writable dir: the home is the service user's alone.
+TMPFS_OPTIONS = {"/tmp": "rw,nosuid,nodev,mode=1777",
+                 HOME_DIR: f"rw,nosuid,nodev,uid={APP_UID},gid={APP_UID},mode=0700"}
+OTHER_TMPFS = "rw,nosuid,nodev,mode=1777"
+
+
 def run_options() -> dict:
     """docker-py run() arguments for a service container: read-only root, a tmpfs per declared writable dir."""
-    return {"read_only": True,
-            "tmpfs": {"/tmp": "rw,nosuid,nodev,mode=1777",
-                      HOME_DIR: f"rw,nosuid,nodev,uid={APP_UID},gid={APP_UID},mode=0700"}}
+    return {"read_only": True, "tmpfs": {d: TMPFS_OPTIONS.get(d, OTHER_TMPFS) for d in WRITABLE_DIRS}}
+
+
+def run_options_for(labels: dict | None) -> dict:
+    """run_options() for an image as it declares itself: a tmpfs per dir its WRITABLE_LABEL names.
+
+    An image without the label (not built by this tool) gets the contract's own dirs.
+    """
+    declared = [d for d in ((labels or {}).get(WRITABLE_LABEL) or "").split() if d.startswith("/")]
+    declared = declared or list(WRITABLE_DIRS)
+    return {"read_only": True, "tmpfs": {d: TMPFS_OPTIONS.get(d, OTHER_TMPFS) for d in declared}}

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -120,9 +121,10 @@ builtins.mapAttrs (system: _: {
     shellHook = s.shellHook;
   };
   package = let p = outputs.packages.${system}.default; in {
-    inherit (p.args) pname format version doCheck pythonRemoveDeps;
+    inherit (p.args) pname format version doCheck pythonRemoveDeps pythonImportsCheck makeWrapperArgs;
     propagated = map (d: d.name) p.args.propagatedBuildInputs;
-    postInstall = p.args.postInstall;
+    postInstall = p.args.postInstall or null;
+    mainProgram = p.args.meta.mainProgram;
   };
   archTest = outputs.packages.${system}.arch-test.args.src;
   mmdebstrapInstall = (builtins.head (builtins.filter (p: p.name == "mmdebstrap") outputs.devShells.${system}.default.packages)).overridden.installPhase;
@@ -181,9 +183,23 @@ def test_package_and_checks(evaluated, system):
     assert (pkg["pname"], pkg["format"], pkg["version"]) == ("orchestrator", "pyproject", "0.1.0")
     assert {"invoke", "docker", "pyyaml", "packaging", "requests", "jsonschema", "rich"} <= set(pkg["propagated"])
     assert pkg["pythonRemoveDeps"] == ["uv"]  # the stand-in, like 24.05, has no python uv package
-    assert "tasks.py" in pkg["postInstall"] and "--search-root" in pkg["postInstall"]
     checks = evaluated[system]["checks"]
     assert "pytest" in checks["unit"]["script"] and "tests/unit" in checks["unit"]["script"]
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_package_binary_is_the_console_script(evaluated, system):
+    """bin/orchestrator is what pip or uv installs: pyproject's entry point, not a wrapper around a checkout."""
+    pkg = evaluated[system]["package"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"orchestrator": "orchestrator.cli:main"}
+    assert pkg["mainProgram"] == "orchestrator"
+    # No hand-written bin/orchestrator over a packaged tasks.py: buildPythonApplication makes the
+    # console script and wraps it with makeWrapperArgs (uv on PATH for `orchestrator lock`).
+    assert not pkg["postInstall"] or ("tasks.py" not in pkg["postInstall"]
+                                      and "bin/orchestrator" not in pkg["postInstall"])
+    assert pkg["makeWrapperArgs"][:3] == ["--prefix", "PATH", ":"] and pkg["makeWrapperArgs"][3].endswith("-uv/bin")
+    assert "orchestrator.cli" in pkg["pythonImportsCheck"]
 
 
 def test_helpers_for_debian_tools(evaluated):

@@ -1,0 +1,5 @@
+"""`python -m orchestrator`: the same command as the installed `orchestrator`."""
+
+from orchestrator.cli import main
+
+main()
