@@ -142,7 +142,6 @@
             mmdebstrap # bootstraps a base when none can be pulled
             arch-test
             pkgs.util-linux # mount (binfmt_misc)
-            pkgs.procps # pkill (engine.down)
             pkgs.gnupg # gpgv: the Debian archive's InRelease signature (system packages)
             pkgs.hadolint # tests: lint of the generated Dockerfiles
           ];
