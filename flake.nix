@@ -103,6 +103,10 @@
             # Minimum versions are the ones pyproject.toml was tested with;
             # nixpkgs' pinned ones are what this package is built and checked
             # against. uv comes from pkgs.uv when no python package wraps it.
+            # isal is pinned exactly there (requirements/tool.lock for pip):
+            # another isal may compress to other bytes, so layers made here can
+            # get other blob digests (the codec key names the version, so the
+            # blob caches never mix them).
             pythonRelaxDeps = true;
             pythonRemoveDeps = lib.optional (!(builtins.hasAttr "uv" python.pkgs)) "uv";
             makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ pkgs.uv ]) ];
