@@ -421,7 +421,7 @@ def _disk_full(directory: Path) -> EnvironmentProblem:
     return EnvironmentProblem(
         f"no space left on {mount} while writing a compressed layer into the blob cache {directory}",
         f"free space on {mount}, or point ORCH_CACHE_DIR at a disk with room (the cache can be deleted: it "
-        "is made again); nothing was pushed or tagged, re-run when there is room")
+        "is made again), then re-run")
 
 
 def _write_blob(members, cache: BlobCache, c: Codec, epoch: int, progress, threads: int) -> Layer:
