@@ -238,11 +238,12 @@ def test_gc_waits_for_a_smoke_run_that_builds_in_another_process_and_says_so(pri
             f"waiting for pushes to {host} to finish (smoke, pid {smoke.pid} "), first
         assert old["tag"] in p.reg.tags("p/svc")  # nothing deleted while smoke may still push
         smoke.communicate("go\n", timeout=60)
-        collecting.join(120)
     finally:
         if smoke.poll() is None:
             smoke.kill()
             smoke.wait()
+        if collecting.ident is not None:
+            collecting.join(120)  # gc restarts the registry: the fixture stops it only after that
     messages = [said.get() for _ in range(said.qsize())]
     report = messages[-1]
     assert not isinstance(report, BaseException), report
