@@ -103,6 +103,10 @@
             # Minimum versions are the ones pyproject.toml was tested with;
             # nixpkgs' pinned ones are what this package is built and checked
             # against. uv comes from pkgs.uv when no python package wraps it.
+            # isal is pinned exactly there (requirements/tool.lock for pip):
+            # another isal may compress to other bytes, so layers made here can
+            # get other blob digests (the codec key names the version, so the
+            # blob caches never mix them).
             pythonRelaxDeps = true;
             pythonRemoveDeps = lib.optional (!(builtins.hasAttr "uv" python.pkgs)) "uv";
             # bin/orchestrator is pyproject's console script (orchestrator.cli:main): the
@@ -132,7 +136,6 @@
             mmdebstrap # bootstraps a base when none can be pulled
             arch-test
             pkgs.util-linux # mount (binfmt_misc)
-            pkgs.procps # pkill (engine.down)
             pkgs.gnupg # gpgv: the Debian archive's InRelease signature (system packages)
             pkgs.hadolint # tests: lint of the generated Dockerfiles
           ];

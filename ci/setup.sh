@@ -14,8 +14,7 @@ cd "$(dirname "$0")/.."
 # bad-input tests check that the suite leaves nothing in the checkout with
 # `git status`; a minimal Debian 12 has no git), and two that a full Debian
 # install has but a minbase root (a container) lacks: procps (pkill:
-# engine.down stops the registry it started) and iproute2 (ip: the
-# second-engine tests).
+# bench/first_run.sh's cleanup) and iproute2 (ip: the second-engine tests).
 packages=(python3 python3-venv python3-pip ca-certificates openssl docker.io docker-registry
           mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin gpgv debian-archive-keyring
           git procps iproute2)
@@ -31,17 +30,28 @@ fi
 # The venv is made from Debian's python3 (installed above), not whichever
 # python3 comes first on PATH (a pyenv or /usr/local build here would hide
 # what a fresh Debian 12 runs: 3.11.2). An existing .venv is left as it is.
+#
+# The tool's own dependencies come from requirements/tool.lock, every file
+# checked against its sha256: the lock is part of the build (blob digests are
+# made of the exact isal's output, pinned in pyproject.toml). It covers
+# pyproject.toml's dependencies and the test extra, for Python 3.11+ on
+# linux x86_64 and aarch64 (one universal file, platform markers inside);
+# tests/unit/test_tool_lock.py checks it against pyproject.toml. After
+# changing a dependency, regenerate it from the repository root with
+#   uv pip compile pyproject.toml --extra test --universal --python-version 3.11 --generate-hashes -o requirements/tool.lock
+# (add --upgrade to move every pin to the newest release).
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 stamp=.venv/.orchestrator-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/tool.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing the orchestrator package into .venv"
+  echo "setup: installing the orchestrator package into .venv from requirements/tool.lock"
   # pip's own configuration (find-links, indexes) is honoured; only its
   # noise about file:// index entries that lack a package is filtered out.
   log=$(mktemp)
-  if ! .venv/bin/pip install -q -e '.[test]' >"$log" 2>&1; then
+  if ! { .venv/bin/pip install -q --require-hashes -r requirements/tool.lock &&
+         .venv/bin/pip install -q --no-deps -e .; } >"$log" 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
-    echo "setup: pip install -e '.[test]' failed" >&2
+    echo "setup: installing requirements/tool.lock and the package into .venv failed" >&2
     exit 1
   fi
   grep -v "is ignored: it is neither a file nor a directory" "$log" || true

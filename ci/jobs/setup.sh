@@ -42,10 +42,16 @@ if [ -r "$userns" ] && [ "$(cat "$userns")" = 1 ] && [ "$(id -u)" != 0 ] && comm
   sudo sysctl -q -w kernel.apparmor_restrict_unprivileged_userns=0
 fi
 
-# A fresh runner gets a fresh .venv (pip's cache makes it quick); a machine
-# whose .venv already runs the package keeps it as it is.
-if ! .venv/bin/python -c "import orchestrator, invoke" >/dev/null 2>&1; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  echo "setup: installing the orchestrator package into .venv"
-  .venv/bin/pip install -q -e .
+# A fresh runner gets a fresh .venv (pip's cache makes it quick), installed
+# from requirements/tool.lock with every hash checked (blob digests depend on
+# the exact isal; see ci/setup.sh); a .venv installed from this very lock and
+# pyproject.toml is kept as it is.
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.orchestrator-installed
+want=$(cat pyproject.toml requirements/tool.lock | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing the orchestrator package into .venv from requirements/tool.lock"
+  .venv/bin/pip install -q --require-hashes -r requirements/tool.lock
+  .venv/bin/pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
 fi

@@ -127,18 +127,23 @@ def _run_export(cmd: list[str], env: dict, label: str, log, started: float, cons
         if consume:
             try:
                 result = consume(proc.stdout)
-            except layers_mod.UnsortedStream:
-                proc.kill()
-                raise
-            except (tarfile.TarError, OSError) as e:  # the build failed and the stream ended early
+            except (tarfile.TarError, EOFError) as e:  # the stream ended early: the build failed, its exit says how
                 failure = e
-    except BaseException:
-        # Ctrl-C or an error of ours: the build client must not outlive us. A terminal's
-        # Ctrl-C reached it already (same process group); a signal sent to us alone did not.
-        _stop(proc)
+            _drain(proc.stdout)  # the tar's end padding: the client exits only once it has written everything
+    except BaseException as e:
+        # Our side failed (a full disk under the blob cache, an unsorted stream, Ctrl-C, a bug) while
+        # the client may still be sending: nobody reads the pipe any more, so it would block on it
+        # forever. Close the pipe and stop the client; it must not outlive us. A terminal's Ctrl-C
+        # reached it already (same process group); a signal sent to us alone did not.
+        _abandon(proc)
+        if isinstance(e, OSError):  # an I/O error of ours (a full disk is named by orchestrator.oci.layers)
+            raise EnvironmentProblem(f"the layers of {label} could not be written: {e}",
+                                     "check the disk of the blob cache (ORCH_CACHE_DIR) and re-run") from e
         raise
     finally:
         code = proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
         reader.join(timeout=10)
         if halt is not None:
             halt.untrack(proc)
@@ -239,6 +244,19 @@ def on_builders(groups: list[tuple[Builder, list]], work, halt: Halt) -> None:
         raise
     if errors:
         raise errors[0]
+
+
+def _drain(stream) -> None:
+    """Read a pipe to its end, discarding what comes."""
+    while stream.read(1 << 16):
+        pass
+
+
+def _abandon(proc: subprocess.Popen) -> None:
+    """Stop a build client whose output nobody will read: close the pipe (its writes fail), then stop it."""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    _stop(proc)
 
 
 def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.common.files import atomic_write
 from orchestrator.common.places import state_dir
 from orchestrator.machine.system import apt_install, say
 from orchestrator.oci.registry import Registry
@@ -52,25 +53,56 @@ def ensure_registry(host: str) -> str:
     return f"started docker-registry (storage {root / 'data'})"
 
 
-def serve(config: Path, host: str, log: Path) -> None:
-    """Start `docker-registry serve config` in its own session and wait until it answers on host."""
+def serve(config: Path, host: str, log: Path) -> int:
+    """Start `docker-registry serve config` and wait until it answers on host; returns its pid."""
     reg = Registry(host, retries=0, timeout=5)
-    with open(log, "ab") as fh:
-        subprocess.Popen(["docker-registry", "serve", str(config)], stdout=fh, stderr=fh, start_new_session=True)
+    pid = start(config, log)
     for _ in range(60):
         if reg.ping():
-            return
+            return pid
         time.sleep(0.5)
     raise EnvironmentProblem(f"docker-registry did not answer on {host} within 30 s; see {log}")
 
 
+def start(config: Path, log: Path) -> int:
+    """Start `docker-registry serve config` in its own session and record its pid next to config."""
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=fh, stderr=fh,
+                                start_new_session=True)
+    atomic_write(pid_file(config), f"{proc.pid}\n")
+    return proc.pid
+
+
+def pid_file(config: Path) -> Path:
+    """Where start() records the pid of the registry it started from config (the embedded one: the state dir)."""
+    return config.with_suffix(".pid")
+
+
+def recorded_pid(config: Path) -> int | None:
+    try:
+        return int(pid_file(config).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def down() -> list[str]:
-    """Stop what engine.up started (the registry; dockerd only if we started it)."""
-    done = []
-    for name in ("docker-registry",):
-        if subprocess.run(["pkill", "-f", f"{name} serve {state_dir()}"], capture_output=True).returncode == 0:
-            done.append(f"stopped {name}")
-    return done or ["nothing of ours was running"]
+    """Stop the registry engine.up started: exactly the pid it recorded, if that still serves our config.
+
+    Nothing is matched by name or pattern: a registry someone else runs,
+    from another config (or from ours, started by hand), is left alone.
+    """
+    config = state_dir() / "registry.yml"
+    ours, running = recorded_pid(config), serving(config)
+    if ours is not None and ours in running:
+        stop(config, pids=[ours])
+        pid_file(config).unlink(missing_ok=True)
+        return [f"stopped docker-registry (pid {ours}, serving {config})"]
+    pid_file(config).unlink(missing_ok=True)  # what it names is gone, or is now another process
+    if running:
+        pids = " ".join(map(str, running))
+        return [f"docker-registry serving {config} (pid {pids}) was not started by engine.up here (no pid "
+                f"recorded in {pid_file(config)}); left running: stop it with `kill {pids}` if it is yours"]
+    return ["nothing of ours was running"]
 
 
 def serving(config: Path) -> list[int]:
@@ -89,9 +121,12 @@ def serving(config: Path) -> list[int]:
     return pids
 
 
-def stop(config: Path, timeout: float = 30.0) -> list[int]:
-    """Stop the registry serving config (SIGTERM, then wait for it to exit); returns the pids stopped."""
-    pids = serving(config)
+def stop(config: Path, timeout: float = 30.0, pids: list[int] | None = None) -> list[int]:
+    """Stop the registry serving config (SIGTERM, then wait for it to exit); returns the pids stopped.
+
+    pids: only these, of those serving config.
+    """
+    pids = [pid for pid in serving(config) if pids is None or pid in pids]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

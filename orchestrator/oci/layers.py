@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import errno
 import gzip
 import hashlib
 import itertools
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from orchestrator.common import places
-from orchestrator.common.errors import UserError
+from orchestrator.common.errors import EnvironmentProblem, UserError
 from orchestrator.common.files import atomic_write
 
 
@@ -92,14 +93,24 @@ def _compress_chunk(c: Codec, data: bytes) -> bytes:
     if c.name == "gzip":
         from isal import isal_zlib
 
-        # isal's _ParallelCompress (what igzip_threaded uses) releases the GIL,
-        # so chunks compress on every core; compressobj does not. It gives a
-        # sync-flushed raw deflate: close it with an empty final block.
+        # isal's private _ParallelCompress (what isal.igzip_threaded uses) kept on purpose: every
+        # blob digest already pushed is made of its bytes. One call compresses the whole chunk with
+        # SYNC_FLUSH, GIL released; we close the raw deflate with an empty final block. No public
+        # call gives these bytes (isal 1.9.1, read and measured): compressobj(2, DEFLATED, -15)
+        # also releases the GIL, but compress() then flush(Z_SYNC_FLUSH) cuts blocks elsewhere (11
+        # of 25 4 MiB chunks of /usr/lib differ), and isal_zlib.compress() ends in a final block.
+        # isal is pinned exactly (pyproject.toml, requirements/tool.lock) and
+        # tests/unit/test_layers.py holds a golden digest, so an upgrade that changes the bytes
+        # (or drops this class) fails loudly instead of changing every layer digest.
+        # Reusing one per thread is safe: compress_and_crc resets the stream (isal_deflate_reset)
+        # and clears the match history at offset 0, so a chunk's bytes do not depend on the chunk
+        # before. Checked: 100 4 MiB chunks through one object in shuffled order gave what fresh
+        # objects give; 9000 chunks of 1 B-4 MiB gave the same bytes whatever followed them in memory.
         comp = getattr(_compressors, "gzip", None)
-        if comp is None or _compressors.level != c.level:
+        if comp is None or _compressors.key != (c.level, c.chunk):  # its output buffer fits one chunk
             comp = _compressors.gzip = isal_zlib._ParallelCompress(buffersize=c.chunk + c.chunk // 10 + 500,
                                                                    level=c.level)
-            _compressors.level = c.level
+            _compressors.key = (c.level, c.chunk)
         deflate, crc = comp.compress_and_crc(data, b"")
         return (_GZIP_HEADER + deflate + b"\x03\x00"
                 + struct.pack("<II", crc & 0xFFFFFFFF, len(data) & 0xFFFFFFFF))
@@ -250,13 +261,15 @@ class _CompressingSink:
             self.progress(len(chunk))
 
     def close(self) -> None:
-        if self.pieces:
-            self._submit(b"".join(self.pieces))
-            self.pieces, self.pending_bytes = [], 0
-        while self.inflight:
-            self.inflight.popleft().result()
-        self.pool.shutdown()
-        self.finisher.shutdown()
+        try:
+            if self.pieces:
+                self._submit(b"".join(self.pieces))
+                self.pieces, self.pending_bytes = [], 0
+            while self.inflight:
+                self.inflight.popleft().result()
+        finally:  # a failed write (a full disk) leaves no chunk queued and no thread behind
+            self.pool.shutdown(cancel_futures=True)
+            self.finisher.shutdown(cancel_futures=True)
 
 
 def _sort_key(name: str) -> tuple[str, ...]:
@@ -356,13 +369,14 @@ class UnsortedStream(Exception):
 
 
 def write_layer(source: BinaryIO, cache: BlobCache, c: Codec, epoch: int = SOURCE_DATE_EPOCH,
-                progress: Callable[[int], None] | None = None) -> Layer:
+                progress: Callable[[int], None] | None = None, threads: int | None = None) -> Layer:
     """Normalize the tar read once from a stream, compress it, store the blob; returns the layer.
 
     Raises UnsortedStream (writing nothing) when the stream is not in sorted order.
+    threads: compressing threads (default: one per core); the blob is the same for any number.
     """
     try:
-        return _write_from(source, cache, c, epoch, progress, sort=False)
+        return _write_from(source, cache, c, epoch, progress, sort=False, threads=threads)
     except _Unsorted:
         raise UnsortedStream() from None
 
@@ -378,18 +392,39 @@ def write_layer_from_file(path: Path, cache: BlobCache, c: Codec, epoch: int = S
     return _write_from(path, cache, c, epoch, progress, sort=True)
 
 
-def _write_from(src, cache: BlobCache, c: Codec, epoch: int, progress, sort: bool) -> Layer:
+def _write_from(src, cache: BlobCache, c: Codec, epoch: int, progress, sort: bool,
+                threads: int | None = None) -> Layer:
     if sort:
         stf, members = _sorted_members(Path(src))
         with stf:
-            return _write_members(members, cache, c, epoch, progress)
+            return _write_members(members, cache, c, epoch, progress, threads)
     with tarfile.open(fileobj=src, mode="r|", bufsize=1 << 20) as tf:
-        return _write_members(_stream_members(tf), cache, c, epoch, progress)
+        return _write_members(_stream_members(tf), cache, c, epoch, progress, threads)
 
 
-def _write_members(members, cache: BlobCache, c: Codec, epoch: int, progress) -> Layer:
+def _write_members(members, cache: BlobCache, c: Codec, epoch: int, progress, threads: int | None = None) -> Layer:
     """Normalize (TarInfo, data) pairs into one tar, compress it, store the blob; returns the layer."""
-    threads = os.cpu_count() or 2
+    threads = threads or os.cpu_count() or 2
+    try:
+        return _write_blob(members, cache, c, epoch, progress, threads)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(cache.root) from e
+        raise
+
+
+def _disk_full(directory: Path) -> EnvironmentProblem:
+    """A full disk under the blob cache, named so that the user knows which one to free."""
+    mount = directory.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return EnvironmentProblem(
+        f"no space left on {mount} while writing a compressed layer into the blob cache {directory}",
+        f"free space on {mount}, or point ORCH_CACHE_DIR at a disk with room (the cache can be deleted: it "
+        "is made again), then re-run")
+
+
+def _write_blob(members, cache: BlobCache, c: Codec, epoch: int, progress, threads: int) -> Layer:
     fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=cache.root)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -407,7 +442,10 @@ def _write_members(members, cache: BlobCache, c: Codec, epoch: int, progress) ->
         # A tar this machine has compressed before keeps its first blob. ISA-L's output for the same
         # chunk is not always the same bytes: once, in a CI run, one gzip member in 107 of a 447 MB
         # layer came out one byte longer (both valid, same tar), and a second blob digest for the same
-        # diffID gave two images two different layers.
+        # diffID gave two images two different layers. Its cause is not known: neither the thread
+        # count, nor reusing a thread's compressor, nor the memory after a chunk changes the bytes
+        # (tests/unit/test_layers.py, and the fuzzing noted at _compress_chunk); ISA-L picks its
+        # code by CPU features, so a blob made on another CPU may differ.
         known = cache.lookup(diff_id, c)
         if known is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -434,3 +434,77 @@ def test_ctrl_c_during_publish_keeps_the_previous_backend_manifest_served_and_on
         assert written.read_bytes() == old_bytes
     finally:
         cleanup_namespace(project)
+
+
+# -- a full disk under the blob cache ---------------------------------------
+
+EXPORT_ONE_STAGE = """
+import sys, types
+from pathlib import Path
+from orchestrator.build import export
+from orchestrator.common.errors import OrchestratorError
+from orchestrator.oci import layers
+image = types.SimpleNamespace(key="fill", backend=types.SimpleNamespace(name="cpu"), arch="amd64",
+                              platform="linux/amd64")
+try:
+    export.export_stage(image, "app", Path(sys.argv[1]), {}, layers.default_cache(), layers.codec("gzip"))
+except OrchestratorError as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+print("exported")
+"""
+
+
+def process_group(pgid: int) -> list[str]:
+    """Live processes of a process group (the exporter and any docker build client it started)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs, unmounted afterwards: a disk that fills in the middle of an export."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        unavailable("mounting a tmpfs needs root")
+    where = tmp_path / "tiny"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_blob_cache_disk_that_fills_mid_export_stops_the_build_client_and_names_the_disk(engine_ready, tmp_path,
+                                                                                           tiny_disk):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    # 10 MiB that do not compress, five times in one layer stage: a 50 MiB blob for a 4 MiB disk, and
+    # more than the compressor reads ahead (3 chunks of 4 MiB per core) before the first failed write shows.
+    (ctx / "fill.bin").write_bytes(secrets.token_bytes(10 * 1024 * 1024))
+    (ctx / "Dockerfile").write_text("FROM scratch AS app-layer\n" + "".join(f"COPY fill.bin /fill-{i}.bin\n"
+                                                                            for i in range(5)))
+    env = {**os.environ, "ORCH_CACHE_DIR": str(tiny_disk), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", EXPORT_ONE_STAGE, str(ctx)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)  # a hang guard, not a timing: a stuck export never returns
+    except subprocess.TimeoutExpired:
+        left = process_group(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the export hung on the full disk; still running: {left}")
+    print(err[-3000:])
+    assert proc.returncode == 1 and "exported" not in out, err[-3000:]
+    assert f"no space left on {tiny_disk} " in err and "ORCH_CACHE_DIR" in err, err[-3000:]
+    assert "Traceback" not in err
+    assert process_group(proc.pid) == []  # no docker build client outlives the failed export
+    assert not list((tiny_disk / "blobs").glob(".blob-*"))  # the partial blob is gone, the space with it

@@ -9,6 +9,9 @@ import json
 import os
 import queue
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import types
@@ -22,7 +25,7 @@ from orchestrator.release import gc as gc_mod
 from orchestrator.oci.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, canonical
 from orchestrator.oci.registry import Registry
 
-from ..conftest import unavailable
+from ..conftest import ROOT, unavailable
 from .conftest import _free_port
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -190,6 +193,62 @@ def test_gc_keeps_what_is_referenced_and_the_newest_and_frees_the_rest(private_r
     # The backend manifest still reads, and everything it names is there.
     assert json.loads(reg.get_blob("p/svc", reg.get_manifest("p/svc", "0.1.0-backends").json["layers"][0]["digest"])) \
         == manifest
+
+
+# `invoke smoke` builds and pushes what is missing before it runs anything: flow.smoke, in a process of
+# its own, with the build (flow.variants) replaced by a wait the test ends.
+SMOKE_THAT_BUILDS = textwrap.dedent("""
+    import sys, types
+    from pathlib import Path
+    from orchestrator import flow
+
+    def build_and_push(*args, **kwargs):
+        print("building", flush=True)
+        sys.stdin.readline()
+        raise SystemExit(0)
+
+    flow.variants = build_and_push
+    flow.smoke(types.SimpleNamespace(root=Path(sys.argv[1]), registry=sys.argv[2]), log=lambda *_: None)
+""")
+
+
+def test_gc_waits_for_a_smoke_run_that_builds_in_another_process_and_says_so(private_registry, tmp_path):
+    p = Pusher(private_registry)
+    old = p.image("p/svc", "0.1.0-cpu-" + "a" * 12, [("app-a", 10 * 1024)], 6)
+    new = p.image("p/svc", "0.1.0-cpu-" + "b" * 12, [("app-b", 10 * 1024)], 1)
+    host, config, state = private_registry.host, private_registry.config, private_registry.state
+    (tmp_path / "proj").mkdir()
+    env = {**os.environ, "ORCH_STATE_DIR": str(state), "PYTHONPATH": str(ROOT)}
+    smoke = subprocess.Popen([sys.executable, "-c", SMOKE_THAT_BUILDS, str(tmp_path / "proj"), host], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    said: queue.Queue = queue.Queue()
+
+    def collect():
+        try:
+            said.put(flow.gc(host, keep=1, log=said.put, config=config, state=state))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            said.put(e)
+
+    collecting = threading.Thread(target=collect)
+    try:
+        assert smoke.stdout.readline() == "building\n"
+        collecting.start()
+        first = said.get(timeout=60)
+        assert isinstance(first, str) and first.startswith(
+            f"waiting for pushes to {host} to finish (smoke, pid {smoke.pid} "), first
+        assert old["tag"] in p.reg.tags("p/svc")  # nothing deleted while smoke may still push
+        smoke.communicate("go\n", timeout=60)
+    finally:
+        if smoke.poll() is None:
+            smoke.kill()
+            smoke.wait()
+        if collecting.ident is not None:
+            collecting.join(120)  # gc restarts the registry: the fixture stops it only after that
+    messages = [said.get() for _ in range(said.qsize())]
+    report = messages[-1]
+    assert not isinstance(report, BaseException), report
+    assert report.plan.deleted_tags == 1
+    assert p.reg.tags("p/svc") == [new["tag"]]
 
 
 def test_gc_refuses_a_config_that_serves_another_address(private_registry, tmp_path):

@@ -45,7 +45,6 @@ SHELL_COMMANDS = {
     "qemu-x86_64-static": "the same for amd64 on an arm64 host",
     "update-binfmts": "engine.up registers QEMU with binfmt_misc",
     "mount": "engine.up mounts binfmt_misc when it is not mounted",
-    "pkill": "engine.down stops the registry it started",
     "gpgv": "system packages: the Debian archive's InRelease signature (orchestrator/apt.py)",
     "hadolint": "tests: lint of the generated Dockerfiles",
     "skopeo": "inspecting and copying images in a registry by hand",

@@ -123,3 +123,81 @@ def test_a_blob_cached_at_another_level_is_recompressed_with_the_pinned_codec(ca
     pinned = layers.codec("gzip")
     again = layers.transcode(first.diff_id, cache, pinned)
     assert again.diff_id == first.diff_id and cache.lookup(first.diff_id, pinned) == again
+
+
+def mixed_bytes(n: int) -> bytes:
+    """n bytes that are neither all text nor all noise, the same on every machine and Python."""
+    words = [w.encode() for w in "the layer blob digest depends on every byte isal writes for each chunk of tar".split()]
+    out, i = bytearray(), 0
+    while len(out) < n:
+        out += hashlib.sha256(i.to_bytes(8, "little")).digest()[: i % 9] + words[i % len(words)] + b" " * (i % 7)
+        i += 1
+    return bytes(out[:n])
+
+
+@pytest.mark.parametrize("c", [
+    layers.codec("gzip"),
+    layers.Codec("gzip", layers.TAR_MEDIA + "+gzip", "isal", 2, 64 * 1024),  # many members in flight at once
+    layers.Codec("zstd", layers.TAR_MEDIA + "+zstd", "zstandard", 3, 64 * 1024),
+], ids=["gzip-4MiB", "gzip-64KiB", "zstd-64KiB"])
+def test_the_blob_is_the_same_bytes_whatever_the_number_of_compressing_threads(tmp_path, c):
+    entries = [("./opt", "dir", None)] + [(f"./opt/f{i:02d}", "file", mixed_bytes(700_000 + i * 4099))
+                                          for i in range(14)]  # about 10 MB: several 4 MiB chunks
+    tar = make_tar(entries, 1)
+    blobs = {}
+    for threads in (1, 2, 8):
+        cache = layers.BlobCache(tmp_path / f"threads-{threads}")  # its own cache: nothing found again
+        layer = layers.write_layer(io.BytesIO(tar), cache, c, threads=threads)
+        blobs[threads] = (layer.diff_id, layer.digest, layer.path.read_bytes())
+    assert blobs[1][2].count(b"\x1f\x8b\x08" if c.name == "gzip" else b"\x28\xb5\x2f\xfd") >= 3  # several members
+    assert blobs[1] == blobs[2] == blobs[8]
+
+
+# The bytes ISA-L gave on x86_64 for isal 1.9.1, level 2 (the pinned codec). Every blob digest the
+# tool has pushed is made of such bytes: a new isal that compresses otherwise must be a deliberate
+# change (a new pin, new digests for every layer), never a side effect of an upgrade.
+GOLDEN_GZIP = {"x86_64": {4 << 20: "9a59544f0ea822f2a6dda1723f00e652bb7c8c40e6e1576a60b8225a2b7da63c", 1000: "4f678eb9d6335ac364a77a3e1e8ecb84599512b2daa2a96f6ab9b8bf3d8a6523"}}
+
+
+def test_the_pinned_gzip_codec_still_gives_the_bytes_every_pushed_digest_is_made_of():
+    import platform
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    pinned = re.search(r'"isal==([^"]+)"', pyproject)
+    assert pinned, "pyproject.toml must pin isal exactly (isal==X.Y.Z): blob digests depend on its output"
+    c = layers.codec("gzip")
+    assert c.library == f"isal-{pinned.group(1)}", "the installed isal is not the pinned one: run bash ci/setup.sh"
+    golden = GOLDEN_GZIP.get(platform.machine())
+    if golden is None:
+        pytest.skip(f"no golden gzip digest recorded for {platform.machine()}")
+    for size, digest in golden.items():
+        data = mixed_bytes(size)
+        member = layers._compress_chunk(c, data)
+        assert gzip.decompress(member) == data
+        assert hashlib.sha256(member).hexdigest() == digest, (
+            f"isal {pinned.group(1)} compressed {size} bytes to other bytes than before: every layer's blob digest "
+            "would change. If the upgrade is deliberate, record the new digests here and say so in the changelog")
+
+
+def test_a_full_disk_under_the_blob_cache_is_named_and_leaves_no_compressing_thread(cache, monkeypatch):
+    import os
+    import threading
+
+    from orchestrator.common.errors import EnvironmentProblem
+
+    before = set(threading.enumerate())
+    # Every write of the blob fails as on a full disk: /dev/full answers ENOSPC.
+    monkeypatch.setattr(layers.tempfile, "mkstemp",
+                        lambda prefix, dir: (os.open("/dev/full", os.O_WRONLY), str(cache.root / "partial")))
+    entries = [(f"f{i}", "file", mixed_bytes(300_000 + i)) for i in range(8)]
+    c = layers.Codec("gzip", layers.TAR_MEDIA + "+gzip", "isal", 2, 64 * 1024)
+    with pytest.raises(EnvironmentProblem) as failed:
+        layers.write_layer(io.BytesIO(make_tar(entries, 1)), cache, c, threads=2)
+    mount = cache.root.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    assert failed.value.message.startswith(f"no space left on {mount} ")
+    assert str(cache.root) in failed.value.message and "ORCH_CACHE_DIR" in failed.value.hint
+    assert set(threading.enumerate()) <= before

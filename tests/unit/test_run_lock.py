@@ -1,4 +1,4 @@
-"""The run lock (flow.run_lock, flow.gc_lock), between real processes.
+"""The run lock (flow.run_lock, flow.gc_lock, and the push lock engine.up holds), between real processes.
 
 Each process appends "start <name>" and "end <name>" to a journal while it
 holds its lock; the journal shows who ran while whom, without timing.
@@ -7,6 +7,7 @@ holds its lock; the journal shows who ran while whom, without timing.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -15,20 +16,34 @@ from pathlib import Path
 from orchestrator import flow
 
 HOLD = textwrap.dedent("""
-    import sys, types
+    import os, sys, types
     from pathlib import Path
     from orchestrator import flow
     kind, name, root, registry, state, journal = sys.argv[1:7]
-    project = types.SimpleNamespace(root=Path(root), registry=registry)
-    lock = (flow.gc_lock(registry, state=Path(state)) if kind == "gc"
-            else flow.run_lock(project, kind, state=Path(state)))
-    with lock:
+    project = types.SimpleNamespace(root=Path(root), registry=registry, platforms=("linux/amd64",))
+
+    def hold():
         with open(journal, "a") as fh:
             fh.write(f"start {name}\\n")
         print("held", flush=True)
         sys.stdin.readline()  # hold until the test says so
         with open(journal, "a") as fh:
             fh.write(f"end {name}\\n")
+
+    if kind == "engine.up":  # the machine left as it is; the base push is what holds
+        os.environ["ORCH_STATE_DIR"] = state
+        flow.preflight.ensure = lambda *args, **kwargs: None
+        flow.daemon.ensure_engine = lambda: "running"
+        flow.registry_server.ensure_registry = lambda host: "answering"
+        flow.daemon.base_platforms = lambda project: ["linux/amd64"]
+        flow.daemon.host_platform = lambda: "linux/amd64"
+        flow.bases_mod.ensure = lambda project, platform, log, defer: (hold(), (None, "pushed"))[1]
+        flow.engine_up(project, log=lambda *_: None)
+    else:
+        lock = (flow.gc_lock(registry, state=Path(state)) if kind == "gc"
+                else flow.run_lock(project, kind, state=Path(state)))
+        with lock:
+            hold()
 """)
 
 
@@ -93,6 +108,29 @@ def test_gc_waits_for_pushes_and_pushes_wait_for_gc(tmp_path):
     later.wait_held()
     later.release()
     assert journal(tmp_path) == ["start push", "end push", "start gc", "end gc", "start later", "end later"]
+
+
+def first_said(holder: Holder, timeout: float = 60) -> str:
+    """What a holder says first: "held" (stdout) or why it waits (stderr); fails rather than hangs."""
+    ready, _, _ = select.select([holder.proc.stdout, holder.proc.stderr], [], [], timeout)
+    assert ready, f"nothing said within {timeout:.0f} s"
+    return ready[0].readline()
+
+
+def test_gc_waits_for_engine_up_pushing_a_base(tmp_path):
+    up = Holder(tmp_path, "engine.up", "up")
+    up.wait_held()  # inside the base push
+    gc = Holder(tmp_path, "gc", "gc")
+    try:
+        assert f"waiting for pushes to reg.test:5000 to finish (engine.up, pid {up.proc.pid}" in first_said(gc)
+        up.release()
+        gc.wait_held()
+        gc.release()
+    finally:
+        for holder in (up, gc):
+            if holder.proc.poll() is None:
+                holder.proc.kill()
+    assert journal(tmp_path) == ["start up", "end up", "start gc", "end gc"]
 
 
 def test_a_holder_that_dies_releases_the_lock(tmp_path):
