@@ -249,10 +249,19 @@ def _bootstrap_once(project: Project, platform: str, reg: Registry, name: str, c
 
 # --- pulling a configured image (through the registry API, not the engine) ---
 
+def qualified(ref: str) -> str:
+    """Docker's reading of an image name: 'python:3.11' and 'library/python:3.11' are Docker Hub's;
+    a first component with a '.' or a ':' (a port), or 'localhost', names the registry."""
+    first, _, rest = ref.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return ref
+    return f"docker.io/{ref}" if rest else f"docker.io/library/{ref}"
+
+
 def _pull(project: Project, platform: str, reg: Registry, name: str, cache, log) -> tuple[Base, str] | None:
     """Copy base.image for platform into the project registry and pin it; None when its registry is offline."""
     ref = project.base.image
-    host, src_name, reference = split_ref(ref if "/" in ref.split(":")[0] else f"docker.io/library/{ref}")
+    host, src_name, reference = split_ref(qualified(ref))
     host = "registry-1.docker.io" if host == "docker.io" else host
     # The project's login goes to the project's registry only: never to Docker Hub or the base's registry.
     src = Registry(host, retries=1, timeout=10, login=reg.login)

@@ -342,8 +342,8 @@ class PartialNotAllowed(EnvironmentProblem):
         self.partial = partial
         names = [r.label() for r in partial]
         why = "; ".join(f"{r.label()}: {r.why_partial}" for r in partial)
-        super().__init__(f"smoke was partial for {', '.join(names)} (every check that ran passed, but the service "
-                         f"itself never started: {why}); nothing was promoted",
+        super().__init__(f"smoke was partial (every check that ran passed, but the service itself never started): "
+                         f"{why}; nothing was promoted",
                          f"give that platform an engine of its own architecture (smoke.engines or builders in "
                          f"{file}), or allow promoting them as partial: smoke: {{allow_partial: {names}}} "
                          "(the backend manifest records it)")
