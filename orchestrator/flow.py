@@ -285,7 +285,8 @@ def run(project: spec_mod.Project, service: str, backend: str | None = None, man
     started = launch_mod.launch(daemon.docker_client(), data, host.platform, project.services[service].port,
                                 f"orch-{project.name}-{service}", override=backend, host_port=host_port, log=log)
     if started.backend:
-        log(f"{started.backend} smoke: {manifests.describe_smoke(*manifests.smoke_record(data, host.platform, started.backend))}")
+        record, gate = manifests.smoke_record(data, host.platform, started.backend)
+        log(f"{started.backend} smoke: {manifests.describe_smoke(record, gate)}")
     return started
 
 
