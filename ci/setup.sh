@@ -15,9 +15,11 @@ cd "$(dirname "$0")/.."
 # `git status`; a minimal Debian 12 has no git), and two that a full Debian
 # install has but a minbase root (a container) lacks: procps (pkill:
 # bench/first_run.sh's cleanup) and iproute2 (ip: the second-engine tests).
+# gcc and libc6-dev build the stand-ins for the NVIDIA libraries
+# (tests/gpu_standins.py) that bench/gpu_check.py's tests load.
 packages=(python3 python3-venv python3-pip ca-certificates openssl docker.io docker-registry
           mmdebstrap arch-test qemu-user-static binfmt-support uidmap nix-bin gpgv debian-archive-keyring
-          git procps iproute2)
+          git procps iproute2 gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -30,6 +30,7 @@ from orchestrator.host import probe
 from orchestrator.machine import doctor as doctor_mod
 from orchestrator.machine import registry_server
 from orchestrator.machine import status as status_mod
+from orchestrator.oci import backends as manifests_mod
 
 PROJECT_FILE = "project.yaml"
 PROJECT_HELP = "project file (default: $ORCH_PROJECT, else project.yaml here or in the nearest directory above)"
@@ -242,10 +243,14 @@ def smoke(c, project=None, service="all", backend="all", platform="all", ready_t
     if json:
         print_json([r.as_json() for r in results])
     else:
-        table("smoke", ["service", "backend", "platform", "result", "checks", "seconds"],
-              [[r.variant.service, r.variant.backend, r.variant.platform, "pass" if r.ok else "FAIL",
-                f"{sum(c.ok for c in r.checks)}/{len(r.checks)}", f"{r.seconds:.0f}"] for r in results])
+        # ran: the service answered /health, /ready and /info; partial: it never started here (why below).
+        table("smoke", ["service", "backend", "platform", "result", "checks", "engine", "seconds"],
+              [[r.variant.service, r.variant.backend, r.variant.platform, r.result if r.ok else "FAIL",
+                f"{sum(c.ok for c in r.checks)}/{len(r.checks)}",
+                r.engine + ("" if r.native else " (QEMU)"), f"{r.seconds:.0f}"] for r in results])
         for r in results:
+            if r.ok and r.result == "partial":
+                log(f"{r.label()} partial: {r.why_partial}")
             if not r.ok:
                 log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform} failed: "
                     + "; ".join(f"{c.name}: {c.detail}" for c in r.failures()))
@@ -267,10 +272,24 @@ def publish(c, project=None, service="all", no_smoke=False, json=False):
     proj = load(project)
     services = parse_list(service, proj.services, "service", proj.file.name)
     report = flow.publish(proj, services, log=_quiet(json), smoke=not no_smoke)
+    records = [(svc, platform, backend, spec.get("smoke"), manifest.get("smoke") or {})
+               for svc, manifest in report.published.items()
+               for platform, entry in manifest["platforms"].items() for backend, spec in entry["backends"].items()]
     if json:
         print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts,
-                    "manifests": {k: str(v) for k, v in report.manifests.items()}})
+                    "manifests": {k: str(v) for k, v in report.manifests.items()},
+                    "smoke": {"tested": len(report.smoke), "reused": len(report.reused),
+                              "variants": [{"service": s, "platform": p, "backend": b, "record": rec}
+                                           for s, p, b, rec, _ in records]}})
         return
+    if records:
+        table("smoke records", ["service", "backend", "platform", "smoke", "by"],
+              [[s, b, p, (rec or {}).get("result") or ("-" if top.get("ran") else "skipped"),
+                "" if not rec else "an earlier publish" if rec.get("reused") else "this publish"]
+               for s, p, b, rec, top in records])
+        for s, p, b, rec, top in records:
+            if rec and rec["result"] == "partial":
+                log(f"{s}/{b} {p}: {manifests_mod.describe_smoke(rec, top)}")
     for svc, path in report.manifests.items():
         log(f"{svc}: {report.artifacts[svc]} (written to {path.relative_to(proj.root)})")
     log(f"uploaded {report.uploaded_bytes:,} bytes" + (" (nothing changed)" if report.uploaded_bytes == 0 else ""))
@@ -311,6 +330,7 @@ def select_(c, service=None, project=None, backend=None, manifest=None, root="/"
         return
     for reason in choice.reasons:
         log(f"  {reason}")
+    log(f"  smoke: {manifests_mod.describe_smoke(choice.smoke, choice.smoke_gate)}")
     log(f"{choice.backend}: {choice.image}" + (" (not verified against the registry: --no-verify)" if no_verify else ""))
 
 
@@ -394,7 +414,7 @@ def engine_down(c):
 def engine_gc(c, project=None, keep="2", dry_run=False):
     """Free registry disk: delete unreferenced content tags (keeping the newest --keep), then their blobs."""
     proj = load(project)
-    report = flow.gc(proj.registry, count(keep, "--keep"), dry_run=dry_run, log=log)
+    report = flow.gc(proj.registry, count(keep, "--keep"), dry_run=dry_run, log=log, login=proj.login)
     log(report if isinstance(report, str) else report.summary())
 
 

@@ -109,7 +109,7 @@ def lock(project: spec_mod.Project, log=print, upgrade: bool = False) -> list[Pa
 def _lock(project: spec_mod.Project, log, upgrade: bool) -> list[Path]:
     changed: list[Path] = []
     stale_paths = {s.path for s in lock_mod.check(project)}
-    reg = Registry(project.registry)
+    reg = Registry(project.registry, login=project.login)
     # The base pin is a lock like the others (`lock --check` names it): a new project, or one whose
     # base settings changed, gets it here as `engine.up` would give it, so lock alone makes the check pass.
     for platform in daemon.base_platforms(project):
@@ -213,12 +213,27 @@ def variants(project: spec_mod.Project, services=None, backends=None, platforms=
                                                          log=log or (lambda *_: None)))
 
 
+def smoke_engines(project: spec_mod.Project, platforms) -> dict[str, smoke_mod.Engine]:
+    """The engine each platform's smoke containers run on where the project names one (smoke.engines, else
+    builders); platforms left out run on the default engine."""
+    out = {}
+    for platform in sorted(set(platforms)):
+        builder = daemon.smoke_engine_for(project, platform)
+        if builder is None:
+            continue
+        client = daemon.docker_client(builder=builder)
+        out[platform] = smoke_mod.Engine(client, builder.key, daemon.engine_platform(client, builder.host),
+                                         daemon.builder_env(builder))
+    return out
+
+
 def smoke(project: spec_mod.Project, services=None, backends=None, platforms=None, log=print,
           ready_timeout: float = smoke_mod.READY_TIMEOUT, jobs: int | None = None) -> list[smoke_mod.VariantResult]:
     """Smoke-test every variant of the current inputs, building what is not built yet."""
     with run_lock(project, "smoke"):
         chosen = variants(project, services, backends, platforms, log=log)
-        return smoke_mod.run(chosen, daemon.docker_client(), log=log, ready_timeout=ready_timeout, jobs=jobs)
+        return smoke_mod.run(chosen, daemon.docker_client(), log=log, ready_timeout=ready_timeout, jobs=jobs,
+                             engines=smoke_engines(project, {v.platform for v in chosen}), login=project.login)
 
 
 def publish(project: spec_mod.Project, services: list[str] | None = None, log=print, smoke: bool = True,
@@ -233,25 +248,36 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
         if smoke and project.compression == "zstd":
             publish_mod.check_engine_pulls_zstd(daemon.docker_client().version().get("Version", "0"))
         results = build(project, services=services, log=log)
-        checked, smoked = [], 0
+        checked, gate = [], publish_mod.SmokeGate(False)
         if smoke:
             chosen = smoke_mod.variants_from_builds(project, results)
-            passed = publish_mod.promoted_and_smoked(project, services)
-            todo = [v for v in chosen if v.image not in passed]
+            engines = smoke_engines(project, {v.platform for v in chosen})
+            previous = publish_mod.promoted_manifests(project, services)
+            reused = publish_mod.reusable_records(project, previous, {p: e.name for p, e in engines.items()})
+            todo = [v for v in chosen if v.image not in reused]
             if len(todo) < len(chosen):
-                log(f"smoke: {len(chosen) - len(todo)} image(s) already passed smoke in the promoted release; "
-                    "not re-run")
+                log(f"smoke: {len(chosen) - len(todo)} image(s) were smoke-tested for the promoted release; "
+                    "their records are reused, not re-run")
             checked = smoke_mod.run(todo, daemon.docker_client(), log=log, ready_timeout=ready_timeout,
-                                    jobs=jobs) if todo else []
+                                    jobs=jobs, engines=engines, login=project.login) if todo else []
             failed = [r for r in checked if not r.ok]
             if failed:
                 raise publish_mod.SmokeFailed(failed)
-            smoked = len(chosen)
+            gate = publish_mod.smoke_gate(project, checked, {v.image: reused[v.image] for v in chosen
+                                                             if v.image in reused}, previous)
+            log(f"smoke: {len(checked)} variant(s) smoke-tested by this publish "
+                f"({sum(r.result == 'ran' for r in checked)} ran, {sum(r.result == 'partial' for r in checked)} "
+                f"partial), {len(chosen) - len(todo)} reused from the promoted release")
+            for r in checked:
+                if r.result == "partial":
+                    log(f"smoke: {r.label()} is partial, promoted as {publish_mod.ALLOW_PARTIAL} allows: "
+                        f"{r.why_partial}")
         else:
             log("smoke tests skipped (--no-smoke): the backend manifest records smoke.ran = false")
-        report = publish_mod.promote(project, results, services, smoke, smoked, log)
+        report = publish_mod.promote(project, results, services, log=log, gate=gate)
         report.uploaded_bytes += sum(r.uploaded_bytes for r in results)
         report.smoke = checked
+        report.reused = {image: r for image, r in gate.records.items() if r.get("reused")}
         return report
 
 
@@ -262,15 +288,15 @@ def backend_manifest(project: spec_mod.Project, service: str, manifest_file: str
     ref = f"{project.repository(service)}:{manifests.artifact_tag(project.services[service].version)}"
     if manifest_file:
         return manifests.load_manifest_file(manifest_file), manifest_file, ref
-    return manifests.fetch_manifest(ref), ref, ref  # fetch_manifest checks the artifact's digests
+    return manifests.fetch_manifest(ref, project.login), ref, ref  # fetch_manifest checks the artifact's digests
 
 
-def verify(data: dict, source: str, ref: str, platform: str, backend_names) -> None:
+def verify(data: dict, source: str, ref: str, platform: str, backend_names, login=None) -> None:
     """Refuse a manifest file the registry does not serve, and backends whose images or tags moved."""
     if source != ref:
-        verify_mod.check_file_matches_registry(data, source, ref)
+        verify_mod.check_file_matches_registry(data, source, ref, login=login)
     for backend in backend_names:
-        verify_mod.check_backend(data, platform, backend, source)
+        verify_mod.check_backend(data, platform, backend, source, login=login)
 
 
 def select(project: spec_mod.Project, service: str, host: probe_mod.Host, backend: str | None = None,
@@ -279,7 +305,7 @@ def select(project: spec_mod.Project, service: str, host: probe_mod.Host, backen
     data, source, ref = backend_manifest(project, service, manifest_file)
     choice = select_mod.select(data, host, backend, source)
     if check:
-        verify(data, source, ref, choice.platform, [choice.backend])
+        verify(data, source, ref, choice.platform, [choice.backend], project.login)
     return choice, source
 
 
@@ -289,9 +315,14 @@ def run(project: spec_mod.Project, service: str, backend: str | None = None, man
     host = probe_mod.probe()
     data, source, ref = backend_manifest(project, service, manifest_file)
     # Always verified: run may walk the whole fallback list, and starts each image by digest.
-    verify(data, source, ref, host.platform, sorted((data["platforms"].get(host.platform) or {}).get("backends") or {}))
-    return launch_mod.launch(daemon.docker_client(), data, host.platform, project.services[service].port,
-                             f"orch-{project.name}-{service}", override=backend, host_port=host_port, log=log)
+    verify(data, source, ref, host.platform, sorted((data["platforms"].get(host.platform) or {}).get("backends") or {}),
+           project.login)
+    started = launch_mod.launch(daemon.docker_client(), data, host.platform, project.services[service].port,
+                                f"orch-{project.name}-{service}", override=backend, host_port=host_port, log=log)
+    if started.backend:
+        record, gate = manifests.smoke_record(data, host.platform, started.backend)
+        log(f"{started.backend} smoke: {manifests.describe_smoke(record, gate)}")
+    return started
 
 
 def sbom(project: spec_mod.Project, service: str, backend: str, platform: str) -> tuple[str, bytes]:
@@ -317,15 +348,16 @@ def engine_up(project: spec_mod.Project, bootstrap_now: bool = False, log=print)
 
 
 def gc(host: str, keep: int, dry_run: bool = False, log=print, config: Path | None = None,
-       state: Path | None = None):
+       state: Path | None = None, login=None):
     """`engine.gc`: apply the retention policy to a registry (see orchestrator.release.retention).
 
     A dry run reads only, so it takes no lock; a real run holds the push lock alone.
+    login: the environment's login (project.login), sent to its own host only.
     """
     if dry_run:
-        return gc_mod.gc(host, keep, dry_run=True, log=log, config=config)
+        return gc_mod.gc(host, keep, dry_run=True, log=log, config=config, login=login)
     with gc_lock(host, log, state):
-        return gc_mod.gc(host, keep, dry_run=False, log=log, config=config)
+        return gc_mod.gc(host, keep, dry_run=False, log=log, config=config, login=login)
 
 
 # --- who may push when ---------------------------------------------------------------

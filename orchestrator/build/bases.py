@@ -96,7 +96,7 @@ def ensure(project: Project, platform: str, reg: Registry | None = None, cache: 
     With defer, a base that only a bootstrap can make, and that a bootstrap now would make exactly as
     pinned, is left for later: returns (None, why it is safe to wait). Only defer callers get None.
     """
-    reg = reg or Registry(project.registry)
+    reg = reg or Registry(project.registry, login=project.login)
     cache = cache or layers_mod.default_cache()
     c = layers_mod.codec(project.compression)
     repo = repository(project)
@@ -194,7 +194,7 @@ def _copy_from_pinned_registry(pin: Pin, reg: Registry, name: str, c, log) -> im
     same = host == reg.host  # another repository (a namespace) of this registry: mount, move no bytes
     if same and src_name == name:
         return None
-    src = reg if same else Registry(host, retries=1, timeout=10)
+    src = reg if same else Registry(host, retries=1, timeout=10, login=reg.login)  # the login: its own host only
     if not same and not src.ping():
         return None
     img = _from_registry(src, src_name, pin, c)
@@ -249,12 +249,22 @@ def _bootstrap_once(project: Project, platform: str, reg: Registry, name: str, c
 
 # --- pulling a configured image (through the registry API, not the engine) ---
 
+def qualified(ref: str) -> str:
+    """Docker's reading of an image name: 'python:3.11' and 'library/python:3.11' are Docker Hub's;
+    a first component with a '.' or a ':' (a port), or 'localhost', names the registry."""
+    first, _, rest = ref.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return ref
+    return f"docker.io/{ref}" if rest else f"docker.io/library/{ref}"
+
+
 def _pull(project: Project, platform: str, reg: Registry, name: str, cache, log) -> tuple[Base, str] | None:
     """Copy base.image for platform into the project registry and pin it; None when its registry is offline."""
     ref = project.base.image
-    host, src_name, reference = split_ref(ref if "/" in ref.split(":")[0] else f"docker.io/library/{ref}")
+    host, src_name, reference = split_ref(qualified(ref))
     host = "registry-1.docker.io" if host == "docker.io" else host
-    src = Registry(host, retries=1, timeout=10)
+    # The project's login goes to the project's registry only: never to Docker Hub or the base's registry.
+    src = Registry(host, retries=1, timeout=10, login=reg.login)
     if not src.ping():
         log(f"[base] {host} cannot be reached (offline); bootstrapping {project.base.suite} with mmdebstrap instead "
             f"of {ref}, as base.bootstrap.when: offline allows")

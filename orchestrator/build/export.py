@@ -269,15 +269,17 @@ def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.kill()
 
 
-def engine_docker_config(host: str) -> str | None:
+def engine_docker_config(host: str, login=None) -> str | None:
     """A private DOCKER_CONFIG for the build client holding the credentials our registry client uses.
+
+    login: the environment's login (registry.EnvLogin); written only if it is for host.
 
     BuildKit pulls the build base through the docker CLI's credentials, which
     never see REGISTRY_USERNAME/REGISTRY_PASSWORD or a credential helper's
     answer: one credential configuration for everything the tool sends.
     None when there are no credentials (the CLI's own config is used).
     """
-    auth = docker_auth_config(host)
+    auth = docker_auth_config(host, login)
     if not auth:
         return None
     host = registry_host(host)

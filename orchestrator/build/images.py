@@ -92,7 +92,7 @@ def build(project: Project, plan: BuildPlan, texts: dict[str, str], log=print, f
 
     Returns one result per image, in plan order, once every manifest is in the registry.
     """
-    reg = Registry(project.registry)
+    reg = Registry(project.registry, login=project.login)
     reg.check()
     # Only the engines of the platforms this run builds must answer.
     builders = {p: daemon.builder_for(project, p) for p in dict.fromkeys(i.platform for i in plan.images)}
@@ -138,12 +138,12 @@ class _Run:
         needed = list(dict.fromkeys([*(i.platform for i in plan.images), *natives.values()]))
         self.bases = base_mod.Bases(project, needed, [p for p in needed if p not in natives.values()], reg,
                                     self.cache, log)
-        self.uploader = Uploader(reg.host, log)
-        self.docker_config = export.engine_docker_config(reg.host)  # BuildKit pulls the build base with our credentials
+        self.uploader = Uploader(reg.host, log, login=reg.login)
+        self.docker_config = export.engine_docker_config(reg.host, reg.login)  # BuildKit pulls the build base with our credentials
 
     def on_builder(self, builder: Builder, images: list[tuple[int, ImagePlan]]) -> None:
         """One builder's images, in order (run in that builder's thread)."""
-        here = Registry(self.project.registry) if self.per_thread_registry else self.reg  # a client per thread
+        here = Registry(self.project.registry, login=self.project.login) if self.per_thread_registry else self.reg  # a client per thread
         build_base = self.bases.get(self.natives[builder])
         libs: dict[tuple[str, str], BuildResult] = {}  # (CUDA line, platform) -> cuda-libs result
         for i, image in images:

@@ -87,10 +87,13 @@ class Choice:
     reasons: tuple[str, ...]  # why each earlier backend was skipped, then why this one
     candidates: tuple[str, ...]  # the order walked, from the default
     host: Host | None = None  # what the probe found, GPUs included
+    smoke: dict | None = None  # the chosen image's smoke record in the manifest (what its smoke test ran)
+    smoke_gate: dict | None = None  # the manifest's top-level smoke section (ran, variants, partial)
 
     def as_json(self) -> dict:
         out = {"backend": self.backend, "image": self.image, "platform": self.platform,
-               "reasons": list(self.reasons), "candidates": list(self.candidates)}
+               "reasons": list(self.reasons), "candidates": list(self.candidates),
+               "smoke": self.smoke, "smoke_gate": self.smoke_gate}
         if self.host is not None:
             out["host"] = self.host.as_json()
         return out
@@ -214,7 +217,8 @@ def select(manifest: dict, host: Host, override: str | None = None, source: str 
             raise UserError(f"backend {override!r} was asked for, but this host cannot run it: {v.detail}",
                             "drop the override to let selection fall back")
         why = f"{override}: asked for (override)" + (_met(v.detail) if v.detail else "")
-        return Choice(override, backends[override]["image"], host.platform, (why,), (override,), host)
+        return Choice(override, backends[override]["image"], host.platform, (why,), (override,), host,
+                      backends[override].get("smoke"), manifest.get("smoke"))
     reasons = []
     for name in order:
         v = check(name, backends[name], host)
@@ -223,6 +227,7 @@ def select(manifest: dict, host: Host, override: str | None = None, source: str 
             continue
         reasons.append(f"{name}: " + ("default" if name == entry.get("default") else "next in the fallback list")
                        + (_met(v.detail) if backends[name].get("requires") else ""))
-        return Choice(name, backends[name]["image"], host.platform, tuple(reasons), tuple(order), host)
+        return Choice(name, backends[name]["image"], host.platform, tuple(reasons), tuple(order), host,
+                      backends[name].get("smoke"), manifest.get("smoke"))
     raise UserError(f"no backend in {source} can run on this host: " + "; ".join(reasons),
                     "add a cpu backend to the fallback list, or update the driver / the GPUs made visible")

@@ -173,6 +173,11 @@ def builder_for(project, platform: str, environ=None) -> Builder:
     return project.builders.get(platform) or default_builder(environ)
 
 
+def smoke_engine_for(project, platform: str) -> Builder | None:
+    """The engine that runs platform's smoke containers: `smoke.engines`, else `builders:`, else None (the default)."""
+    return project.smoke.engines.get(platform) or project.builders.get(platform)
+
+
 def builder_env(builder: Builder | None, environ=None) -> dict[str, str]:
     """The environment for a docker CLI or docker-py that talks to builder.
 

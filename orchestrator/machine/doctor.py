@@ -172,8 +172,10 @@ def tls_problem(host: str, timeout: float = 10) -> str | None:
 
 
 def check_registry(host: str, probe_repository: str = PROBE_REPOSITORY,
-                   tls: Callable[[str], str | None] = tls_problem) -> list[Finding]:
-    """Reachable, TLS trusted, and writable with the configured credentials (a real upload)."""
+                   tls: Callable[[str], str | None] = tls_problem, login=None) -> list[Finding]:
+    """Reachable, TLS trusted, and writable with the configured credentials (a real upload).
+
+    login: the environment's login (project.login), which applies to its own host only."""
     name = f"registry {host}"
     loopback = is_loopback(host)
     if not loopback:
@@ -182,7 +184,7 @@ def check_registry(host: str, probe_repository: str = PROBE_REPOSITORY,
             return [Finding(f"{name} tls", False, True, f"its TLS certificate is not trusted: {problem}",
                             "add the registry's CA to the bundle in SSL_CERT_FILE (tasks and builds) and to "
                             f"/etc/docker/certs.d/{registry_host(host)}/ca.crt (the engine)")]
-    reg = Registry(host, retries=0, timeout=10)
+    reg = Registry(host, retries=0, timeout=10, login=login)
     try:
         reg.check()
     except OrchestratorError as e:
@@ -202,8 +204,10 @@ def _write_probe(reg, host: str, repository: str) -> Finding:
     try:
         reg.upload_blob(repository, data)
     except OrchestratorError as e:
-        creds = ("REGISTRY_USERNAME/REGISTRY_PASSWORD" if os.environ.get("REGISTRY_USERNAME")
-                 else "no REGISTRY_USERNAME/REGISTRY_PASSWORD set")
+        login = getattr(reg, "login", None)
+        creds = ("no REGISTRY_USERNAME/REGISTRY_PASSWORD set" if login is None else
+                 "REGISTRY_USERNAME/REGISTRY_PASSWORD" if login.applies_to(host) else
+                 f"REGISTRY_USERNAME/REGISTRY_PASSWORD are for {login.host} only")
         return Finding(name, False, True, f"upload to {repository} failed: {e.message} ({creds})",
                        e.hint or "check that these credentials may push to this registry")
     return Finding(name, True, True, f"uploaded a {len(data)}-byte blob to {repository}")
@@ -214,7 +218,8 @@ def check_registries(project: Project) -> list[Finding]:
     findings = []
     for host in dict.fromkeys([project.registry]):
         findings += _guard(f"registry {host}", True,
-                           lambda h=host: check_registry(h, f"{project.name}/{PROBE_REPOSITORY}"))
+                           lambda h=host: check_registry(h, f"{project.name}/{PROBE_REPOSITORY}",
+                                                         login=project.login))
     return findings
 
 

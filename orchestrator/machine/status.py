@@ -38,7 +38,7 @@ def status(project: Project) -> list[tuple[str, str]]:
                                                 f"a {engine_platform(client, builder.host)} engine"))
         except EnvironmentProblem as e:
             rows.append((f"builder {platform}", e.message))
-    reg = Registry(project.registry, retries=0, timeout=5)
+    reg = Registry(project.registry, retries=0, timeout=5, login=project.login)
     rows.append(("registry", f"{project.registry} " + ("answering" if reg.ping() else "not answering (invoke engine.up)")))
     for platform in project.platforms:
         pin = basepin.read_pins(project).get(platform)

@@ -93,10 +93,13 @@ def push_artifact(reg: Registry, name: str, tag: str, payload: bytes, title: str
     return digest, sent_config + sent_layer + sent_manifest
 
 
-def fetch_manifest(ref: str) -> dict:
-    """Read a backend manifest artifact (repo:<version>-backends), verifying digests and schema."""
+def fetch_manifest(ref: str, login=None) -> dict:
+    """Read a backend manifest artifact (repo:<version>-backends), verifying digests and schema.
+
+    login: the environment's login (registry.EnvLogin), sent only if it is for ref's host.
+    """
     host, name, reference = split_ref(ref)
-    reg = Registry(host)
+    reg = Registry(host, login=login)
     m = reg.get_manifest(name, reference)
     if m is None:
         raise UserError(f"{ref} is not in the registry", "run `invoke publish` first, or pass --manifest FILE")
@@ -110,6 +113,28 @@ def fetch_manifest(ref: str) -> dict:
         raise UserError(f"{ref}: the backend manifest is not JSON") from None
     validate(manifest, ref)
     return manifest
+
+
+def smoke_record(manifest: dict, platform: str, backend: str) -> tuple[dict | None, dict]:
+    """(the backend's smoke record or None, the manifest's top-level smoke section)."""
+    spec = ((manifest.get("platforms") or {}).get(platform) or {}).get("backends", {}).get(backend) or {}
+    return spec.get("smoke"), manifest.get("smoke") or {}
+
+
+def describe_smoke(record: dict | None, top: dict | None = None) -> str:
+    """One line saying what a backend's smoke record says ran (select, run and publish print it)."""
+    if not record:
+        if top is not None and not top.get("ran", True):
+            return "not smoke-tested (published with --no-smoke)"
+        return "no smoke record for this image (published before per-image records)"
+    where = (record.get("engine") or "an engine") + ("" if record.get("native", True) else " under QEMU")
+    when = ", by an earlier publish of the same digest" if record.get("reused") else ""
+    checks = len(record.get("checks") or [])
+    if record["result"] == "ran":
+        return f"ran: the service answered /health, /ready and /info; {checks} checks passed on {where}{when}"
+    why = (record.get("service") or {}).get("why_not") or "the service was not started"
+    return (f"PARTIAL: {why}; {checks} other checks passed on {where}{when}; promoted as partial because "
+            f"{record.get('allowed_by') or 'smoke.allow_partial'} names it")
 
 
 def load_manifest_file(path: str) -> dict:

@@ -51,8 +51,8 @@ def _upload_layer(reg: Registry, name: str, layer: Layer, mount_from, log) -> in
 class Uploader:
     """Uploads layer blobs in the background; `wait()` returns the bytes sent."""
 
-    def __init__(self, host: str, log=None, workers: int = 2):
-        self.host, self.log = host, log
+    def __init__(self, host: str, log=None, workers: int = 2, login=None):
+        self.host, self.log, self.login = host, log, login  # login: the environment's (auth.EnvLogin), if any
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
         self.local = threading.local()
         self.futures: dict[tuple[str, str], Future] = {}
@@ -64,7 +64,7 @@ class Uploader:
     def _reg(self) -> Registry:
         # One client per thread: each keeps its own session and token.
         if not hasattr(self.local, "reg"):
-            self.local.reg = Registry(self.host)
+            self.local.reg = Registry(self.host, login=self.login)
         return self.local.reg
 
     def submit(self, name: str, layer: Layer, mount_from=()) -> Future:
@@ -95,7 +95,7 @@ class Uploader:
 
         def finish() -> tuple[int, int]:
             sent, layers_sent = self.wait_counted(keys)
-            reg = Registry(reg_host)
+            reg = Registry(reg_host, login=self.login)
             _, config_sent = reg.upload_blob(name, img.config)
             _, manifest_sent = reg.put_manifest_if_changed(name, tag or img.digest, img.manifest(), OCI_MANIFEST)
             return sent + config_sent + manifest_sent, layers_sent
@@ -140,7 +140,7 @@ def push_image(reg: Registry, name: str, img: Image, tag: str | None, log=None, 
                uploader: Uploader | None = None) -> int:
     """Push img's blobs, config and manifest (under tag, or by digest); returns bytes sent."""
     own = uploader is None
-    uploader = uploader or Uploader(reg.host, log)
+    uploader = uploader or Uploader(reg.host, log, login=reg.login)
     try:
         keys = {(name, layer.digest) for layer in img.layers}
         for layer in img.layers:

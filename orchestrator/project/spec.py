@@ -20,6 +20,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from orchestrator.common.errors import SpecError
+from orchestrator.oci.registry.auth import EnvLogin, env_login
 from orchestrator.project import compat as compat_mod
 from orchestrator.project.validate import (BUILDER_EXAMPLES, allow_sdist, check_requirements_file, describe, endpoint_problem,
                                           expect_file, image_ref_problem, parse_yaml, project_schema, registry_problem,
@@ -36,6 +37,8 @@ PLATFORM_RE = re.compile(r"^linux/(amd64|arm64)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 PYTHON_TAG_RE = re.compile(r"^(\d+)\.(\d+)(?:$|[.-])")
+VARIANT_RE = re.compile(r"^([^/\s]+)/([^/\s]+) (linux/[a-z0-9]+)$")  # smoke.allow_partial: 'tts/cuda13 linux/arm64'
+
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,17 @@ class Builder:
 
 
 @dataclass(frozen=True)
+class SmokeSettings:
+    """`smoke:`: where each platform's smoke containers run, and which variants may be promoted partial."""
+
+    engines: dict[str, Builder] = field(default_factory=dict)  # platform -> engine (smoke.engines)
+    allow_partial: tuple[str, ...] = ()  # 'service/backend platform', as written
+
+    def allows_partial(self, label: str) -> bool:
+        return label in self.allow_partial
+
+
+@dataclass(frozen=True)
 class Project:
     file: Path
     root: Path
@@ -179,6 +193,10 @@ class Project:
     # Platform -> the engine that builds it; platforms not listed build on the default engine.
     builders: dict[str, Builder] = field(default_factory=dict)
     layer_split: LayerSplit = LayerSplit()
+    smoke: SmokeSettings = SmokeSettings()
+    # REGISTRY_USERNAME/REGISTRY_PASSWORD, read when the file is loaded, for this registry (or REGISTRY_HOST's)
+    # only: every registry client gets it and sends it to that host alone.
+    login: EnvLogin | None = field(default=None, repr=False, compare=False)
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
@@ -222,11 +240,12 @@ def load(path: str | os.PathLike) -> Project:
     return _build(path, data)
 
 
-def _builders(file: str, data: dict, platforms: tuple[str, ...], root: Path) -> dict[str, Builder]:
-    """`builders:` checked: each key one of the project's platforms, each value an endpoint we can build on."""
+def _builders(file: str, data: dict, platforms: tuple[str, ...], root: Path,
+              section: str = "builders") -> dict[str, Builder]:
+    """`builders:` (or `smoke.engines:`) checked: each key one of the project's platforms, each value an endpoint."""
     out: dict[str, Builder] = {}
     for platform, value in data.items():
-        key = f"builders.{platform}"
+        key = f"{section}.{platform}"
         if platform not in platforms:
             raise SpecError(file, key, f"{platform!r} is not one of the project's platforms {list(platforms)}",
                             f"add {platform} to platforms, or remove {key}")
@@ -295,7 +314,33 @@ def _build(path: Path, data: dict) -> Project:
                    platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"),
                    project_system, allow_sdist(file, data.get("allow_sdist", False)),
                    _builders(file, data.get("builders") or {}, platforms, root),
-                   LayerSplit(**(data.get("layer_split") or {})))
+                   LayerSplit(**(data.get("layer_split") or {})),
+                   _smoke(file, data.get("smoke") or {}, platforms, root, backends, services),
+                   env_login(os.environ, registry))
+
+
+def _smoke(file: str, data: dict, platforms: tuple[str, ...], root: Path, backends: dict[str, Backend],
+           services: dict[str, Service]) -> SmokeSettings:
+    """`smoke:`: engines as `builders:` takes them; allow_partial naming variants the project has."""
+    engines = _builders(file, data.get("engines") or {}, platforms, root, section="smoke.engines")
+    allowed = tuple(data.get("allow_partial") or ())
+    for i, label in enumerate(allowed):
+        key = f"smoke.allow_partial[{i}]"
+        m = VARIANT_RE.match(label)
+        if not m:
+            raise SpecError(file, key, f"{label!r} does not name a variant",
+                            "write 'service/backend platform', e.g. 'tts/cuda13 linux/arm64'")
+        service, backend, platform = m.groups()
+        if service not in services:
+            raise SpecError(file, key, f"no service {service!r}; the project has {sorted(services)}",
+                            f"name one of {sorted(services)}, or remove the entry")
+        if backend not in services[service].backends:
+            raise SpecError(file, key, f"service {service} has no backend {backend!r}; it has "
+                            f"{list(services[service].backends)}", "name one of them, or remove the entry")
+        if platform not in backends[backend].platforms:
+            raise SpecError(file, key, f"backend {backend} is not built for {platform} (its platforms: "
+                            f"{list(backends[backend].platforms)})", "name one of them, or remove the entry")
+    return SmokeSettings(engines, allowed)
 
 
 def _platforms(file: str, data: dict) -> tuple[str, ...]:

@@ -130,6 +130,9 @@ ONE_OF = {
     "builders.*": ("a Docker endpoint string, or {host: tcp://..., cert_path: DIR}",
                    "write e.g. linux/arm64: ssh://builder@arm-host, or {host: tcp://arm-host:2376, "
                    "cert_path: /etc/orchestrator/arm-host} for TLS (ca.pem, cert.pem, key.pem)"),
+    "smoke.engines.*": ("a Docker endpoint string, or {host: tcp://..., cert_path: DIR}",
+                        "write e.g. linux/arm64: ssh://ci@arm-host, or {host: tcp://arm-host:2376, "
+                        "cert_path: /etc/orchestrator/arm-host} for TLS (ca.pem, cert.pem, key.pem)"),
 }
 
 
@@ -143,7 +146,8 @@ def _schema_hint(err: jsonschema.ValidationError) -> str:
         want = err.validator_value
         if want == "string" and isinstance(err.instance, (int, float)) and not isinstance(err.instance, bool):
             return f"quote the value: {last}: \"{err.instance}\""
-        return f"write a {' or '.join(want) if isinstance(want, list) else want} at {_keypath(err.absolute_path)}"
+        what = " or ".join(want) if isinstance(want, list) else want
+        return f"write {'an' if what[:1] in 'aeiou' else 'a'} {what} at {_keypath(err.absolute_path)}"
     if v in ("enum", "const"):
         want = err.validator_value if v == "enum" else [err.validator_value]
         return "use " + " or ".join(repr(w) for w in want)
@@ -190,7 +194,7 @@ def _schema_error_bare(file: str, err: jsonschema.ValidationError) -> SpecError:
         return SpecError(file, key, f"expected at least one entry, found an empty {empty}")
     if v in ("minimum", "maximum"):
         return SpecError(file, key, f"expected {v} {err.validator_value}, found {err.instance}")
-    one_of = ONE_OF.get(key) or ONE_OF.get(key.split(".", 1)[0] + ".*")
+    one_of = ONE_OF.get(key) or ONE_OF.get(key.split(".", 1)[0] + ".*") or ONE_OF.get(key.rsplit(".", 1)[0] + ".*")
     if v == "oneOf" and one_of:
         want, fix = one_of
         return SpecError(file, key, f"expected {want}, found {describe(err.instance)}", fix)

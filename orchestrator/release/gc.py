@@ -121,7 +121,8 @@ class GcReport:
                 f"{kept}; freed {self.freed / 1e6:,.1f} MB in {self.storage}")
 
 
-def gc(host: str, keep: int = 2, dry_run: bool = False, log=say, config: Path | None = None) -> GcReport | str:
+def gc(host: str, keep: int = 2, dry_run: bool = False, log=say, config: Path | None = None,
+       login=None) -> GcReport | str:
     """Apply the retention policy, then free the blobs nothing names any more.
 
     Deletes through the registry API (DELETE of each unreferenced content
@@ -138,7 +139,7 @@ def gc(host: str, keep: int = 2, dry_run: bool = False, log=say, config: Path | 
     local = local_registry(host, config)
     if local is None:
         return f"{host} is not the embedded registry; nothing to do (use your registry's own garbage collection)"
-    reg = Registry(host, retries=1, timeout=30)
+    reg = Registry(host, retries=1, timeout=30, login=login)
     if not reg.ping():
         raise EnvironmentProblem(f"registry {host} is not answering", "start it with `invoke engine.up`")
     if not serving(local.config):

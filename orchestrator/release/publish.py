@@ -8,10 +8,18 @@ human tags, then the nested backend manifest, pushed as an OCI artifact
 under `<version>-backends` only after everything it names exists. A
 publish that fails midway, or whose smoke fails, leaves the previous
 backend manifest in place; a re-run with nothing changed uploads 0 bytes.
+
+The manifest records, per image, what its smoke test ran (`SmokeGate`):
+"ran" (the service started and answered /health, /ready and /info) or
+"partial" (it never started, and why), promoted only where the project
+allows that variant by name (`smoke.allow_partial`). A digest the promoted
+release already smoke-tested is not tested again: its record is reused,
+and the manifest's count of smoke-tested variants leaves it out.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +43,36 @@ from orchestrator.oci.registry import (
 )
 from orchestrator.project import compat as compat_mod
 from orchestrator.project.spec import Project
+from orchestrator.release.smoke.variant import DEFAULT_ENGINE, variant_label
+
+
+ALLOW_PARTIAL = "smoke.allow_partial"
+
+
+@dataclass
+class SmokeGate:
+    """What one publish's smoke gate found, for the backend manifests it promotes.
+
+    ran: smoke gated this publish (False: --no-smoke); records: image ref -> its smoke record
+    (see VariantResult.record; "reused" where an earlier publish tested that digest);
+    previous: service -> the backend manifest promoted before this publish.
+    """
+
+    ran: bool = False
+    records: dict[str, dict] = field(default_factory=dict)
+    previous: dict[str, dict] = field(default_factory=dict)
+
+    def tested_here(self) -> list[dict]:
+        return [r for r in self.records.values() if not r.get("reused")]
 
 
 @dataclass
 class PublishReport:
     builds: list = field(default_factory=list)
-    smoke: list = field(default_factory=list)
+    smoke: list = field(default_factory=list)  # VariantResults of the variants smoke-tested by this publish
+    reused: dict[str, dict] = field(default_factory=dict)  # image -> the earlier publish's record, not tested again
     manifests: dict[str, Path] = field(default_factory=dict)  # service -> file written
+    published: dict[str, dict] = field(default_factory=dict)  # service -> the backend manifest promoted
     artifacts: dict[str, str] = field(default_factory=dict)  # service -> ref@digest
     sboms: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (image, backend, platform) -> artifact digest
     uploaded_bytes: int = 0
@@ -55,11 +86,13 @@ def fallback_order(project: Project) -> list[str]:
 
 
 def backend_manifest(project: Project, service: str, results: list, indexes: dict, smoke_ran: bool,
-                     smoked: int = 0, sboms: dict | None = None) -> dict:
+                     smoked: int = 0, sboms: dict | None = None, records: dict[str, dict] | None = None) -> dict:
     """The nested manifest for one service from this run's build results.
 
     indexes: (key, backend) -> the index digest promoted for it.
     sboms: (key, backend, platform) -> the digest of the SBOM attached to that image.
+    records: image ref -> its smoke record (SmokeGate.records); with them, smoked is the number
+    of this service's records not reused from an earlier publish, and partial ones are listed.
     """
     compat = compat_mod.load()
     svc = project.services[service]
@@ -80,6 +113,8 @@ def backend_manifest(project: Project, service: str, results: list, indexes: dic
                     "size": r.assembled.size(), "torch": backend.torch_for(platform)}
             if sboms and (service, bname, platform) in sboms:
                 spec["sbom"] = sboms[(service, bname, platform)]
+            if records and spec["image"] in records:
+                spec["smoke"] = copy.deepcopy(records[spec["image"]])
             if backend.is_cuda:
                 libs = by[("cuda-libs", bname, platform)]
                 spec["requires"] = {"cuda": backend.cuda, "driver": ">=" + compat.cuda(backend.cuda).min_driver}
@@ -89,10 +124,34 @@ def backend_manifest(project: Project, service: str, results: list, indexes: dic
                 spec["cuda_libs"] = {"tag": libs.image.human_tags[0], "digest": libs.digest}
             entry["backends"][bname] = spec
         platforms[platform] = entry
+    smoke: dict = {"ran": smoke_ran, "variants": smoked}
+    if records:
+        mine = [(p, b, spec["smoke"]) for p, entry in platforms.items() for b, spec in entry["backends"].items()
+                if "smoke" in spec]
+        smoke["variants"] = sum(not rec.get("reused") for _, _, rec in mine)
+        partial = sorted(f"{service}/{b} {p}" for p, b, rec in mine if rec["result"] == "partial")
+        if partial:
+            smoke["partial"] = partial
     manifest = {"schemaVersion": SCHEMA_VERSION, "project": project.name, "service": service, "version": svc.version,
-                "platforms": platforms, "smoke": {"ran": smoke_ran, "variants": smoked}}
+                "platforms": platforms, "smoke": smoke}
     validate(manifest, f"backend manifest for {service}")
     return manifest
+
+
+def _without_smoke_news(manifest: dict) -> dict:
+    """The manifest less what only says which publish ran the smoke tests (the count, `reused`)."""
+    m = copy.deepcopy(manifest)
+    (m.get("smoke") or {}).pop("variants", None)
+    for entry in (m.get("platforms") or {}).values():
+        for spec in (entry.get("backends") or {}).values():
+            (spec.get("smoke") or {}).pop("reused", None)
+    return m
+
+
+def same_release(previous: dict | None, manifest: dict) -> bool:
+    """The promoted manifest names the same images, indexes and smoke records: a publish that changed
+    nothing and tested nothing keeps it as it is (the record of the publish that tested them)."""
+    return previous is not None and _without_smoke_news(previous) == _without_smoke_news(manifest)
 
 
 def write_manifest(project: Project, manifest: dict) -> Path:
@@ -114,11 +173,11 @@ def published_sbom(project: Project, service: str, backend: str, platform: str) 
         raise UserError(f"{service} has no {backend} image for {platform} in {project.file.name}; "
                         f"there it has {offered}", f"pick one of {offered}, or another --platform")
     ref = f"{project.repository(service)}:{artifact_tag(svc.version)}"
-    reg = Registry(project.registry)
+    reg = Registry(project.registry, login=project.login)
     if not reg.has_manifest(split_ref(ref)[1], artifact_tag(svc.version)):
         raise UserError(f"nothing is published for {service} {svc.version} yet: {ref} is not in the registry",
                         "run `invoke publish` (it attaches an SBOM to every image it promotes)")
-    manifest = fetch_manifest(ref)
+    manifest = fetch_manifest(ref, project.login)
     spec = ((manifest["platforms"].get(platform) or {}).get("backends") or {}).get(backend)
     if spec is None:
         raise UserError(f"{ref} names no {backend} image for {platform} (published before that variant existed)",
@@ -128,16 +187,18 @@ def published_sbom(project: Project, service: str, backend: str, platform: str) 
     return image, sbom_mod.fetch(reg, name, digest, spec.get("sbom"))
 
 
-def promote(project: Project, results: list, services: list[str], smoke_ran: bool, smoked: int,
-            log=print) -> PublishReport:
+def promote(project: Project, results: list, services: list[str], smoke_ran: bool = False, smoked: int = 0,
+            log=print, gate: SmokeGate | None = None) -> PublishReport:
     """Point the human tags at this run's images, then push each backend manifest (last).
 
     Per (image, backend): one OCI index over every platform built in this
     run, under its human tags (`0.1.0-cuda`, `cu124-v1`). The run built every
     platform, so an index never mixes revisions across platforms.
+    gate: what the smoke gate found (smoke_ran and smoked are its short form, without records).
     """
+    gate = gate or SmokeGate(smoke_ran)
     report = PublishReport(builds=results)
-    reg = Registry(project.registry)
+    reg = Registry(project.registry, login=project.login)
     # SBOMs before any human tag moves: an image reachable by tag has its SBOM attached.
     report.sboms, sent = attach_sboms(project, reg, results, log)
     report.uploaded_bytes += sent
@@ -161,13 +222,16 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
         indexes[(key, bname)] = image_mod.digest_of(body)
     # Backend manifests last: everything they name now exists.
     for service in services:
-        manifest = backend_manifest(project, service, results, indexes, smoke_ran, smoked, report.sboms)
+        manifest = backend_manifest(project, service, results, indexes, gate.ran, smoked, report.sboms, gate.records)
+        if gate.records and same_release(gate.previous.get(service), manifest):
+            manifest = gate.previous[service]  # nothing changed, nothing tested again: the promoted record stands
         _, name, _ = split_ref(project.repository(service) + ":x")
         tag = artifact_tag(manifest["version"])
         title = f"{manifest['service']}-{manifest['version']}.backends.json"
         digest, sent = push_artifact(reg, name, tag, manifest_bytes(manifest), title)
         # Written locally only once it is in the registry.
         report.manifests[service] = write_manifest(project, manifest)
+        report.published[service] = manifest
         report.uploaded_bytes += sent
         report.artifacts[service] = f"{project.repository(service)}:{tag}@{digest}"
         log(f"{project.repository(service)}:{tag} -> {digest[:19]}" + ("" if sent else " (unchanged)"))
@@ -217,18 +281,72 @@ def check_engine_pulls_zstd(version: str) -> None:
                         "(Docker 23+, containerd 1.5+), or pass --no-smoke to publish untested zstd images")
 
 
-def promoted_and_smoked(project: Project, services: list[str]) -> set[str]:
-    """Image digests the currently promoted backend manifests name and recorded as smoke-tested."""
-    out: set[str] = set()
+def promoted_manifests(project: Project, services: list[str]) -> dict[str, dict]:
+    """service -> the backend manifest promoted now (a service with none yet, or an unreadable one, is left out)."""
+    out: dict[str, dict] = {}
     for service in services:
         ref = f"{project.repository(service)}:{artifact_tag(project.services[service].version)}"
         try:
-            manifest = fetch_manifest(ref)
+            out[service] = fetch_manifest(ref, project.login)
         except (UserError, EnvironmentProblem):
             continue  # none yet, or unreadable: smoke everything
-        if (manifest.get("smoke") or {}).get("ran"):
-            out |= {spec["image"] for entry in manifest["platforms"].values() for spec in entry["backends"].values()}
     return out
+
+
+def reusable_records(project: Project, previous: dict[str, dict], engine_names: dict[str, str]) -> dict[str, dict]:
+    """image -> the smoke record of the promoted release that this publish may reuse instead of testing again.
+
+    A "ran" record always; a "partial" one only while the project still allows that variant and its
+    platform would be smoked on the same engine again (a new native engine gets its chance to run it).
+    A manifest published before records existed (or with --no-smoke) has none: those digests are tested.
+    engine_names: platform -> the name of the engine its smoke runs on now (absent: the default engine).
+    """
+    out: dict[str, dict] = {}
+    for service, manifest in previous.items():
+        if not (manifest.get("smoke") or {}).get("ran"):
+            continue
+        for platform, entry in manifest["platforms"].items():
+            for backend, spec in entry["backends"].items():
+                rec = spec.get("smoke")
+                if not rec:
+                    continue
+                if rec["result"] == "partial" and not (
+                        project.smoke.allows_partial(variant_label(service, backend, platform))
+                        and rec.get("engine") == engine_names.get(platform, DEFAULT_ENGINE)):
+                    continue
+                out[spec["image"]] = {**rec, "reused": True}
+    return out
+
+
+def smoke_gate(project: Project, checked: list, reused: dict[str, dict], previous: dict[str, dict]) -> SmokeGate:
+    """The records of this publish's smoke gate; refuses partial variants the project does not allow by name.
+
+    checked: the VariantResults of this publish (all passed); reused: reusable_records' answer.
+    """
+    refused = [r for r in checked if r.result == "partial" and not project.smoke.allows_partial(r.label())]
+    if refused:
+        raise PartialNotAllowed(refused, project.file.name)
+    records = dict(reused)
+    for r in checked:
+        rec = r.record()
+        if r.result == "partial":
+            rec["allowed_by"] = ALLOW_PARTIAL
+        records[r.variant.image] = rec
+    return SmokeGate(True, records, previous)
+
+
+class PartialNotAllowed(EnvironmentProblem):
+    """Variants whose service never started, which the project does not allow to be promoted that way."""
+
+    def __init__(self, partial, file: str):
+        self.partial = partial
+        names = [r.label() for r in partial]
+        why = "; ".join(f"{r.label()}: {r.why_partial}" for r in partial)
+        super().__init__(f"smoke was partial (every check that ran passed, but the service itself never started): "
+                         f"{why}; nothing was promoted",
+                         f"give that platform an engine of its own architecture (smoke.engines or builders in "
+                         f"{file}), or allow promoting them as partial: smoke: {{allow_partial: {names}}} "
+                         "(the backend manifest records it)")
 
 
 class SmokeFailed(EnvironmentProblem):

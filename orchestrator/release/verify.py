@@ -24,10 +24,13 @@ from orchestrator.oci.registry import Registry, sha256_digest, split_ref
 REPUBLISH = "re-publish with `invoke publish` so the tags and the backend manifest agree again"
 
 
-def check_file_matches_registry(manifest: dict, source: str, artifact_ref: str, registry: Registry | None = None) -> None:
-    """A manifest read from a file must be the one the registry serves for its release."""
+def check_file_matches_registry(manifest: dict, source: str, artifact_ref: str, registry: Registry | None = None,
+                                login=None) -> None:
+    """A manifest read from a file must be the one the registry serves for its release.
+
+    login: the environment's login (registry.EnvLogin), sent only to its own host."""
     host, name, tag = split_ref(artifact_ref)
-    reg = registry or Registry(host)
+    reg = registry or Registry(host, login=login)
     served = reg.get_manifest(name, tag)
     if served is None:
         raise UserError(f"{source}: the registry has no backend manifest {artifact_ref} to check this file against",
@@ -41,14 +44,15 @@ def check_file_matches_registry(manifest: dict, source: str, artifact_ref: str, 
                         "drop --manifest to use the registry's, or fetch it again")
 
 
-def check_backend(manifest: dict, platform: str, backend: str, source: str, registry: Registry | None = None) -> None:
+def check_backend(manifest: dict, platform: str, backend: str, source: str, registry: Registry | None = None,
+                  login=None) -> None:
     """The image and index a backend entry names exist, hash to their digests, and the human tag still points there."""
     spec = manifest["platforms"][platform]["backends"][backend]
     host, name, image_digest = split_ref(spec["image"])
     if not image_digest.startswith("sha256:"):
         raise UserError(f"{source}: {backend} for {platform} names {spec['image']}, not an image by digest",
                         "a backend manifest names images by digest only; " + REPUBLISH)
-    reg = registry or Registry(host)
+    reg = registry or Registry(host, login=login)
     image = reg.get_manifest(name, image_digest)  # raises if the bytes do not hash to the digest
     if image is None:
         raise UserError(f"{source}: {backend} for {platform} names {spec['image']}, which {host} no longer has",

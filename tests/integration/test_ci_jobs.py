@@ -26,7 +26,7 @@ from orchestrator.oci import backends
 from orchestrator.machine import daemon
 from orchestrator import flow
 from orchestrator.project import spec
-from orchestrator.oci.registry import Registry
+from orchestrator.oci.registry import Registry, env_login
 
 from ..conftest import ROOT, copy_fixture, unavailable
 
@@ -144,7 +144,8 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
     monkeypatch.setenv("ORCH_CERTS_D", str(tls_registry.certs_d))
     monkeypatch.setenv("REGISTRY_USERNAME", tls_registry.username)
     monkeypatch.setenv("REGISTRY_PASSWORD", secret)
-    reg = Registry(tls_registry.host)
+    login = env_login(os.environ, tls_registry.host)
+    reg = Registry(tls_registry.host, login=login)
     after_build = set(reg.tags(name))
     assert after_build, "the build job pushed nothing"
     assert not after_build & {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"}, \
@@ -166,7 +167,7 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
 
     tags = set(reg.tags(name))
     assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= tags
-    manifest = backends.fetch_manifest(f"{tls_registry.host}/{name}:0.1.0-backends")
+    manifest = backends.fetch_manifest(f"{tls_registry.host}/{name}:0.1.0-backends", login)
     assert manifest["smoke"]["ran"] is True and manifest["smoke"]["variants"] >= 2
     assert set(manifest["platforms"]) == {"linux/amd64"}
     for backend in manifest["platforms"]["linux/amd64"]["backends"].values():

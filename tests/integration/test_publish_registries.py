@@ -47,10 +47,10 @@ def tls_env(tls_registry, monkeypatch):
 def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credentials(tls_env, first_build, tmp_path):
     project = spec.load(project_copy(tmp_path, tls_env.host))
     report = flow.publish(project, log=lambda *_: None, smoke=False)
-    reg = Registry(tls_env.host)
+    reg = Registry(tls_env.host, login=project.login)  # the login from the environment, for this registry
     name = f"{project.name}/echo"
     assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= set(reg.tags(name))
-    manifest = backends.fetch_manifest(f"{project.repository('echo')}:0.1.0-backends")  # over TLS, verified
+    manifest = backends.fetch_manifest(f"{project.repository('echo')}:0.1.0-backends", project.login)  # TLS, verified
     for entry in manifest["platforms"].values():
         for backend in entry["backends"].values():
             assert reg.has_manifest(name, backend["image"].split("@")[1])
@@ -66,7 +66,7 @@ def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_mach
     flow.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)
     needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles()}
     # Every tag: images, indexes, configs (history, labels), layers, backend manifests, SBOM referrers.
-    hits, blobs = scan(Registry(tls_env.host), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
+    hits, blobs = scan(Registry(tls_env.host, login=project.login), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
     assert blobs > 20  # every platform's manifests, configs and layers, not a sample
     assert hits == []
     log = "\n".join(logged).encode()
@@ -83,8 +83,8 @@ def test_a_wrong_password_exits_non_zero_pushes_nothing_and_prints_no_secret(tls
     out = proc.stdout + proc.stderr
     assert wrong not in out and tls_env.password not in out and "Traceback" not in out
     assert "REGISTRY_USERNAME" in out  # names the credential source that was used
-    name = f"{spec.load(path).name}/echo"
-    assert Registry(tls_env.host).tags(name) == []  # nothing pushed (checked with the right password)
+    project = spec.load(path)  # the right password is in this process's environment
+    assert Registry(tls_env.host, login=project.login).tags(f"{project.name}/echo") == []  # nothing pushed
 
 
 def test_a_registry_with_a_namespace_path_gets_every_image_under_it(first_build, tmp_path, monkeypatch):

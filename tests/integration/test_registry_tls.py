@@ -38,13 +38,18 @@ def big_file(tmp_path_factory):
     return path, "sha256:" + h.hexdigest(), path.stat().st_size
 
 
+def client(tls, **kw) -> registry.Registry:
+    """A client of the TLS registry with the environment's login, read now (as the project file's loader does)."""
+    return registry.Registry(tls.host, login=registry.env_login(os.environ, tls.host), **kw)
+
+
 def repo() -> str:
     return f"orch-test-{uuid.uuid4().hex[:8]}/tls"
 
 
 def test_a_large_file_goes_up_over_https_in_chunks_and_reads_back_verified(login, big_file):
     path, digest, size = big_file
-    reg = registry.Registry(login.host)
+    reg = client(login)
     name = repo()
     seen = []
     assert reg.upload_blob_file(name, path, digest, size, progress=lambda done, total: seen.append(done)) == (
@@ -63,7 +68,7 @@ def test_a_large_file_goes_up_over_https_in_chunks_and_reads_back_verified(login
 
 
 def test_a_manifest_goes_up_and_comes_back(login):
-    reg = registry.Registry(login.host)
+    reg = client(login)
     name = repo()
     layer = b"layer " + uuid.uuid4().bytes
     reg.upload_blob(name, registry.EMPTY_JSON)
@@ -89,17 +94,17 @@ def test_a_wrong_password_names_its_source_pushes_nothing_and_never_shows_the_pa
     path.write_bytes(data)
     digest, name = registry.sha256_digest(data), repo()
     with pytest.raises(UserError) as e:
-        registry.Registry(login.host).upload_blob_file(name, path, digest, len(data))
+        client(login).upload_blob_file(name, path, digest, len(data))
     text = f"{e.value}\n{e.value!r}\n{e.value.hint}"
     assert "REGISTRY_USERNAME/REGISTRY_PASSWORD" in str(e.value) and "401" in str(e.value)
     assert wrong not in text and login.password not in text
     assert e.value.exit_code == 2
     monkeypatch.setenv("REGISTRY_PASSWORD", login.password)
-    assert not registry.Registry(login.host).has_blob(name, digest)
+    assert not client(login).has_blob(name, digest)
 
 
 def test_without_the_ca_the_error_says_where_to_put_it(login, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_CERTS_D", str(tmp_path / "empty"))
     with pytest.raises(EnvironmentProblem, match="not trusted") as e:
-        registry.Registry(login.host, retries=0).tags(repo())
+        client(login, retries=0).tags(repo())
     assert str(tmp_path / "empty" / login.host / "ca.crt") in str(e.value)

@@ -77,8 +77,9 @@ def test_credentials_come_from_the_environment_first_then_the_docker_config(tmp_
     assert registry.credentials_for("other.example.com", cfg) is None
     monkeypatch.setenv("REGISTRY_USERNAME", "bob")
     monkeypatch.setenv("REGISTRY_PASSWORD", "pw")
-    assert registry.credentials_for("reg.example.com", cfg) == ("bob", "pw")
-    assert registry.find_credentials("reg.example.com")[1] == "REGISTRY_USERNAME/REGISTRY_PASSWORD"
+    login = registry.env_login(os.environ, "reg.example.com")  # read at the edge, for the project's registry
+    assert registry.credentials_for("reg.example.com", cfg, login) == ("bob", "pw")
+    assert registry.find_credentials("reg.example.com", login=login)[1] == "REGISTRY_USERNAME/REGISTRY_PASSWORD"
 
 
 def test_the_default_config_is_shown_as_the_home_path(tmp_path, monkeypatch):
@@ -129,14 +130,16 @@ def test_no_credential_shows_in_a_repr():
 
 @pytest.fixture
 def env_login(monkeypatch):
+    """REGISTRY_USERNAME/REGISTRY_PASSWORD set; call it with the registry they are for to get the login."""
     monkeypatch.setenv("REGISTRY_USERNAME", "bob")
     monkeypatch.setenv("REGISTRY_PASSWORD", "pw")
+    return lambda host: registry.env_login(os.environ, host)
 
 
 def test_the_bearer_token_flow_fetches_a_token_with_the_credentials_and_retries(fake, env_login):
     f = fake(auth="bearer")
     f.tag_list["morgan/tts"] = ["1", "2"]
-    reg = registry.Registry(f.host)
+    reg = registry.Registry(f.host, login=env_login(f.host))
     assert reg.tags("morgan/tts") == ["1", "2"]
     paths = [p for _, p, _ in f.log]
     assert paths[0] == "/v2/morgan/tts/tags/list" and paths[1].startswith("/token?service=fake")
@@ -150,7 +153,7 @@ def test_the_bearer_token_flow_fetches_a_token_with_the_credentials_and_retries(
 def test_basic_auth_is_answered_with_the_credentials(fake, env_login):
     f = fake(auth="basic")
     f.tag_list["a/b"] = ["1"]
-    assert registry.Registry(f.host).tags("a/b") == ["1"]
+    assert registry.Registry(f.host, login=env_login(f.host)).tags("a/b") == ["1"]
     assert f.log[-1][2] == "Basic " + b64("bob:pw")
 
 
@@ -158,7 +161,7 @@ def test_a_push_token_is_asked_for_when_a_new_repository_refuses_a_pull_token(fa
     """GHCR and Docker Hub deny pull-scoped reads of a repository that does not exist yet."""
     f = fake(auth="bearer")
     f.deny_pull_only_for_missing = True
-    reg = registry.Registry(f.host)
+    reg = registry.Registry(f.host, login=env_login(f.host))
     assert not reg.has_blob("new/repo", "sha256:" + "0" * 64)
     scopes = [q.get("scope") for q, _ in f.token_requests]
     assert scopes == ["repository:new/repo:pull", "repository:new/repo:pull,push"]
@@ -169,7 +172,7 @@ def test_wrong_credentials_for_a_token_service_are_a_clear_input_error(fake, mon
     monkeypatch.setenv("REGISTRY_PASSWORD", "wrong-pw-123")
     f = fake(auth="bearer")
     with pytest.raises(UserError, match="token service refused the credentials from REGISTRY_USERNAME") as e:
-        registry.Registry(f.host).tags("morgan/tts")
+        registry.Registry(f.host, login=env_login(f.host)).tags("morgan/tts")
     assert "wrong-pw-123" not in str(e.value) + repr(e.value)
 
 
@@ -187,7 +190,7 @@ def test_a_401_names_the_credential_source_and_never_the_secret(fake, tmp_path, 
         write_config(tmp_path, {"credHelpers": {f.host: "test"}})
         expected = "credential helper docker-credential-test"
     with pytest.raises(UserError) as e:
-        registry.Registry(f.host).upload_blob("a/b", b"data")
+        registry.Registry(f.host, login=registry.env_login(os.environ, f.host)).upload_blob("a/b", b"data")
     text = str(e.value) + repr(e.value) + str(e.value.hint)
     assert expected in str(e.value) and "401" in str(e.value) and "docker login" in e.value.hint
     assert "helper-s3cret" not in text and b64("bob:helper-s3cret") not in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -395,7 +396,8 @@ def test_a_redirect_to_another_host_carries_no_credentials(fake, monkeypatch):
         Storage.seen, Storage.data = [], b"layer bytes"
         f.add_blob("a/b", Storage.data)
         f.redirect_blobs_to = f"http://storage.test:{storage.server_address[1]}"
-        assert registry.Registry(f.host).get_blob("a/b", sha(Storage.data)) == Storage.data
+        login = registry.env_login(os.environ, f.host)
+        assert registry.Registry(f.host, login=login).get_blob("a/b", sha(Storage.data)) == Storage.data
     finally:
         storage.shutdown()
     assert f.log[-1][2] and f.log[-1][2].startswith("Basic ")  # the registry got them
@@ -409,7 +411,7 @@ def test_a_token_realm_over_plain_http_on_a_non_loopback_name_gets_no_credential
     f.realm = f"http://realm.test:{f.server.server_address[1]}/token"
     f.tag_list["a/b"] = ["1"]
     with pytest.raises(UserError, match="plain HTTP") as e:
-        registry.Registry(f.host).tags("a/b")
+        registry.Registry(f.host, login=registry.env_login(os.environ, f.host)).tags("a/b")
     assert f.token_requests and all(auth is None for _, auth in f.token_requests)
     assert "s3cret-pw" not in str(e.value)
 

@@ -15,8 +15,10 @@ delete tags.
 from orchestrator.common.errors import EnvironmentProblem, UserError
 from orchestrator.oci.registry.auth import (
     Credentials,
+    EnvLogin,
     credentials_for,
     docker_auth_config,
+    env_login,
     find_credentials,
     parse_challenge,
 )
@@ -43,7 +45,7 @@ from orchestrator.oci.registry.transport import (
 
 __all__ = [
     "CHUNK", "DOCKER_LIST", "DOCKER_MANIFEST", "EMPTY_JSON", "MANIFEST_TYPES", "OCI_EMPTY", "OCI_INDEX",
-    "OCI_MANIFEST", "Credentials", "EnvironmentProblem", "Manifest", "Registry", "TransportError", "Unreachable",
-    "UserError", "credentials_for", "docker_auth_config", "find_credentials", "is_loopback", "parse_challenge",
-    "registry_host", "sha256_digest", "split_ref",
+    "OCI_MANIFEST", "Credentials", "EnvLogin", "EnvironmentProblem", "Manifest", "Registry", "TransportError",
+    "Unreachable", "UserError", "credentials_for", "docker_auth_config", "env_login", "find_credentials",
+    "is_loopback", "parse_challenge", "registry_host", "sha256_digest", "split_ref",
 ]

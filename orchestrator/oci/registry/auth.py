@@ -1,8 +1,13 @@
 """Who we are to a registry: credential sources, challenges and the token flow.
 
-Credentials come from REGISTRY_USERNAME/REGISTRY_PASSWORD, else Docker's own
-config.json (`auths`, `credHelpers`, `credsStore`), so `docker login` works
-for us too. Every lookup also says where the credentials came from (or where
+Credentials come from REGISTRY_USERNAME/REGISTRY_PASSWORD, for one registry
+only, else Docker's own config.json (`auths`, `credHelpers`, `credsStore`),
+each entry for its own host, so `docker login` works for us too. The
+environment pair belongs to the project's registry, or to the host
+REGISTRY_HOST names: it is read once at the edge (`env_login`) and handed to
+every client as an `EnvLogin` that knows its host, so a base pulled from
+Docker Hub or a second registry never sees a CI job's GitLab or GHCR
+password. Every lookup also says where the credentials came from (or where
 we looked), which is what a 401 message needs to be actionable. Secrets never
 reach a repr, a log line or an exception message.
 """
@@ -15,6 +20,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +29,7 @@ from orchestrator.common.errors import UserError
 from orchestrator.oci.registry.transport import Transport, TransportError, registry_host
 
 ENV_SOURCE = "REGISTRY_USERNAME/REGISTRY_PASSWORD"
+HOST_VARIABLE = "REGISTRY_HOST"  # the registry the environment pair is for, when not the project's
 # Docker Hub's credentials are stored under its v1 index URL, whatever name was used.
 HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 HUB_KEY = "https://index.docker.io/v1/"
@@ -38,6 +45,34 @@ class Credentials:
 
     def as_tuple(self) -> tuple[str, str]:
         return self.username, self.password
+
+
+@dataclass(frozen=True)
+class EnvLogin:
+    """REGISTRY_USERNAME/REGISTRY_PASSWORD and the one registry host they belong to."""
+
+    host: str  # as registry_host() gives it: 'ghcr.io', '127.0.0.1:5000'
+    username: str = field(repr=False)
+    password: str = field(repr=False)
+
+    def applies_to(self, host: str) -> bool:
+        return _same_registry(self.host, registry_host(host))
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.username, self.password, ENV_SOURCE)
+
+
+def env_login(environ: Mapping[str, str], registry: str | None) -> EnvLogin | None:
+    """The environment's login, for REGISTRY_HOST if set, else for `registry` (the project's).
+
+    None when either variable is unset or empty, or when there is no host to tie them to:
+    credentials that could go anywhere go nowhere.
+    """
+    user, password = environ.get("REGISTRY_USERNAME"), environ.get("REGISTRY_PASSWORD")
+    host = (environ.get(HOST_VARIABLE) or "").strip() or registry
+    if not (user and password and host):
+        return None
+    return EnvLogin(registry_host(host), user, password)
 
 
 def docker_config_path() -> Path:
@@ -93,13 +128,17 @@ def _from_helper(helper: str, host: str) -> tuple[Credentials | None, str | None
     return None, None
 
 
-def find_credentials(host: str, docker_config: Path | None = None) -> tuple[Credentials | None, str]:
-    """The credentials for host and a description of their source, or (None, where we looked)."""
-    user, password = os.environ.get("REGISTRY_USERNAME"), os.environ.get("REGISTRY_PASSWORD")
-    if user and password:
-        return Credentials(user, password, ENV_SOURCE), ENV_SOURCE
+def find_credentials(host: str, docker_config: Path | None = None,
+                     login: EnvLogin | None = None) -> tuple[Credentials | None, str]:
+    """The credentials for host and a description of their source, or (None, where we looked).
+
+    login: the environment's login (env_login), used only when it is for this host.
+    """
+    if login is not None and login.applies_to(host):
+        return login.credentials(), ENV_SOURCE
     path = Path(docker_config) if docker_config else docker_config_path()
-    looked = [f"{ENV_SOURCE} (not set)", _show(path)]
+    env_note = f"{ENV_SOURCE} (for {login.host} only)" if login is not None else f"{ENV_SOURCE} (not set)"
+    looked = [env_note, _show(path)]
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -136,15 +175,16 @@ def find_credentials(host: str, docker_config: Path | None = None) -> tuple[Cred
     return None, f"no credentials: {looked[0]}, {_show(path)}{detail}"
 
 
-def credentials_for(host: str, docker_config: Path | None = None) -> tuple[str, str] | None:
+def credentials_for(host: str, docker_config: Path | None = None,
+                    login: EnvLogin | None = None) -> tuple[str, str] | None:
     """(username, password) for host, or None; see find_credentials for the source."""
-    creds, _ = find_credentials(host, docker_config)
+    creds, _ = find_credentials(host, docker_config, login)
     return creds.as_tuple() if creds and not creds.identity_token else None
 
 
-def docker_auth_config(host: str) -> dict | None:
+def docker_auth_config(host: str, login: EnvLogin | None = None) -> dict | None:
     """The same credentials in docker-py's shape, for `client.images.pull(..., auth_config=...)`."""
-    creds, _ = find_credentials(registry_host(host))
+    creds, _ = find_credentials(registry_host(host), login=login)
     if creds is None:
         return None
     if creds.identity_token:
@@ -183,9 +223,10 @@ def _merge_scopes(scopes: list[str]) -> tuple[str, ...]:
 class Authenticator:
     """Answers a registry's challenges and hands out the Authorization header for a request."""
 
-    def __init__(self, host: str, transport: Transport):
+    def __init__(self, host: str, transport: Transport, login: EnvLogin | None = None):
         self.host = host
         self.transport = transport
+        self.login = login  # the environment's login: used only if it is for this host
         self._creds: Credentials | None = None
         self._source: str | None = None  # None until looked up: a helper process runs only when needed
         self._basic = False
@@ -198,7 +239,7 @@ class Authenticator:
     # -- credentials -------------------------------------------------------
     def credentials(self) -> Credentials | None:
         if self._source is None:
-            self._creds, self._source = find_credentials(self.host)
+            self._creds, self._source = find_credentials(self.host, login=self.login)
         return self._creds
 
     @property

@@ -19,7 +19,7 @@ import requests
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
 from orchestrator.oci.registry import transport as _transport
-from orchestrator.oci.registry.auth import Authenticator
+from orchestrator.oci.registry.auth import Authenticator, EnvLogin
 from orchestrator.oci.registry.transport import (
     Transport,
     TransportError,
@@ -98,16 +98,21 @@ class _StreamWindow:
 
 
 class Registry:
-    """One registry host. `Registry("ghcr.io/acme")` talks to https://ghcr.io/v2/; names are full repository paths."""
+    """One registry host. `Registry("ghcr.io/acme")` talks to https://ghcr.io/v2/; names are full repository paths.
+
+    login: the environment's login (auth.env_login), which knows the one host it is for: a client
+    of any other host never sends it. Docker's config.json and helpers answer per host as ever.
+    """
 
     def __init__(self, host: str, timeout: float = _transport.DEFAULT_TIMEOUT_S,
-                 retries: int = _transport.DEFAULT_RETRIES):
+                 retries: int = _transport.DEFAULT_RETRIES, login: EnvLogin | None = None):
         self.host = registry_host(host)
         self.namespace = host.split("://", 1)[-1].partition("/")[2].strip("/")
         self.timeout = timeout
         self.retries = retries
+        self.login = login
         self.transport = Transport(self.host, timeout, retries)
-        self.auth = Authenticator(self.host, self.transport)
+        self.auth = Authenticator(self.host, self.transport, login)
 
     def __repr__(self) -> str:  # never show credentials
         return f"Registry({self.host!r})"

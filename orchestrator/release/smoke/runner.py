@@ -5,9 +5,17 @@ writable dirs, GPUs as this host hands them out), waits for /health, then
 runs the checks of checks.py against it. `run` takes the variants of a
 build, groups those that share layers (same backend and platform), checks a
 group's variants at once, and stops every container of the run on the
-first error or Ctrl-C: a `Session` holds what one run shares (the engine
-client, the GPU request, the halt flag, the containers it started), so two
-runs never see each other's state.
+first error or Ctrl-C: a `Session` holds what one run shares on one engine
+(the engine, the GPU request, the halt flag, the containers it started), so
+two runs never see each other's state.
+
+Each platform runs on its `Engine`: the default one, or the engine the
+project names for it (`smoke.engines`, else `builders`), so a native arm64
+engine runs the arm64 services for real. Each `VariantResult` says what
+ran: its checks, whether the service itself started and answered /health,
+/ready and /info, and where not, why. A variant whose checks all passed
+without its service ever starting (a torch that crashes under QEMU) is
+"partial", never "ran".
 """
 
 from __future__ import annotations
@@ -18,16 +26,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
 from orchestrator.host import gpu_request as gpu_mod
 from orchestrator.host.contract import EX_CONFIG, run_options
 from orchestrator.machine import daemon
-from orchestrator.oci.registry import docker_auth_config
+from orchestrator.common import hostinfo
+from orchestrator.oci.registry import EnvLogin, docker_auth_config
 from orchestrator.release.smoke.checks import (EXEC_TIMEOUT, Check, healthcheck_check, image_config_checks, info_check,
                                                inside_checks, logs_tail, wait_health, wait_ready)
-from orchestrator.release.smoke.variant import Variant, expected_cuda, gpu_for, host_gpu_request, native
+from orchestrator.release.smoke.variant import (DEFAULT_ENGINE, Variant, expected_cuda, gpu_for, host_gpu_request, native,
+                                                variant_label)
 
 # The Ryuk reaper image cannot be pulled offline; we remove our containers.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -37,6 +48,27 @@ START_TIMEOUT = 60.0  # container start -> /health 200
 READY_TIMEOUT = 180.0  # /health -> /ready 200 (model loading)
 STRICT_EXIT_TIMEOUT = 60.0  # BACKEND_POLICY=strict must exit within this
 MAX_JOBS = 4
+SERVICE_ENDPOINTS = ("/health", "/ready", "/info")  # the service "ran" when all three answered
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a platform's smoke containers run.
+
+    client: a docker-py client of it; name: where it is configured (`smoke.engines.linux/arm64`,
+    `builders.linux/arm64`) or the default engine, said in logs and smoke records (never its address);
+    platform: what it runs natively ("" = this machine's); env: the environment a testcontainers
+    client of it needs (DOCKER_HOST and TLS; None: testcontainers' own default, $DOCKER_HOST).
+    """
+
+    client: Any
+    name: str = DEFAULT_ENGINE
+    platform: str = ""
+    env: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def native_platform(self) -> str:
+        return self.platform or hostinfo.host_platform()
 
 
 @dataclass
@@ -46,18 +78,56 @@ class VariantResult:
     logs: str = ""
     seconds: float = 0.0
     pulled: bool = False  # the image was not here before the check: `run` removes it when its group is done
+    answered: list[str] = field(default_factory=list)  # which of /health, /ready, /info the service answered
+    not_started: str = ""  # why the service itself was never started here (e.g. under emulation: ...)
+    engine: str = DEFAULT_ENGINE  # where it ran (Engine.name)
+    native: bool = True  # on an engine of the variant's own platform; False: under QEMU
 
     @property
     def ok(self) -> bool:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
+    @property
+    def service_started(self) -> bool:
+        """The service itself started and answered /health, /ready and /info."""
+        return all(e in self.answered for e in SERVICE_ENDPOINTS)
+
+    @property
+    def result(self) -> str:
+        """ran: every check passed and the service answered all three; partial: every check that ran
+        passed, but the service was not started or did not answer them all; failed: a check failed."""
+        if not self.ok:
+            return "failed"
+        return "ran" if self.service_started else "partial"
+
+    @property
+    def why_partial(self) -> str:
+        if self.service_started:
+            return ""
+        return self.not_started or ("the service answered " + (", ".join(self.answered) or "nothing")
+                                    + f" of {', '.join(SERVICE_ENDPOINTS)}")
+
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
+
+    def label(self) -> str:
+        """'tts/cuda13 linux/arm64': how smoke.allow_partial names a variant."""
+        return variant_label(self.variant.service, self.variant.backend, self.variant.platform)
+
+    def record(self) -> dict:
+        """What ran, for the variant's entry in the backend manifest (checks that passed, by name)."""
+        service: dict = {"started": self.service_started, "answered": list(self.answered)}
+        if not self.service_started:
+            service["why_not"] = self.why_partial
+        return {"result": self.result, "service": service, "checks": [c.name for c in self.checks if c.ok],
+                "engine": self.engine, "native": self.native}
 
     def as_json(self) -> dict:
         v = self.variant
         return {"service": v.service, "backend": v.backend, "platform": v.platform, "image": v.image,
-                "ok": self.ok, "seconds": round(self.seconds, 1),
+                "ok": self.ok, "result": self.result, "seconds": round(self.seconds, 1),
+                "service_started": self.service_started, "answered": list(self.answered),
+                "why_not_started": self.why_partial, "engine": self.engine, "native": self.native,
                 "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "timeout": c.timeout}
                            for c in self.checks],
                 "logs_tail": self.logs if not self.ok else ""}
@@ -75,9 +145,12 @@ class Session:
     step instead of waiting out its timeouts.
     """
 
-    def __init__(self, client, gpu: gpu_mod.GpuRequest | None = None):
-        self.client = client
-        self.gpu = gpu if gpu is not None else host_gpu_request(client)
+    def __init__(self, client, gpu: gpu_mod.GpuRequest | None = None, engine: Engine | None = None,
+                 login: EnvLogin | None = None):
+        self.engine = engine or Engine(client)
+        self.client = self.engine.client
+        self.gpu = gpu if gpu is not None else host_gpu_request(self.client)
+        self.login = login  # the environment's login: pulls send it to its own registry only
         self._halted = threading.Event()
         self._running: set = set()
         self._lock = threading.Lock()
@@ -108,10 +181,13 @@ class Session:
                 pass
 
 
-def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest):
+def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest, engine: Engine | None = None):
     from testcontainers.core.container import DockerContainer  # its import costs every task a few 100 ms
 
-    c = DockerContainer(variant.image).with_exposed_ports(variant.port)
+    engine = engine or Engine(None)
+    # Another engine than $DOCKER_HOST's: testcontainers' client gets that engine's environment.
+    client_kw = {"docker_client_kw": {"environment": engine.env}} if engine.env is not None else {}
+    c = DockerContainer(variant.image, **client_kw).with_exposed_ports(variant.port)
     for k, v in {**env, **gpu.environment}.items():
         c = c.with_env(k, v)
     # One with_kwargs call: testcontainers keeps only the last one's arguments.
@@ -119,7 +195,8 @@ def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest):
     # (testcontainers passes its own tmpfs dict to the engine: fill that one.)
     hardening = run_options()
     c.tmpfs.update(hardening.pop("tmpfs"))
-    kwargs = {**({} if native(variant) else {"platform": variant.platform}), **gpu.kwargs(), **hardening}
+    kwargs = {**({} if native(variant, engine.platform) else {"platform": variant.platform}), **gpu.kwargs(),
+              **hardening}
     return c.with_kwargs(**kwargs)
 
 
@@ -130,7 +207,7 @@ def _stop(container) -> None:
         pass
 
 
-def _ensure_image(client, variant: Variant, result: VariantResult) -> bool:
+def _ensure_image(client, variant: Variant, result: VariantResult, login: EnvLogin | None = None) -> bool:
     """The image is in the engine: pulled from the registry, with the tool's credentials, when missing."""
     try:
         client.images.get(variant.image)
@@ -141,7 +218,7 @@ def _ensure_image(client, variant: Variant, result: VariantResult) -> bool:
     started = time.monotonic()
     try:
         # The same credentials the tool pushed with (env, config.json, helpers), not only the CLI's.
-        client.images.pull(variant.image, platform=variant.platform, auth_config=docker_auth_config(host))
+        client.images.pull(variant.image, platform=variant.platform, auth_config=docker_auth_config(host, login))
     except Exception as e:  # noqa: BLE001 - no such image, registry down: this variant fails
         result.checks.append(Check("pull", False, f"cannot pull {variant.image}: {str(e)[:200]}"))
         return False
@@ -161,11 +238,12 @@ def check_variant(variant: Variant, gpu: gpu_mod.GpuRequest | bool, ready_timeou
     if session is None:
         session = Session(client if client is not None else daemon.docker_client(),
                           gpu if isinstance(gpu, gpu_mod.GpuRequest) else gpu_mod.decide(None, cuda=False))
-    result = VariantResult(variant)
+    engine = session.engine
+    result = VariantResult(variant, engine=engine.name, native=native(variant, engine.platform))
     started = time.monotonic()
     try:
-        _check(variant, gpu_for(variant, gpu), result, session, ready_timeout, start_timeout, env or {},
-               exec_timeout, strict_timeout)
+        _check(variant, gpu_for(variant, gpu, engine.platform), result, session, ready_timeout, start_timeout,
+               env or {}, exec_timeout, strict_timeout)
     finally:
         result.seconds = time.monotonic() - started
     return result
@@ -175,18 +253,18 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
            ready_timeout: float, start_timeout: float | None, env: dict[str, str], exec_timeout: float,
            strict_timeout: float) -> None:
     if start_timeout is None:  # an emulated platform (QEMU) starts several times slower
-        start_timeout = START_TIMEOUT if native(variant) else 3 * START_TIMEOUT
-    if not _ensure_image(session.client, variant, result):
+        start_timeout = START_TIMEOUT if result.native else 3 * START_TIMEOUT
+    if not _ensure_image(session.client, variant, result, session.login):
         return
     config = session.client.images.get(variant.image).attrs["Config"]
     checks, image_env = image_config_checks(variant, config)
     result.checks += checks
-    if variant.emulation_blocker and not native(variant):
+    if variant.emulation_blocker and not result.native:
         _check_emulated_without_service(variant, result, session, exec_timeout, strict_timeout, image_env)
         return
     # Whether it should serve on CUDA: a GPU was handed over, unless /info shows this host cannot run the line.
     serves_cuda = request.requested
-    container = _container(variant, {"BACKEND_POLICY": "fallback", **env}, request)
+    container = _container(variant, {"BACKEND_POLICY": "fallback", **env}, request, session.engine)
     session.track(container)
     try:
         try:
@@ -198,6 +276,8 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
             return
         ok, detail, base = wait_health(container, variant.port, start_timeout)
         result.checks.append(Check("/health", ok, detail, start_timeout))
+        if ok:
+            result.answered.append("/health")
         if not ok:
             result.logs = logs_tail(container, 30)
             if result.logs:
@@ -206,11 +286,13 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
         ok, detail = wait_ready(base, ready_timeout)
         result.checks.append(Check("/ready", ok, detail, ready_timeout))
         if ok:
+            result.answered.append("/ready")
             try:
                 info = requests.get(f"{base}/info", timeout=10).json()
             except (requests.RequestException, ValueError) as e:
                 result.checks.append(Check("/info", False, f"no JSON from /info: {e}", 10))
             else:
+                result.answered.append("/info")
                 serves_cuda, why = expected_cuda(variant, request, info)
                 result.checks.append(info_check(variant, serves_cuda, info, why))
         result.checks += inside_checks(variant, serves_cuda, container, exec_timeout, image_env)
@@ -222,7 +304,8 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
         _stop(container)
     if variant.cuda and not serves_cuda:
         # With the same GPU request: a GPU this line cannot drive must also exit 78, not only a missing one.
-        result.checks.append(strict_exit_check(session.client, variant, strict_timeout, request))
+        result.checks.append(strict_exit_check(session.client, variant, strict_timeout, request,
+                                               session.engine.platform))
 
 
 def _check_emulated_without_service(variant: Variant, result: VariantResult, session: Session, exec_timeout: float,
@@ -231,8 +314,13 @@ def _check_emulated_without_service(variant: Variant, result: VariantResult, ses
 
     The entrypoint (stdlib) runs a sleep in place of the service, so the probe, the CUDA-libs layer,
     the user and the system packages are checked in the real image; strict must still exit 78.
+    The service was not started: the result says so and why (it is "partial"); no check claims it.
     """
-    container = _container(variant, {"BACKEND_POLICY": "fallback"}, gpu_mod.decide(None, cuda=False))
+    engine = session.engine
+    result.not_started = (f"not started under emulation ({variant.platform} under QEMU on {engine.name}, a "
+                          f"{engine.native_platform} engine): {variant.emulation_blocker}; a {variant.platform} "
+                          "engine (smoke.engines or builders) runs it for real")
+    container = _container(variant, {"BACKEND_POLICY": "fallback"}, gpu_mod.decide(None, cuda=False), engine)
     container = container.with_command(["python3", "-c", "import time; time.sleep(3600)"])
     session.track(container)
     try:
@@ -246,22 +334,20 @@ def _check_emulated_without_service(variant: Variant, result: VariantResult, ses
     finally:
         session.untrack(container)
         _stop(container)
-    result.checks.append(Check("service (not started under emulation)", True,
-                               f"{variant.emulation_blocker}; checked instead: the entrypoint's probe, the CUDA-libs "
-                               "layer, the user, system packages and strict exit 78 (run it on a native host for the rest)"))
     if variant.cuda:
         result.checks.append(strict_exit_check(session.client, variant, strict_timeout,
-                                               gpu_mod.decide(None, cuda=False)))
+                                               gpu_mod.decide(None, cuda=False), engine.platform))
 
 
 def strict_exit_check(client, variant: Variant, timeout: float = STRICT_EXIT_TIMEOUT,
-                      gpu: gpu_mod.GpuRequest | None = None) -> Check:
+                      gpu: gpu_mod.GpuRequest | None = None, engine_platform: str | None = None) -> Check:
     """BACKEND_POLICY=strict where the variant cannot use CUDA must exit 78 at once with one line on stderr.
 
-    gpu: the request the variant's containers make here (none on a GPU-less host).
+    gpu: the request the variant's containers make here (none on a GPU-less host);
+    engine_platform: what client's engine runs natively (default: this machine's platform).
     """
     gpu = gpu or gpu_mod.decide(None, cuda=False)
-    kwargs = {} if native(variant) else {"platform": variant.platform}
+    kwargs = {} if native(variant, engine_platform) else {"platform": variant.platform}
     started = time.monotonic()
     container = client.containers.run(variant.image, environment={"BACKEND_POLICY": "strict", **gpu.environment},
                                       detach=True, **kwargs, **gpu.kwargs(), **run_options())
@@ -281,8 +367,12 @@ def strict_exit_check(client, variant: Variant, timeout: float = STRICT_EXIT_TIM
 
 
 def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_TIMEOUT,
-        jobs: int | None = None) -> list[VariantResult]:
-    """Smoke-test every chosen variant on the engine client talks to; returns the results in the order given.
+        jobs: int | None = None, engines: dict[str, Engine] | None = None,
+        login: EnvLogin | None = None) -> list[VariantResult]:
+    """Smoke-test every chosen variant; returns the results in the order given.
+
+    A platform in `engines` runs on that engine, every other one on the engine client talks to.
+    login: the environment's login, which pulls send to its own registry only.
 
     Variants that share layers (same backend and platform: the CUDA libraries,
     torch, the base) run together, up to `jobs` at once (default: one per
@@ -293,15 +383,29 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
     outgrew a 60 GB disk). They stay in the registry; `invoke run` pulls
     them again.
     """
-    session = Session(client)
-    log(f"host GPU for containers: {session.gpu.description}")
+    engines = engines or {}
+    sessions: dict[str, Session] = {}
+
+    def session_for(platform: str) -> Session:
+        engine = engines.get(platform)
+        key = engine.name if engine else DEFAULT_ENGINE
+        if key not in sessions:
+            s = sessions[key] = Session(client, engine=engine, login=login)
+            if engine is None:
+                log(f"host GPU for containers: {s.gpu.description}")
+            else:
+                log(f"smoke {platform} on {engine.name}, a {engine.native_platform} engine; "
+                    f"GPU for containers: {s.gpu.description}")
+        return sessions[key]
+
     jobs = max(1, jobs or min(os.cpu_count() or 1, MAX_JOBS))
     groups: dict[tuple[str, str], list[int]] = {}
     for i, v in enumerate(chosen):
         groups.setdefault((v.backend, v.platform), []).append(i)
     results: dict[int, VariantResult] = {}
     for (backend, platform), members in groups.items():
-        _run_group(chosen, members, backend, platform, min(jobs, len(members)), session, ready_timeout, results, log)
+        _run_group(chosen, members, backend, platform, min(jobs, len(members)), session_for(platform),
+                   ready_timeout, results, log)
     return [results[i] for i in range(len(chosen))]
 
 

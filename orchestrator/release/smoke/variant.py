@@ -20,6 +20,14 @@ from orchestrator.project import compat as compat_mod
 from orchestrator.project.spec import Project
 
 
+DEFAULT_ENGINE = "the default engine"  # how smoke records name the engine no project key names
+
+
+def variant_label(service: str, backend: str, platform: str) -> str:
+    """'tts/cuda13 linux/arm64': how logs, smoke records and smoke.allow_partial name a variant."""
+    return f"{service}/{backend} {platform}"
+
+
 @dataclass(frozen=True)
 class Variant:
     service: str
@@ -61,9 +69,9 @@ def same_torch(found: str | None, wanted: str) -> bool:
     return f == w if w.local else f.public == w.public
 
 
-def native(variant: Variant) -> bool:
-    """Runs on this machine's own architecture (else under QEMU)."""
-    return variant.platform == hostinfo.host_platform()
+def native(variant: Variant, engine_platform: str | None = None) -> bool:
+    """Runs on the engine's own architecture (else under QEMU); engine_platform: that engine's (default: this machine's)."""
+    return variant.platform == (engine_platform or hostinfo.host_platform())
 
 
 def host_gpu_request(client) -> gpu_mod.GpuRequest:
@@ -76,12 +84,12 @@ def host_has_gpu(client) -> bool:
     return host_gpu_request(client).requested
 
 
-def gpu_for(variant: Variant, gpu: gpu_mod.GpuRequest | bool) -> gpu_mod.GpuRequest:
-    """The request a variant's container makes: gpu is this host's GpuRequest, or False (none).
+def gpu_for(variant: Variant, gpu: gpu_mod.GpuRequest | bool, engine_platform: str | None = None) -> gpu_mod.GpuRequest:
+    """The request a variant's container makes: gpu is the engine host's GpuRequest, or False (none).
 
     Only native CUDA variants get GPUs: an emulated arm64 container cannot use an amd64 host's driver.
     """
-    if not variant.cuda or not native(variant) or not gpu or not isinstance(gpu, gpu_mod.GpuRequest):
+    if not variant.cuda or not native(variant, engine_platform) or not gpu or not isinstance(gpu, gpu_mod.GpuRequest):
         return gpu_mod.decide(None, cuda=False)
     return gpu
 
