@@ -20,6 +20,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from orchestrator.common.errors import SpecError
+from orchestrator.oci import signing
 from orchestrator.project import compat as compat_mod
 from orchestrator.project.validate import (BUILDER_EXAMPLES, allow_sdist, check_requirements_file, describe, endpoint_problem,
                                           expect_file, image_ref_problem, parse_yaml, project_schema, registry_problem,
@@ -179,6 +180,8 @@ class Project:
     # Platform -> the engine that builds it; platforms not listed build on the default engine.
     builders: dict[str, Builder] = field(default_factory=dict)
     layer_split: LayerSplit = LayerSplit()
+    # The public keys whose signatures hosts accept (`trust.keys`), read and checked at load.
+    trust: tuple[signing.PublicKey, ...] = ()
 
     def repository(self, image: str) -> str:
         return f"{self.registry}/{self.name}/{image}"
@@ -244,6 +247,27 @@ def _builders(file: str, data: dict, platforms: tuple[str, ...], root: Path) -> 
     return out
 
 
+def _trust(file: str, data: dict, root: Path) -> tuple[signing.PublicKey, ...]:
+    """`trust.keys`: each a committed ECDSA P-256 public key file inside the project, listed once."""
+    keys: list[signing.PublicKey] = []
+    for i, rel in enumerate(data.get("keys") or ()):
+        key = f"trust.keys[{i}]"
+        path = expect_file(file, key, root, rel, "public key file")
+        try:
+            pem = path.read_bytes()
+        except OSError as e:
+            raise SpecError(file, key, f"cannot read {rel!r} ({e.strerror})", "make it readable") from None
+        if why := signing.public_key_problem(pem):
+            raise SpecError(file, key, f"{rel!r} is not a public key this tool verifies with: {why}",
+                            "point it at the .pub file `invoke keys` wrote (or a cosign.pub of an ECDSA P-256 key)")
+        public = signing.load_public_key(pem, rel)
+        if any(k.keyid == public.keyid for k in keys):
+            first = next(j for j, k in enumerate(keys) if k.keyid == public.keyid)
+            raise SpecError(file, key, f"{rel!r} is the same key as trust.keys[{first}]", "list each key once")
+        keys.append(public)
+    return tuple(keys)
+
+
 def _check_python(file: str, python: str, base: Base, suite_given: bool, compat) -> None:
     """The locks are resolved for `python`; the base's interpreter must be that version."""
     debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
@@ -295,7 +319,7 @@ def _build(path: Path, data: dict) -> Project:
                    platforms, base, cuda_libs, backends, layers, services, data.get("compression", "gzip"),
                    project_system, allow_sdist(file, data.get("allow_sdist", False)),
                    _builders(file, data.get("builders") or {}, platforms, root),
-                   LayerSplit(**(data.get("layer_split") or {})))
+                   LayerSplit(**(data.get("layer_split") or {})), _trust(file, data.get("trust") or {}, root))
 
 
 def _platforms(file: str, data: dict) -> tuple[str, ...]:
