@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -262,16 +261,30 @@ def release_signing(project: spec_mod.Project, signer: signing.Signer | None, un
     return publish_mod.Signing(signer, trusted)
 
 
-def tool_commit() -> str | None:
-    """The git commit this tool runs from, when it runs from a checkout (for provenance)."""
-    here = Path(__file__).resolve().parent.parent
-    if not (here / ".git").exists():
-        return None
+def tool_commit(here: Path | None = None) -> str | None:
+    """The git commit this tool runs from, when it runs from a checkout (for provenance); read, not run."""
+    here = here or Path(__file__).resolve().parent.parent
+    sha = re.compile(r"^[0-9a-f]{40}$")
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()) else None
+        gitdir = here / ".git"
+        if gitdir.is_file():  # a worktree: "gitdir: <path>"
+            gitdir = (here / gitdir.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve() \
+            if (gitdir / "commondir").exists() else gitdir
+        head = (gitdir / "HEAD").read_text().strip()
+        if sha.match(head):
+            return head
+        ref = head.removeprefix("ref: ")
+        for d in (gitdir, common):
+            if (d / ref).is_file():
+                found = (d / ref).read_text().strip()
+                return found if sha.match(found) else None
+        for line in (common / "packed-refs").read_text().splitlines() if (common / "packed-refs").exists() else ():
+            if line.endswith(" " + ref) and sha.match(line.split()[0]):
+                return line.split()[0]
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
 
 
 def make_keys(private: Path, public: Path) -> signing.PublicKey:

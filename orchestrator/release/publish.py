@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -207,31 +209,26 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
     # SBOMs, signatures and provenance before any human tag moves: an image reachable by tag has them all.
     report.sboms, sent = attach_sboms(project, reg, results, log)
     report.uploaded_bytes += sent
-
-    def sign(name: str, repository: str, digest: str) -> int:
-        if signing is None:
-            return 0
-        sent = signing_mod.sign(reg, name, repository, digest, signing.signer, signing.trusted)
-        report.signatures += sent > 0
-        return sent
-
-    if signing is not None:
-        report.provenance, sent = sign_images(project, reg, results, signing, run or RunFacts.now(), log)
-        report.uploaded_bytes += sent + sum(sign(split_ref(r.ref)[1], r.image.repository, r.digest) for r in results)
     groups: dict[tuple[str, str], list] = {}
     for r in results:
         groups.setdefault((r.image.key, r.image.backend.name), []).append(r)
-    indexes: dict[tuple[str, str], str] = {}
+    bodies: dict[tuple[str, str], bytes] = {}
     for (key, bname), members in sorted(groups.items()):
-        first = members[0].image
-        missing = set(first.backend.platforms) - {m.image.platform for m in members}
+        missing = set(members[0].image.backend.platforms) - {m.image.platform for m in members}
         if missing:
             raise EnvironmentProblem(f"{key}/{bname} was not built for {sorted(missing)} in this run; an index "
                                      "must not mix revisions across platforms", "run `invoke publish` for all platforms")
+        bodies[(key, bname)] = image_mod.index([(m.image.platform, m.assembled) for m in members])
+    indexes = {k: image_mod.digest_of(body) for k, body in bodies.items()}
+    if signing is not None:
+        to_sign = [(split_ref(groups[k][0].ref)[1], groups[k][0].image.repository, d) for k, d in sorted(indexes.items())]
+        report.provenance, sent, report.signatures = sign_release(project, results, to_sign, signing,
+                                                                  run or RunFacts.now(), log)
+        report.uploaded_bytes += sent
+    for (key, bname), body in sorted(bodies.items()):
+        members = groups[(key, bname)]
+        first = members[0].image
         _, name, _ = split_ref(first.ref("x"))
-        body = image_mod.index([(m.image.platform, m.assembled) for m in members])
-        indexes[(key, bname)] = image_mod.digest_of(body)
-        report.uploaded_bytes += sign(name, first.repository, indexes[(key, bname)])
         for human in first.human_tags:
             digest, sent = reg.put_manifest_if_changed(name, human, body, image_mod.OCI_INDEX)
             report.uploaded_bytes += sent
@@ -245,7 +242,11 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
         tag = artifact_tag(manifest["version"])
         title = f"{manifest['service']}-{manifest['version']}.backends.json"
         payload = manifest_bytes(manifest)
-        report.uploaded_bytes += sign(name, project.repository(service), sha256_digest(artifact_manifest(payload, title)))
+        if signing is not None:  # signed by its digest before the tag names it
+            sent = signing_mod.sign(reg, name, project.repository(service),
+                                    sha256_digest(artifact_manifest(payload, title)), signing.signer, signing.trusted)
+            report.signatures += sent > 0
+            report.uploaded_bytes += sent
         digest, sent = push_artifact(reg, name, tag, payload, title)
         # Written locally only once it is in the registry.
         report.manifests[service] = write_manifest(project, manifest)
@@ -258,31 +259,68 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
     return report
 
 
-def sign_images(project: Project, reg: Registry, results: list, signing: Signing, run: RunFacts,
-                log=print) -> tuple[dict, int]:
-    """Signed SLSA provenance attached to every built image; returns ((key, backend, platform) -> artifact, bytes).
+SIGNING_THREADS = 4  # artifacts signed at once, each thread with its own registry client (session, token)
 
-    An image that already carries provenance signed by a trusted key keeps
-    it (its time stamps say when it was first published), and sends nothing.
+
+def sign_release(project: Project, results: list, indexes: list[tuple[str, str, str]], signing: Signing,
+                 run: RunFacts, log=print) -> tuple[dict, int, int]:
+    """Every built image signed with its signed provenance attached, and every index signed, side by side.
+
+    indexes: (repository name, repository, digest) of each index about to be tagged.
+    Returns ((key, backend, platform) -> provenance artifact digest, bytes sent, signatures made).
+    Signing is a few small requests per artifact: threads keep a registry's
+    round trips from adding up.
     """
+    local = threading.local()
+
+    def registry() -> Registry:
+        if not hasattr(local, "reg"):
+            local.reg = Registry(project.registry)
+        return local.reg
+
     by = {(r.image.key, r.image.backend.name, r.image.platform): r for r in results}
-    out: dict[tuple[str, str, str], str] = {}
-    sent_total = 0
-    for (key, bname, platform), r in sorted(by.items()):
-        _, name, _ = split_ref(r.ref)
-        found, _ = provenance_mod.find(reg, name, r.digest, signing.trusted)
-        if found is not None:
-            out[(key, bname, platform)] = found.digest
-            continue
-        parent = by.get(("cuda-libs", bname, platform)) if r.image.from_image == "cuda-libs" else None
-        statement = provenance_mod.statement(f"{r.image.repository.split('/', 1)[-1]}", r.digest,
-                                             provenance_predicate(project, r, parent, run))
-        envelope = provenance_mod.envelope(statement, signing.signer)
-        digest, sent = provenance_mod.push(reg, name, r.digest, _subject_size(reg, name, r), envelope)
-        out[(key, bname, platform)] = digest
-        sent_total += sent
-        log(f"{r.image.repository}@{r.digest[:19]} ({platform}): provenance {digest[:19]} attached")
-    return out, sent_total
+
+    def image(k) -> tuple[str, int, int, str | None]:
+        r = by[k]
+        parent = by.get(("cuda-libs", k[1], k[2])) if r.image.from_image == "cuda-libs" else None
+        digest, sent, attached = attach_provenance(project, registry(), r, parent, signing, run)
+        signed = signing_mod.sign(registry(), split_ref(r.ref)[1], r.image.repository, r.digest, signing.signer,
+                                  signing.trusted)
+        note = f"{r.image.repository}@{r.digest[:19]} ({k[2]}): provenance {digest[:19]} attached" if attached else None
+        return digest, sent + signed, int(signed > 0), note
+
+    def index(name: str, repository: str, digest: str) -> tuple[None, int, int, None]:
+        signed = signing_mod.sign(registry(), name, repository, digest, signing.signer, signing.trusted)
+        return None, signed, int(signed > 0), None
+
+    with ThreadPoolExecutor(max_workers=SIGNING_THREADS, thread_name_prefix="sign") as pool:
+        images = {k: pool.submit(image, k) for k in sorted(by)}
+        others = [pool.submit(index, *i) for i in indexes]
+        done = {k: f.result() for k, f in images.items()}
+        rest = [f.result() for f in others]
+    for _, _, _, note in done.values():
+        if note:
+            log(note)
+    outcomes = list(done.values()) + rest
+    return ({k: v[0] for k, v in done.items()}, sum(o[1] for o in outcomes), sum(o[2] for o in outcomes))
+
+
+def attach_provenance(project: Project, reg: Registry, r, parent, signing: Signing,
+                      run: RunFacts) -> tuple[str, int, bool]:
+    """The image's signed SLSA provenance, attached unless one signed by a trusted key is: (digest, bytes, attached).
+
+    An image that already carries it keeps it (its time stamps say when it
+    was first published), and sends nothing.
+    """
+    _, name, _ = split_ref(r.ref)
+    found, _ = provenance_mod.find(reg, name, r.digest, signing.trusted)
+    if found is not None:
+        return found.digest, 0, False
+    statement = provenance_mod.statement(r.image.repository.split("/", 1)[-1], r.digest,
+                                         provenance_predicate(project, r, parent, run))
+    envelope = provenance_mod.envelope(statement, signing.signer)
+    digest, sent = provenance_mod.push(reg, name, r.digest, _subject_size(reg, name, r), envelope)
+    return digest, sent, True
 
 
 def _subject_size(reg: Registry, name: str, r) -> int:

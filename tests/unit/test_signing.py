@@ -368,3 +368,27 @@ def test_nothing_of_the_private_key_is_left_in_a_temp_file(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key", "k.pub", "state", "tmp"]
     assert sorted(p.name for p in (tmp_path / "state" / "signing").iterdir()) == [
         ".machine-key.lock", "machine.key", "machine.pub"]
+
+
+def test_provenance_names_the_tools_commit_read_from_its_checkout_without_running_git(tmp_path):
+    commit, other = "1" * 40, "2" * 40
+    repo = tmp_path / "repo"
+    (repo / ".git" / "refs" / "heads").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / ".git" / "refs" / "heads" / "main").write_text(commit + "\n")
+    assert flow.tool_commit(repo) == commit
+    (repo / ".git" / "refs" / "heads" / "main").unlink()
+    (repo / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{other} refs/heads/main\n")
+    assert flow.tool_commit(repo) == other
+    # A worktree: .git is a file naming its git dir, whose commondir holds the shared refs.
+    wt = tmp_path / "wt"
+    gitdir = repo / ".git" / "worktrees" / "wt"
+    gitdir.mkdir(parents=True)
+    (wt).mkdir()
+    (wt / ".git").write_text(f"gitdir: {gitdir}\n")
+    (gitdir / "commondir").write_text("../..\n")
+    (gitdir / "HEAD").write_text("ref: refs/heads/main\n")
+    assert flow.tool_commit(wt) == other
+    (gitdir / "HEAD").write_text(commit + "\n")  # detached
+    assert flow.tool_commit(wt) == commit
+    assert flow.tool_commit(tmp_path / "not-a-checkout") is None
