@@ -392,3 +392,24 @@ def test_provenance_names_the_tools_commit_read_from_its_checkout_without_runnin
     (gitdir / "HEAD").write_text(commit + "\n")  # detached
     assert flow.tool_commit(wt) == commit
     assert flow.tool_commit(tmp_path / "not-a-checkout") is None
+
+
+def test_invoke_keys_writes_a_pair_for_ci_and_the_project_and_says_how_to_trust_it(tmp_path):
+    import sys
+
+    project = mini(tmp_path)
+    proc = subprocess.run([str(Path(sys.executable).parent / "invoke"), "--search-root", str(FIXTURES.parents[1]),
+                           "keys", "--project", str(project)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    keys_dir = project.parent / "keys"
+    private, public = keys_dir / "release.key", keys_dir / "release.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and public.read_text().startswith("-----BEGIN PUBLIC KEY")
+    assert "*.key" in (keys_dir / ".gitignore").read_text()  # never committed by accident
+    out = proc.stdout + proc.stderr
+    assert "keys: [keys/release.pub]" in out and "ORCH_SIGNING_KEY" in out
+    body = "".join(private.read_text().splitlines()[1:-1])
+    assert body[:40] not in out and "PRIVATE KEY" not in out
+    # The project now trusts it once listed, and the key signs for it.
+    project.write_text(project.read_text() + "trust:\n  keys: [keys/release.pub]\n")
+    loaded = spec.load(project)
+    assert [k.keyid for k in loaded.trust] == [signing.signer_from_file(private).public.keyid]
