@@ -286,8 +286,8 @@ def keys(c, project=None, private=None, public=None):
     "gpus": "take the driver and GPUs from this report (what `python3 orchestrator/host/runtime/gpus.py` "
             "printed on some host) instead of asking NVML here: which line would that host get?",
     "machine": "the host's architecture with --root/--gpus (x86_64 or aarch64; default: this machine's)",
-    "no-verify": "do not check the manifest and its images against the registry (offline what-if questions "
-                 "with --manifest); the answer then says it is unverified",
+    "no-verify": "do not check signatures, nor the manifest and its images against the registry (offline "
+                 "what-if questions with --manifest); the answer then says it is unverified",
 })
 @friendly
 def select_(c, service=None, project=None, backend=None, manifest=None, root="/", json=False,
