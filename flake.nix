@@ -22,8 +22,8 @@
 
           python = pkgs.python311;
           # pyproject.toml's [project.dependencies], from nixpkgs.
-          runtimeDeps = ps: (with ps; [ invoke docker pyyaml packaging requests jsonschema rich isal zstandard cyclonedx-python-lib ]) ++ maybe ps "uv" ++ maybe ps "testcontainers";
-          testDeps = ps: [ ps.pytest ] ++ maybe ps "check-jsonschema";
+          runtimeDeps = ps: (with ps; [ invoke docker pyyaml packaging requests jsonschema rich isal zstandard cyclonedx-python-lib cryptography ]) ++ maybe ps "uv" ++ maybe ps "testcontainers";
+          testDeps = ps: [ ps.pytest ] ++ maybe ps "check-jsonschema" ++ maybe ps "securesystemslib";
 
           # `invoke engine.up` starts the embedded registry as `docker-registry
           # serve CONFIG` (Debian's name); nixpkgs ships the same program as

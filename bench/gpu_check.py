@@ -36,7 +36,6 @@ import ctypes
 import hashlib
 import importlib.util
 import json
-import os
 import platform as platform_mod
 import subprocess
 import sys

@@ -31,6 +31,7 @@ from orchestrator.machine import doctor as doctor_mod
 from orchestrator.machine import registry_server
 from orchestrator.machine import status as status_mod
 from orchestrator.oci import backends as manifests_mod
+from orchestrator.oci import signing
 
 PROJECT_FILE = "project.yaml"
 PROJECT_HELP = "project file (default: $ORCH_PROJECT, else project.yaml here or in the nearest directory above)"
@@ -264,19 +265,24 @@ def smoke(c, project=None, service="all", backend="all", platform="all", ready_t
     "project": PROJECT_HELP,
     "service": "a service name, a comma list, or all (default)",
     "no_smoke": "promote without smoke tests (recorded in the backend manifest as smoke.ran = false)",
+    "key": f"the release's private key file (default: ${signing.ENV_KEY_FILE}, or the PEM in ${signing.ENV_KEY}; "
+           "for a registry on this machine's loopback, this machine's own key)",
+    "unsigned": "publish without signatures (recorded in the backend manifest as signed = false; hosts refuse it)",
     "json": "print the result as JSON",
 })
 @friendly
-def publish(c, project=None, service="all", no_smoke=False, json=False):
-    """Build what is missing, smoke-test exactly those digests, then promote: indexes, human tags, backend manifests."""
+def publish(c, project=None, service="all", no_smoke=False, key=None, unsigned=False, json=False):
+    """Build what is missing, smoke-test exactly those digests, then sign and promote: indexes, tags, backend manifests."""
     proj = load(project)
     services = parse_list(service, proj.services, "service", proj.file.name)
-    report = flow.publish(proj, services, log=_quiet(json), smoke=not no_smoke)
+    signer = None if unsigned else (signing.signer_from_file(Path(key)) if key else
+                                    signing.signer_from_environ(os.environ))
+    report = flow.publish(proj, services, log=_quiet(json), smoke=not no_smoke, signer=signer, unsigned=unsigned)
     records = [(svc, platform, backend, spec.get("smoke"), manifest.get("smoke") or {})
                for svc, manifest in report.published.items()
                for platform, entry in manifest["platforms"].items() for backend, spec in entry["backends"].items()]
     if json:
-        print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts,
+        print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts, "signed": report.signed,
                     "manifests": {k: str(v) for k, v in report.manifests.items()},
                     "smoke": {"tested": len(report.smoke), "reused": len(report.reused),
                               "variants": [{"service": s, "platform": p, "backend": b, "record": rec}
@@ -295,6 +301,30 @@ def publish(c, project=None, service="all", no_smoke=False, json=False):
     log(f"uploaded {report.uploaded_bytes:,} bytes" + (" (nothing changed)" if report.uploaded_bytes == 0 else ""))
 
 
+@task(help={
+    "project": PROJECT_HELP,
+    "private": "where the private key goes (default: keys/release.key beside the project file; mode 0600, "
+               "git-ignored there)",
+    "public": "where the public key goes (default: keys/release.pub beside the project file; commit it)",
+})
+@friendly
+def keys(c, project=None, private=None, public=None):
+    """Make a release key pair (ECDSA P-256): the public key to list under trust.keys, the private one for CI."""
+    root = Path(find_project(project)).resolve().parent
+    private_path = Path(private) if private else root / "keys" / "release.key"
+    public_path = Path(public) if public else root / "keys" / "release.pub"
+    made = flow.make_keys(private_path, public_path)
+    if private_path.parent == root / "keys":
+        ignore = private_path.parent / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# private keys never go into the repository\n*.key\n")
+    log(f"private key: {private_path} (mode 0600; keep it secret: a CI secret as ${signing.ENV_KEY} holding the "
+        f"file's text, or a path in ${signing.ENV_KEY_FILE})")
+    log(f"public key:  {public_path} (keyid {made.short}; commit it)")
+    rel = os.path.relpath(public_path, root)
+    log(f"trust it in the project file:\n  trust:\n    keys: [{rel}]")
+
+
 # --- on a host ---------------------------------------------------------------------
 
 @task(name="select", help={
@@ -307,8 +337,8 @@ def publish(c, project=None, service="all", no_smoke=False, json=False):
     "gpus": "take the driver and GPUs from this report (what `python3 orchestrator/host/runtime/gpus.py` "
             "printed on some host) instead of asking NVML here: which line would that host get?",
     "machine": "the host's architecture with --root/--gpus (x86_64 or aarch64; default: this machine's)",
-    "no-verify": "do not check the manifest and its images against the registry (offline what-if questions "
-                 "with --manifest); the answer then says it is unverified",
+    "no-verify": "do not check signatures, nor the manifest and its images against the registry (offline "
+                 "what-if questions with --manifest); the answer then says it is unverified",
 })
 @friendly
 def select_(c, service=None, project=None, backend=None, manifest=None, root="/", json=False,
@@ -377,6 +407,28 @@ def sbom(c, service=None, backend=None, platform=None, project=None):
     sys.stderr.write(f"SBOM of {image} ({platform})\n")
 
 
+@task(help={
+    "project": PROJECT_HELP,
+    "service": "the service (required)",
+    "backend": "the backend, e.g. cuda (required)",
+    "platform": "linux/amd64 or linux/arm64 (default: this machine's)",
+    "envelope": "print the signed DSSE envelope as it is stored, not the statement in it",
+})
+@friendly
+def provenance(c, service=None, backend=None, platform=None, project=None, envelope=False):
+    """Print the signed SLSA provenance of a promoted image (its signature and subject checked)."""
+    proj = load(project)
+    one(service, proj.services, "service", proj.file.name)
+    one(backend, proj.backends, "backend", proj.file.name)
+    platform = one(platform or host_platform(), proj.platforms, "platform", proj.file.name)
+    image, found = flow.provenance(proj, service, backend, platform)
+    if envelope:
+        sys.stdout.write(found.envelope.decode() + "\n")
+    else:
+        print_json(found.statement)
+    sys.stderr.write(f"provenance of {image} ({platform}), signed by {found.key}\n")
+
+
 # --- the machine ------------------------------------------------------------------
 
 @task(name="up", help={
@@ -440,7 +492,7 @@ def doctor(c, project=None, json=False):
 
 
 engine_ns = Collection("engine", engine_up, engine_status, engine_down, engine_gc)
-ns = Collection(init, lock, render, build, publish, smoke, select_, run_, sbom, doctor, engine_ns)
+ns = Collection(init, lock, render, build, publish, smoke, select_, run_, sbom, provenance, keys, doctor, engine_ns)
 program = Program(namespace=ns, version=__version__, name="orchestrator", binary="orchestrator")
 
 

@@ -5,9 +5,10 @@
     render   = locks -> plan -> Dockerfiles
     build    = locks -> plan -> render -> build (bases, layers, push by content tag)
     smoke    = build what is missing -> smoke
-    publish  = build -> smoke (the gate) -> promote (SBOMs, indexes, backend manifests)
-    select   = probe the host -> backend manifest -> choose -> verify against the registry
-    run      = probe -> backend manifest -> verify -> launch with fallback
+    publish  = signing key -> build -> smoke (the gate) -> promote (SBOMs, signatures and provenance,
+               indexes, backend manifests)
+    select   = probe the host -> backend manifest -> choose -> verify signatures and the registry
+    run      = probe -> backend manifest -> verify signatures and the registry -> launch with fallback
     engine.* = the machine: engine, registry, emulation, bases; gc
 
 Each stage module takes what it needs as arguments and returns a result;
@@ -34,6 +35,7 @@ from orchestrator.build.render import HEADER, render_all
 from orchestrator.build.result import BuildResult
 from orchestrator.common.errors import UserError
 from orchestrator.common.files import atomic_write, held
+from orchestrator.common.hostinfo import is_loopback
 from orchestrator.common.places import state_dir
 from orchestrator.debian import basepin
 from orchestrator.debian import locks as apt_locks
@@ -42,8 +44,9 @@ from orchestrator.host import probe as probe_mod
 from orchestrator.host import select as select_mod
 from orchestrator.machine import daemon, preflight, registry_server
 from orchestrator.oci import backends as manifests
+from orchestrator.oci import signing
 from orchestrator.oci.layers import default_cache
-from orchestrator.oci.registry import Registry
+from orchestrator.oci.registry import Registry, split_ref
 from orchestrator.project import lock as lock_mod
 from orchestrator.project import scaffold
 from orchestrator.project import spec as spec_mod
@@ -237,16 +240,23 @@ def smoke(project: spec_mod.Project, services=None, backends=None, platforms=Non
 
 
 def publish(project: spec_mod.Project, services: list[str] | None = None, log=print, smoke: bool = True,
-            ready_timeout: float = smoke_mod.READY_TIMEOUT, jobs: int | None = None) -> publish_mod.PublishReport:
-    """Build what is missing (pushed by content tag), smoke-test exactly those digests, then promote.
+            ready_timeout: float = smoke_mod.READY_TIMEOUT, jobs: int | None = None,
+            signer: signing.Signer | None = None, unsigned: bool = False) -> publish_mod.PublishReport:
+    """Build what is missing (pushed by content tag), smoke-test exactly those digests, then sign and promote.
 
     A smoke failure promotes nothing: human tags, indexes and backend
-    manifests keep naming the previous release.
+    manifests keep naming the previous release. signer: the release key
+    (the task reads it from the environment); without one, a registry on
+    this machine's loopback gets this machine's key, any other is refused
+    before anything is built, unless unsigned.
     """
     services = services or list(project.services)
+    signed_by = release_signing(project, signer, unsigned, log)  # refused before any work
     with run_lock(project, "publish"):
         if smoke and project.compression == "zstd":
             publish_mod.check_engine_pulls_zstd(daemon.docker_client().version().get("Version", "0"))
+        run = publish_mod.RunFacts.now({p: str(daemon.builder_for(project, p)) for p in project.platforms},
+                                       tool_commit())
         results = build(project, services=services, log=log)
         checked, gate = [], publish_mod.SmokeGate(False)
         if smoke:
@@ -274,38 +284,110 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
                         f"{r.why_partial}")
         else:
             log("smoke tests skipped (--no-smoke): the backend manifest records smoke.ran = false")
-        report = publish_mod.promote(project, results, services, log=log, gate=gate)
+        report = publish_mod.promote(project, results, services, log=log, gate=gate, signing=signed_by, run=run)
         report.uploaded_bytes += sum(r.uploaded_bytes for r in results)
         report.smoke = checked
         report.reused = {image: r for image, r in gate.records.items() if r.get("reused")}
         return report
 
 
+def trusted_keys(project: spec_mod.Project, state: Path | None = None) -> tuple[signing.PublicKey, ...]:
+    """Whose signatures this machine accepts for the project: `trust.keys`, plus its own key for a loopback registry."""
+    keys = project.trust
+    if is_loopback(project.registry):
+        machine = signing.machine_public_key(state or state_dir())
+        if machine is not None and machine.keyid not in {k.keyid for k in keys}:
+            keys += (machine,)
+    return keys
+
+
+def release_signing(project: spec_mod.Project, signer: signing.Signer | None, unsigned: bool, log=print,
+                    state: Path | None = None) -> publish_mod.Signing | None:
+    """Who signs this publish: the key given, else this machine's for a loopback registry; None when --unsigned."""
+    if unsigned:
+        log("not signing (--unsigned): the backend manifest records signed: false, and hosts refuse to run it")
+        return None
+    if signer is None:
+        if not is_loopback(project.registry):
+            raise UserError(f"no signing key to publish to {project.registry}: hosts run only releases signed by a "
+                            f"key {project.file.name} trusts", signing.GIVE_A_KEY
+                            + "; or pass --unsigned to publish unsigned (recorded; hosts refuse to run it)")
+        signer = signing.machine_signer(state or state_dir())
+    trusted = trusted_keys(project, state)
+    if signer.public.keyid not in {k.keyid for k in trusted}:
+        listed = ", ".join(str(k) for k in trusted) or "none"
+        raise UserError(f"the signing key {signer.public} is not one {project.file.name} trusts (trust.keys: {listed}):"
+                        " hosts would refuse everything it signs",
+                        "add its public key file to trust.keys, or sign with a key listed there")
+    return publish_mod.Signing(signer, trusted)
+
+
+def tool_commit(here: Path | None = None) -> str | None:
+    """The git commit this tool runs from, when it runs from a checkout (for provenance); read, not run."""
+    here = here or Path(__file__).resolve().parent.parent
+    sha = re.compile(r"^[0-9a-f]{40}$")
+    try:
+        gitdir = here / ".git"
+        if gitdir.is_file():  # a worktree: "gitdir: <path>"
+            gitdir = (here / gitdir.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve() \
+            if (gitdir / "commondir").exists() else gitdir
+        head = (gitdir / "HEAD").read_text().strip()
+        if sha.match(head):
+            return head
+        ref = head.removeprefix("ref: ")
+        for d in (gitdir, common):
+            if (d / ref).is_file():
+                found = (d / ref).read_text().strip()
+                return found if sha.match(found) else None
+        for line in (common / "packed-refs").read_text().splitlines() if (common / "packed-refs").exists() else ():
+            if line.endswith(" " + ref) and sha.match(line.split()[0]):
+                return line.split()[0]
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def make_keys(private: Path, public: Path) -> signing.PublicKey:
+    """`invoke keys`: a new release key pair (private 0600, public to commit); never overwrites."""
+    return signing.write_key_pair(private, public)
+
+
 # --- on a host: select and run ------------------------------------------------------
 
 def backend_manifest(project: spec_mod.Project, service: str, manifest_file: str | None = None):
-    """(backend manifest, where it came from, its artifact ref in the registry)."""
+    """(backend manifest, where it came from, its artifact ref in the registry, that artifact's digest or None)."""
     ref = f"{project.repository(service)}:{manifests.artifact_tag(project.services[service].version)}"
     if manifest_file:
-        return manifests.load_manifest_file(manifest_file), manifest_file, ref
-    return manifests.fetch_manifest(ref, project.login), ref, ref  # fetch_manifest checks the artifact's digests
+        return manifests.load_manifest_file(manifest_file), manifest_file, ref, None
+    data, digest = manifests.fetch_artifact(ref, project.login)  # the artifact's digests checked
+    return data, ref, ref, digest
 
 
-def verify(data: dict, source: str, ref: str, platform: str, backend_names, login=None) -> None:
-    """Refuse a manifest file the registry does not serve, and backends whose images or tags moved."""
+def verify(project: spec_mod.Project, data: dict, source: str, ref: str, digest: str | None, platform: str,
+           backend_names, state: Path | None = None) -> None:
+    """Refuse a release that is not signed by a trusted key, a manifest file the registry does not serve,
+    and backends whose images or tags moved or whose signatures fail. The project's login goes to its host only."""
+    trusted = trusted_keys(project, state)
+    verify_mod.check_trust(trusted, project.file.name, project.registry)
+    login = project.login
     if source != ref:
-        verify_mod.check_file_matches_registry(data, source, ref, login=login)
+        digest = verify_mod.check_file_matches_registry(data, source, ref, login=login)
+    host, name, _ = split_ref(ref)
+    verify_mod.check_signature(Registry(host, login=login), name, digest, trusted, "the backend manifest", source,
+                               data.get("signed") is False)
     for backend in backend_names:
         verify_mod.check_backend(data, platform, backend, source, login=login)
+        verify_mod.check_backend_signatures(data, platform, backend, source, trusted, login=login)
 
 
 def select(project: spec_mod.Project, service: str, host: probe_mod.Host, backend: str | None = None,
            manifest_file: str | None = None, check: bool = True):
     """Which image this host should run for service, and why: (choice, manifest source)."""
-    data, source, ref = backend_manifest(project, service, manifest_file)
+    data, source, ref, digest = backend_manifest(project, service, manifest_file)
     choice = select_mod.select(data, host, backend, source)
     if check:
-        verify(data, source, ref, choice.platform, [choice.backend], project.login)
+        verify(project, data, source, ref, digest, choice.platform, [choice.backend])
     return choice, source
 
 
@@ -313,10 +395,10 @@ def run(project: spec_mod.Project, service: str, backend: str | None = None, man
         host_port: int = 0, log=print) -> launch_mod.Launch:
     """Start a service by digest from its default backend; on exit 78 the next one at once."""
     host = probe_mod.probe()
-    data, source, ref = backend_manifest(project, service, manifest_file)
+    data, source, ref, digest = backend_manifest(project, service, manifest_file)
     # Always verified: run may walk the whole fallback list, and starts each image by digest.
-    verify(data, source, ref, host.platform, sorted((data["platforms"].get(host.platform) or {}).get("backends") or {}),
-           project.login)
+    verify(project, data, source, ref, digest, host.platform,
+           sorted((data["platforms"].get(host.platform) or {}).get("backends") or {}))
     started = launch_mod.launch(daemon.docker_client(), data, host.platform, project.services[service].port,
                                 f"orch-{project.name}-{service}", override=backend, host_port=host_port, log=log)
     if started.backend:
@@ -328,6 +410,13 @@ def run(project: spec_mod.Project, service: str, backend: str | None = None, man
 def sbom(project: spec_mod.Project, service: str, backend: str, platform: str) -> tuple[str, bytes]:
     """The CycloneDX SBOM of a promoted image: (image ref, the document), every digest on the way checked."""
     return publish_mod.published_sbom(project, service, backend, platform)
+
+
+def provenance(project: spec_mod.Project, service: str, backend: str, platform: str):
+    """The signed provenance of a promoted image: (image ref, found), its signature and subject checked."""
+    trusted = trusted_keys(project)
+    verify_mod.check_trust(trusted, project.file.name, project.registry)
+    return publish_mod.published_provenance(project, service, backend, platform, trusted)
 
 
 # --- the machine -------------------------------------------------------------------

@@ -164,7 +164,7 @@ def pytest_generate_tests(metafunc):
     if service not in project.services:
         _fail(f"@pytest.mark.{MARKER}({service!r}): {project.file.name} defines {sorted(project.services)}")
     try:
-        manifest, _, _ = flow.backend_manifest(project, service)
+        manifest = flow.backend_manifest(project, service)[0]
     except OrchestratorError as e:
         _fail(e)
     host, _, gpu = _host_facts(metafunc.config)
@@ -230,7 +230,7 @@ def _start(config, project, service: str, backend: str | None, env: dict[str, st
     if service not in project.services:
         raise UserError(f"no service {service!r} in {project.file}", f"pick one of {sorted(project.services)}")
     host, client, _ = _host_facts(config)
-    manifest, source, ref = flow.backend_manifest(project, service)
+    manifest, source, ref, digest = flow.backend_manifest(project, service)
     reasons: tuple[str, ...] = ()
     if backend is None:
         choice = select(manifest, host, None, source)
@@ -239,7 +239,7 @@ def _start(config, project, service: str, backend: str | None, env: dict[str, st
     if backend not in entry["backends"]:
         raise UserError(f"{service}: backend {backend!r} is not published for {host.platform} "
                         f"(available: {sorted(entry['backends'])})", "pass one of those, or none to let select choose")
-    flow.verify(manifest, source, ref, host.platform, [backend])  # as `orchestrator select` does
+    flow.verify(project, manifest, source, ref, digest, host.platform, [backend])  # as `orchestrator select` does
     spec = entry["backends"][backend]
     image = spec["image"]
     try:

@@ -7,6 +7,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ from orchestrator import flow
 from orchestrator.build import bases
 from orchestrator.common.errors import EnvironmentProblem
 from orchestrator.machine import daemon
+from orchestrator.oci import signing
 from orchestrator.oci.registry import Registry
 from orchestrator.project import spec
 from orchestrator.project.spec import DEFAULT_REGISTRY
@@ -75,12 +77,31 @@ def ready_mini(dest: Path, prefix: str = "orch-test", edit=None):
 
 
 @pytest.fixture(scope="session")
-def mini_project(engine_ready, tmp_path_factory):
-    """The mini fixture under a unique namespace, locked and with a pinned base.
+def release_key(tmp_path_factory):
+    """A release key pair made for this session: the public key file, the private one, and the env CI would set."""
+    d = tmp_path_factory.mktemp("release-key")
+    signing.write_key_pair(d / "release.key", d / "release.pub")
+    return SimpleNamespace(private=d / "release.key", public=d / "release.pub",
+                           env={signing.ENV_KEY_FILE: str(d / "release.key")})
+
+
+def trusting(public: Path):
+    """An edit for ready_mini: the project commits this public key and lists it under trust.keys."""
+    def edit(directory: Path) -> None:
+        (directory / "keys").mkdir(exist_ok=True)
+        shutil.copy(public, directory / "keys" / "release.pub")
+        pf = directory / "project.yaml"
+        pf.write_text(pf.read_text() + "trust:\n  keys: [keys/release.pub]\n")
+    return edit
+
+
+@pytest.fixture(scope="session")
+def mini_project(engine_ready, tmp_path_factory, release_key):
+    """The mini fixture under a unique namespace, locked, with a pinned base, trusting the session's release key.
 
     Everything it pushes or builds is deleted afterwards.
     """
-    project = ready_mini(tmp_path_factory.mktemp("proj"))
+    project = ready_mini(tmp_path_factory.mktemp("proj"), edit=trusting(release_key.public))
     yield project
     cleanup_namespace(project)
 
@@ -96,9 +117,9 @@ def first_build(mini_project):
 
 
 @pytest.fixture(scope="session")
-def published(mini_project, first_build):
-    """The mini fixture published once for the session, with the smoke gate, as users run it."""
-    return flow.publish(mini_project, log=lambda *_: None)
+def published(mini_project, first_build, release_key):
+    """The mini fixture published once for the session, with the smoke gate and signed, as CI runs it."""
+    return flow.publish(mini_project, log=lambda *_: None, signer=signing.signer_from_environ(release_key.env))
 
 
 def cleanup_namespace(project) -> None:

@@ -8,6 +8,11 @@
 # command that promotes, so a promote job can never move a tag to an untested
 # image, whatever ran before it. (`--no-smoke` would record smoke.ran: false.)
 # The separate smoke job exists to fail fast and give its own report.
+#
+# Every image, index and backend manifest is signed with the release key
+# ($ORCH_SIGNING_KEY or $ORCH_SIGNING_KEY_FILE, from the CI's secrets) before
+# any tag moves; without one, a registry other than this machine's loopback
+# is refused.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 invoke engine.up

@@ -79,17 +79,21 @@ def artifact_tag(version: str) -> str:
     return f"{version}-backends"
 
 
+def artifact_manifest(payload: bytes, title: str) -> bytes:
+    """The OCI artifact manifest that carries a backend manifest: an empty config, the JSON as its one layer."""
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": OCI_EMPTY, "digest": sha256_digest(EMPTY_JSON), "size": len(EMPTY_JSON)},
+        "layers": [{"mediaType": ARTIFACT_TYPE, "digest": sha256_digest(payload), "size": len(payload),
+                    "annotations": {"org.opencontainers.image.title": title}}],
+    }, sort_keys=True, separators=(",", ":")).encode()
+
+
 def push_artifact(reg: Registry, name: str, tag: str, payload: bytes, title: str) -> tuple[str, int]:
     """The JSON as the one layer of an OCI artifact with an empty config."""
     _, sent_config = reg.upload_blob(name, EMPTY_JSON)
-    layer_digest, sent_layer = reg.upload_blob(name, payload)
-    body = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
-        "config": {"mediaType": OCI_EMPTY, "digest": sha256_digest(EMPTY_JSON), "size": len(EMPTY_JSON)},
-        "layers": [{"mediaType": ARTIFACT_TYPE, "digest": layer_digest, "size": len(payload),
-                    "annotations": {"org.opencontainers.image.title": title}}],
-    }, sort_keys=True, separators=(",", ":")).encode()
-    digest, sent_manifest = reg.put_manifest_if_changed(name, tag, body, OCI_MANIFEST)
+    _, sent_layer = reg.upload_blob(name, payload)
+    digest, sent_manifest = reg.put_manifest_if_changed(name, tag, artifact_manifest(payload, title), OCI_MANIFEST)
     return digest, sent_config + sent_layer + sent_manifest
 
 
@@ -98,6 +102,11 @@ def fetch_manifest(ref: str, login=None) -> dict:
 
     login: the environment's login (registry.EnvLogin), sent only if it is for ref's host.
     """
+    return fetch_artifact(ref, login)[0]
+
+
+def fetch_artifact(ref: str, login=None) -> tuple[dict, str]:
+    """(the backend manifest, the digest of the artifact it came in): digests and schema verified."""
     host, name, reference = split_ref(ref)
     reg = Registry(host, login=login)
     m = reg.get_manifest(name, reference)
@@ -112,7 +121,7 @@ def fetch_manifest(ref: str, login=None) -> dict:
     except ValueError:
         raise UserError(f"{ref}: the backend manifest is not JSON") from None
     validate(manifest, ref)
-    return manifest
+    return manifest, m.digest
 
 
 def smoke_record(manifest: dict, platform: str, backend: str) -> tuple[dict | None, dict]:

@@ -27,11 +27,12 @@ import uuid
 from dataclasses import dataclass
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.oci import referrers as referrers_mod
 from orchestrator.oci.layers import SOURCE_DATE_EPOCH
+from orchestrator.oci.referrers import descriptor, referrers_tag  # noqa: F401 - part of this module's interface
 from orchestrator.oci.registry import (
     EMPTY_JSON,
     OCI_EMPTY,
-    OCI_INDEX,
     OCI_MANIFEST,
     Registry,
     sha256_digest,
@@ -208,12 +209,6 @@ def validation_errors(data: bytes) -> str | None:
 
 # --- the registry: push and find referrers -----------------------------------
 
-def referrers_tag(digest: str) -> str:
-    """The referrers tag schema (distribution spec 1.1): `<alg>-<encoded>`, truncated to 32/64, tag-safe."""
-    alg, _, encoded = digest.partition(":")
-    return re.sub(r"[^a-zA-Z0-9._-]", "-", f"{alg[:32]}-{encoded[:64]}")
-
-
 def artifact_manifest(payload: bytes, subject_digest: str, subject_size: int, platform: str) -> bytes:
     body = {
         "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": MEDIA_TYPE,
@@ -228,29 +223,6 @@ def artifact_manifest(payload: bytes, subject_digest: str, subject_size: int, pl
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def descriptor(manifest: bytes) -> dict:
-    """The referrers-list entry for an artifact manifest: artifactType and annotations copied, as the spec says."""
-    body = json.loads(manifest)
-    out = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest), "size": len(manifest),
-           "artifactType": body.get("artifactType") or body["config"]["mediaType"]}
-    if body.get("annotations"):
-        out["annotations"] = body["annotations"]
-    return out
-
-
-def _fallback_index(reg: Registry, name: str, subject: str) -> list[dict]:
-    """The descriptors under the referrers tag; [] when there is none yet."""
-    tag = referrers_tag(subject)
-    found = reg.get_manifest(name, tag)
-    if found is None:
-        return []
-    if found.media_type != OCI_INDEX or found.json.get("mediaType", OCI_INDEX) != OCI_INDEX:
-        raise EnvironmentProblem(f"{reg.host}/{name}:{tag} should be the referrers index of {subject} but is a "
-                                 f"{found.media_type or 'manifest of unknown type'}",
-                                 "something else uses the referrers tag schema's name; delete that tag and re-publish")
-    return list(found.json.get("manifests") or [])
-
-
 def _ours(d: dict) -> bool:
     return d.get("artifactType") == MEDIA_TYPE and PLATFORM_ANNOTATION in (d.get("annotations") or {})
 
@@ -261,30 +233,14 @@ def push(reg: Registry, name: str, subject_digest: str, subject_size: int, platf
     manifest = artifact_manifest(payload, subject_digest, subject_size, platform)
     sent = reg.upload_blob(name, EMPTY_JSON)[1] + reg.upload_blob(name, payload)[1]
     digest, put = reg.put_manifest_if_changed(name, sha256_digest(manifest), manifest, OCI_MANIFEST)
-    sent += put
-    if reg.referrers(name, subject_digest) is not None:
-        return digest, sent  # the registry lists referrers itself
-    # No referrers API: read-modify-write the index under the referrers tag, keeping every other referrer
-    # (signatures, other tools' SBOMs) but not an SBOM this tool made for the image before (one SBOM per image).
-    listed = _fallback_index(reg, name, subject_digest)
-    if any(d.get("digest") == digest for d in listed):
-        return digest, sent
-    kept = [d for d in listed if not _ours(d)]
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept + [descriptor(manifest)]},
-                       sort_keys=True, separators=(",", ":")).encode()
-    _, put = reg.put_manifest_if_changed(name, referrers_tag(subject_digest), index, OCI_INDEX)
-    return digest, sent + put
+    # Every other referrer (signatures, provenance, other tools' SBOMs) is kept, but not an SBOM this
+    # tool made for the image before: one SBOM per image.
+    return digest, sent + put + referrers_mod.attach(reg, name, subject_digest, manifest, _ours)
 
 
 def referrers(reg: Registry, name: str, subject: str) -> list[dict]:
     """SBOM descriptors attached to subject: the referrers API where the registry has it, else the tag schema."""
-    listed = reg.referrers(name, subject, MEDIA_TYPE)
-    if listed is None:
-        try:
-            listed = _fallback_index(reg, name, subject)
-        except EnvironmentProblem:
-            listed = []  # the spec: no valid index under the tag means no referrers
-    return [d for d in listed if d.get("artifactType") == MEDIA_TYPE]
+    return referrers_mod.listed(reg, name, subject, MEDIA_TYPE)
 
 
 def fetch(reg: Registry, name: str, subject: str, expected: str | None = None) -> bytes:

@@ -20,6 +20,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from orchestrator.common.errors import SpecError
+from orchestrator.oci import signing
 from orchestrator.oci.registry.auth import EnvLogin, env_login
 from orchestrator.project import compat as compat_mod
 from orchestrator.project.validate import (BUILDER_EXAMPLES, allow_sdist, check_requirements_file, describe, endpoint_problem,
@@ -194,6 +195,8 @@ class Project:
     builders: dict[str, Builder] = field(default_factory=dict)
     layer_split: LayerSplit = LayerSplit()
     smoke: SmokeSettings = SmokeSettings()
+    # The public keys whose signatures hosts accept (`trust.keys`), read and checked at load.
+    trust: tuple[signing.PublicKey, ...] = ()
     # REGISTRY_USERNAME/REGISTRY_PASSWORD, read when the file is loaded, for this registry (or REGISTRY_HOST's)
     # only: every registry client gets it and sends it to that host alone.
     login: EnvLogin | None = field(default=None, repr=False, compare=False)
@@ -263,6 +266,27 @@ def _builders(file: str, data: dict, platforms: tuple[str, ...], root: Path,
     return out
 
 
+def _trust(file: str, data: dict, root: Path) -> tuple[signing.PublicKey, ...]:
+    """`trust.keys`: each a committed ECDSA P-256 public key file inside the project, listed once."""
+    keys: list[signing.PublicKey] = []
+    for i, rel in enumerate(data.get("keys") or ()):
+        key = f"trust.keys[{i}]"
+        path = expect_file(file, key, root, rel, "public key file")
+        try:
+            pem = path.read_bytes()
+        except OSError as e:
+            raise SpecError(file, key, f"cannot read {rel!r} ({e.strerror})", "make it readable") from None
+        if why := signing.public_key_problem(pem):
+            raise SpecError(file, key, f"{rel!r} is not a public key this tool verifies with: {why}",
+                            "point it at the .pub file `invoke keys` wrote (or a cosign.pub of an ECDSA P-256 key)")
+        public = signing.load_public_key(pem, rel)
+        if any(k.keyid == public.keyid for k in keys):
+            first = next(j for j, k in enumerate(keys) if k.keyid == public.keyid)
+            raise SpecError(file, key, f"{rel!r} is the same key as trust.keys[{first}]", "list each key once")
+        keys.append(public)
+    return tuple(keys)
+
+
 def _check_python(file: str, python: str, base: Base, suite_given: bool, compat) -> None:
     """The locks are resolved for `python`; the base's interpreter must be that version."""
     debian = {str(k): str(v) for k, v in (compat.raw.get("debian_python") or {}).items()}
@@ -316,7 +340,7 @@ def _build(path: Path, data: dict) -> Project:
                    _builders(file, data.get("builders") or {}, platforms, root),
                    LayerSplit(**(data.get("layer_split") or {})),
                    _smoke(file, data.get("smoke") or {}, platforms, root, backends, services),
-                   env_login(os.environ, registry))
+                   _trust(file, data.get("trust") or {}, root), env_login(os.environ, registry))
 
 
 def _smoke(file: str, data: dict, platforms: tuple[str, ...], root: Path, backends: dict[str, Backend],

@@ -215,7 +215,8 @@ def expect_file(file: str, key: str, root: Path, rel: str, what: str) -> Path:
                         "create it or fix the path, which is relative to the project file")
     if what.endswith("file") and not path.is_file():
         raise SpecError(file, key, f"expected a file, found a directory: {rel!r}",
-                        "point it at a requirements file such as requirements/app.in")
+                        "point it at a requirements file such as requirements/app.in" if "requirements" in what
+                        else f"point it at the {what} itself")
     return path
 
 

@@ -23,9 +23,12 @@ Dockerfile or the app makes a new one, so they pile up. The policy:
   content tag only if it looks like one (`<prefix>-<12 hex>`) *and* names an
   image this tool built (its config carries `io.orchestrator.*` labels), so
   nobody else's `v1-0123456789ab` is touched.
-* Deleted with an image: its referrers (the SBOMs `publish` attaches), found
-  through the referrers tag schema (`sha256-<hex of the image digest>`, an
-  index whose children are the referrer artifacts).
+* Deleted with an image: its referrers (the SBOMs and provenance `publish`
+  attaches), found through the referrers tag schema (`sha256-<hex of the
+  image digest>`, an index whose children are the referrer artifacts), and
+  its signatures (cosign's `sha256-<hex>.sig` beside it, and `.att`/`.sbom`
+  should cosign have put them there). A kept image keeps all of them: they
+  are tags of their own, never content tags.
 
 Keeping works on digests across the whole registry: a digest kept in one
 repository is kept in every repository (the same bytes; deleting it
@@ -44,6 +47,7 @@ from orchestrator.build.plan import LABEL_PREFIX
 
 CONTENT_TAG = re.compile(r"^(?P<prefix>.+)-(?P<hash>[0-9a-f]{12})$")
 REFERRERS_TAG = re.compile(r"^sha256-(?P<hex>[0-9a-f]{64})$")  # OCI 1.1 referrers tag schema
+SIGNATURE_TAG = re.compile(r"^sha256-(?P<hex>[0-9a-f]{64})\.(?:sig|att|sbom)$")  # cosign's tags beside a digest
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,8 @@ def plan(inventory: Inventory, keep: int) -> Plan:
         if t.digest not in kept:
             by_repo.setdefault((t.repository, t.digest), []).append(t.tag)
     gone_images = {d for _, d in by_repo}
-    for t in human:  # an image's referrers go with it: the referrers index, then each artifact it lists
-        m = REFERRERS_TAG.match(t.tag)
+    for t in human:  # an image's referrers and signatures go with it: the referrers index and each artifact it lists
+        m = REFERRERS_TAG.match(t.tag) or SIGNATURE_TAG.match(t.tag)
         if m and "sha256:" + m["hex"] in gone_images and (t.repository, "sha256:" + m["hex"]) in by_repo:
             by_repo.setdefault((t.repository, t.digest), []).append(t.tag)
             for child in manifests[t.digest].children if t.digest in manifests else ():

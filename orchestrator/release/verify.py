@@ -1,7 +1,16 @@
 """Before `select` names an image or `run` starts one: does the registry still
 serve what the backend manifest says?
 
-Three ways a host could end up running something nobody published:
+Whoever can write to the registry could replace an image, its index and
+the backend manifest consistently; so first, signatures: the backend
+manifest artifact, and every image and index a host may start, must carry
+a signature (cosign's format, orchestrator.oci.signing) by a key the
+project trusts (`trust.keys`, plus this machine's own key for a registry on
+its loopback). Unsigned, signed by another key, a signature moved from
+another digest, a payload altered after signing: each is refused, naming
+the artifact and why.
+
+Then three ways a host could end up running something nobody published:
 - the manifest itself was edited or is stale (a file that differs from the
   artifact the registry serves for that release);
 - an image or index it names is gone, or its bytes no longer hash to the
@@ -16,17 +25,61 @@ Images are started by digest, so a verified choice is exactly what runs.
 from __future__ import annotations
 
 from orchestrator.common.errors import UserError
+from orchestrator.oci import signing
 from orchestrator.oci.backends import (
     manifest_bytes,  # the bytes publish pushes: a file's formatting does not count
 )
 from orchestrator.oci.registry import Registry, sha256_digest, split_ref
 
 REPUBLISH = "re-publish with `invoke publish` so the tags and the backend manifest agree again"
+UNVERIFIED = "`invoke select --no-verify` still answers what-if questions, unverified"
+
+
+def check_trust(trusted: tuple, project_file: str, registry: str) -> None:
+    """Something to verify with: a release nobody can check is refused, not run."""
+    if not trusted:
+        raise UserError(f"{project_file} lists no trust.keys, so no signature from {registry} can be verified",
+                        "add the public key the releases are signed with (`trust: {keys: [keys/release.pub]}`; "
+                        "`invoke keys` makes a pair); " + UNVERIFIED)
+
+
+def check_signature(reg: Registry, name: str, digest: str, trusted: tuple, what: str, source: str,
+                    unsigned_release: bool = False) -> None:
+    """digest (in repository name) carries a signature by a trusted key over a payload naming it; else exit 2."""
+    verdict = signing.verify(reg, name, digest, trusted)
+    if verdict.ok:
+        return
+    reason = verdict.reason
+    if unsigned_release and reason.startswith("it has no signature"):
+        reason = "it was published unsigned (`invoke publish --unsigned`, recorded as signed: false)"
+        hint = "publish it with the release key ($ORCH_SIGNING_KEY or $ORCH_SIGNING_KEY_FILE); " + UNVERIFIED
+    elif reason.startswith("it has no signature"):
+        hint = ("publish with the release key ($ORCH_SIGNING_KEY or $ORCH_SIGNING_KEY_FILE), which signs every "
+                "image, index and backend manifest; " + UNVERIFIED)
+    elif "does not trust" in reason:
+        hint = ("if you trust that key, add its public key file to trust.keys; otherwise someone else wrote to the "
+                "registry: re-publish with the release key, and find out who can write there")
+    else:
+        hint = "someone altered the registry: re-publish with the release key, and find out who can write there"
+    raise UserError(f"{source}: {what} {reg.host}/{name}@{digest[:19]}: {reason}", hint)
+
+
+def check_backend_signatures(manifest: dict, platform: str, backend: str, source: str, trusted: tuple,
+                             registry: Registry | None = None, login=None) -> None:
+    """The image a backend entry names, and its index, carry trusted signatures."""
+    spec = manifest["platforms"][platform]["backends"][backend]
+    unsigned = manifest.get("signed") is False
+    for key, what in (("image", f"the {backend} image for {platform}"), ("index", f"the {backend} index")):
+        if not spec.get(key):
+            continue
+        host, name, digest = split_ref(spec[key])
+        reg = registry or Registry(host, login=login)
+        check_signature(reg, name, digest, trusted, what, source, unsigned)
 
 
 def check_file_matches_registry(manifest: dict, source: str, artifact_ref: str, registry: Registry | None = None,
-                                login=None) -> None:
-    """A manifest read from a file must be the one the registry serves for its release.
+                                login=None) -> str:
+    """A manifest read from a file must be the one the registry serves for its release; returns that artifact's digest.
 
     login: the environment's login (registry.EnvLogin), sent only to its own host."""
     host, name, tag = split_ref(artifact_ref)
@@ -42,6 +95,7 @@ def check_file_matches_registry(manifest: dict, source: str, artifact_ref: str, 
         raise UserError(f"{source}: this backend manifest ({got[:19]}) is not the one {artifact_ref} serves "
                         f"({str(want)[:19]}): it was edited, or a newer release replaced it",
                         "drop --manifest to use the registry's, or fetch it again")
+    return served.digest
 
 
 def check_backend(manifest: dict, platform: str, backend: str, source: str, registry: Registry | None = None,

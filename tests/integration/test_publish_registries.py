@@ -59,14 +59,19 @@ def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credent
 
 
 def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_machines_ca(tls_env, first_build, tmp_path):
-    from ..secrets_scan import credential_needles, local_ca_needles, scan
+    from orchestrator.common.places import state_dir
+    from orchestrator.oci import signing
+
+    from ..secrets_scan import credential_needles, local_ca_needles, private_key_needles, scan
 
     project = spec.load(project_copy(tmp_path, tls_env.host))
     logged: list[str] = []
-    flow.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)
-    needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles()}
-    # Every tag: images, indexes, configs (history, labels), layers, backend manifests, SBOM referrers.
-    hits, blobs = scan(Registry(tls_env.host, login=project.login), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
+    flow.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)  # signed: loopback
+    needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles(),
+               **private_key_needles(signing.machine_key_paths(state_dir())[0].read_bytes())}
+    # Every tag: images, indexes, configs (history, labels), layers, backend manifests, SBOMs, signatures, provenance.
+    hits, blobs = scan(Registry(tls_env.host, login=project.login), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)],
+                       needles)
     assert blobs > 20  # every platform's manifests, configs and layers, not a sample
     assert hits == []
     log = "\n".join(logged).encode()

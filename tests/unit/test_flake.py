@@ -72,7 +72,7 @@ let
     platforms.linux = [ "x86_64-linux" "aarch64-linux" ];
   };
   pyPkgs = builtins.listToAttrs (map (n: { name = n; value = pkg n [ ]; })
-    [ "pip" "invoke" "docker" "pyyaml" "packaging" "requests" "jsonschema" "rich" "isal" "zstandard" "cyclonedx-python-lib" "pytest" "setuptools"
+    [ "pip" "invoke" "docker" "pyyaml" "packaging" "requests" "jsonschema" "rich" "isal" "zstandard" "cyclonedx-python-lib" "cryptography" "pytest" "setuptools"
       "testcontainers" ]) // {
     buildPythonApplication = args: pkg args.pname [ (args.meta.mainProgram or args.pname) ] // { inherit args; };
   };

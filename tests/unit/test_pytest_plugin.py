@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 
 from orchestrator import pytest_plugin
 from orchestrator.host import gpu_request
