@@ -134,8 +134,8 @@ def fallback_order(project: Project) -> list[str]:
 
 
 def backend_manifest(project: Project, service: str, results: list, indexes: dict, smoke_ran: bool,
-                     smoked: int = 0, sboms: dict | None = None, provenance: dict | None = None,
-                     signed: bool | None = None, records: dict[str, dict] | None = None) -> dict:
+                     smoked: int = 0, sboms: dict | None = None, records: dict[str, dict] | None = None,
+                     provenance: dict | None = None, signed: bool | None = None) -> dict:
     """The nested manifest for one service from this run's build results.
 
     indexes: (key, backend) -> the index digest promoted for it.
@@ -301,7 +301,7 @@ def promote(project: Project, results: list, services: list[str], smoke_ran: boo
     # Backend manifests last: everything they name now exists.
     for service in services:
         manifest = backend_manifest(project, service, results, indexes, gate.ran, smoked, report.sboms,
-                                    report.provenance, signing is not None, gate.records)
+                                    records=gate.records, provenance=report.provenance, signed=signing is not None)
         if gate.records and same_release(gate.previous.get(service), manifest):
             manifest = gate.previous[service]  # nothing changed, nothing tested again: the promoted record stands
         _, name, _ = split_ref(project.repository(service) + ":x")
