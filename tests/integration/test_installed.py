@@ -139,7 +139,8 @@ def installed(tmp_path_factory) -> Installed:
                                                  if "==" in line and " @ " not in line))
     _checked([*uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
               "--constraint", str(tmp / "constraints.txt"), str(wheel), "pytest"])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTEST_ADDOPTS")}
     env["PATH"] = os.pathsep.join([str(venv / "bin"), *(p for p in env.get("PATH", "").split(os.pathsep)
                                                         if p and _outside(p))])
     return Installed(venv, env)
