@@ -429,6 +429,15 @@ def provenance(c, service=None, backend=None, platform=None, project=None, envel
     sys.stderr.write(f"provenance of {image} ({platform}), signed by {found.key}\n")
 
 
+@task(help={"project": PROJECT_HELP, "service": "a service name, a comma list, or all (default)"})
+@friendly
+def verify(c, project=None, service="all"):
+    """Check a published release as hosts do: every backend's signatures, provenance and registry state (exit 2 if not)."""
+    proj = load(project)
+    checked = flow.verify_release(proj, parse_list(service, proj.services, "service", proj.file.name), log=log)
+    log(f"{checked} variant(s) verified against {', '.join(str(k) for k in flow.trusted_keys(proj))}")
+
+
 # --- the machine ------------------------------------------------------------------
 
 @task(name="up", help={
@@ -492,7 +501,8 @@ def doctor(c, project=None, json=False):
 
 
 engine_ns = Collection("engine", engine_up, engine_status, engine_down, engine_gc)
-ns = Collection(init, lock, render, build, publish, smoke, select_, run_, sbom, provenance, keys, doctor, engine_ns)
+ns = Collection(init, lock, render, build, publish, smoke, select_, run_, verify, sbom, provenance, keys, doctor,
+                engine_ns)
 program = Program(namespace=ns, version=__version__, name="orchestrator", binary="orchestrator")
 
 

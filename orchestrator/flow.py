@@ -412,6 +412,27 @@ def sbom(project: spec_mod.Project, service: str, backend: str, platform: str) -
     return publish_mod.published_sbom(project, service, backend, platform)
 
 
+def verify_release(project: spec_mod.Project, services: list[str] | None = None, log=print) -> int:
+    """A whole release checked the way hosts check what they run: for every service, platform and backend,
+    the backend manifest's and each image's and index's signatures by a trusted key, the registry still
+    serving what the manifest names, and each image's signed provenance naming it. Returns the variants checked;
+    the first failure is a UserError (exit 2) naming the artifact."""
+    trusted = trusted_keys(project)
+    verify_mod.check_trust(trusted, project.file.name, project.registry)
+    checked = 0
+    for service in services or list(project.services):
+        data, source, ref, digest = backend_manifest(project, service)
+        for platform, entry in sorted(data["platforms"].items()):
+            names = sorted(entry["backends"])
+            verify(project, data, source, ref, digest, platform, names)
+            for backend in names:
+                image, _ = publish_mod.published_provenance(project, service, backend, platform, trusted)
+                checked += 1
+            log(f"{service} {platform}: {', '.join(names)}: signed by a trusted key, provenance signed, "
+                "served as published")
+    return checked
+
+
 def provenance(project: spec_mod.Project, service: str, backend: str, platform: str):
     """The signed provenance of a promoted image: (image ref, found), its signature and subject checked."""
     trusted = trusted_keys(project)

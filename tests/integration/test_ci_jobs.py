@@ -1,6 +1,8 @@
 """The CI job scripts (ci/jobs/) run locally, in the pipelines' order, against
 the real engine and a TLS + basic-auth registry: login, one build leg
-(linux/amd64), smoke, promote.
+(linux/amd64), smoke, promote (signing with the release key a CI secret
+gives it), verify (as a host checks a release, with the committed public key
+only).
 
 The login script turns REGISTRY_USERNAME/REGISTRY_PASSWORD into Docker's
 config.json in a private DOCKER_CONFIG, as docker/login-action does; the
@@ -28,7 +30,8 @@ from orchestrator import flow
 from orchestrator.project import spec
 from orchestrator.oci.registry import Registry, env_login
 
-from ..conftest import ROOT, copy_fixture, unavailable
+from ..conftest import ROOT, copy_fixture, trusting, unavailable
+from ..secrets_scan import private_key_needles
 
 pytestmark = pytest.mark.engine
 
@@ -75,9 +78,11 @@ def engine_trusts(tls_registry):
 
 
 @pytest.fixture
-def ci(tls_registry, engine_trusts, first_build, tmp_path):
-    """A one-platform copy of the mini project and the job scripts' environment (no credentials yet)."""
+def ci(tls_registry, engine_trusts, first_build, release_key, tmp_path):
+    """A one-platform copy of the mini project, trusting the release key, and the job scripts' environment
+    (no credentials yet)."""
     path = copy_fixture("mini", tmp_path, f"orch-ci-{uuid.uuid4().hex[:8]}")
+    trusting(release_key.public)(path.parent)
     path.write_text(path.read_text().replace("platforms: [linux/amd64, linux/arm64]", "platforms: [linux/amd64]"))
     flow.lock(spec.load(path), log=lambda *_: None)  # fresh locks are left alone
     docker_config = tmp_path / "docker-config"
@@ -121,7 +126,8 @@ def test_the_jobs_need_a_shared_registry(ci):
     assert "set ORCH_REGISTRY" in proc.stderr
 
 
-def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry, monkeypatch):
+def test_login_build_smoke_promote_verify_through_config_json_and_the_signing_secret(ci, tls_registry, release_key,
+                                                                                     monkeypatch):
     env, path = ci
     project = spec.load(path)
     name = f"{project.name}/echo"
@@ -161,9 +167,18 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
     assert f"ok   pull: pulled from {tls_registry.host}" in smoke.stdout + smoke.stderr, shown(smoke)
     assert not local(), "smoke left the images it pulled behind"
 
-    promote = run_job("promote.sh", env=env)
+    key_text = release_key.private.read_text()
+    promote = run_job("promote.sh", env={**env, "ORCH_SIGNING_KEY": key_text})  # the CI secret, promote's alone
     outputs.append(promote.stdout + promote.stderr)
     assert promote.returncode == 0, shown(promote)
+    assert f"signed with {release_key.public.name}" in promote.stdout + promote.stderr or "new signature" in \
+        promote.stdout + promote.stderr, shown(promote)
+
+    # A host's check: the committed public key only, no machine key (a fresh state dir), no signing secret.
+    verify = run_job("verify.sh", env=env)
+    outputs.append(verify.stdout + verify.stderr)
+    assert verify.returncode == 0, shown(verify)
+    assert "variant(s) verified against" in verify.stdout + verify.stderr, shown(verify)
 
     tags = set(reg.tags(name))
     assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= tags
@@ -172,6 +187,8 @@ def test_login_build_smoke_promote_publish_through_config_json(ci, tls_registry,
     assert set(manifest["platforms"]) == {"linux/amd64"}
     for backend in manifest["platforms"]["linux/amd64"]["backends"].values():
         assert reg.has_manifest(name, backend["image"].split("@")[1])
+    needles = private_key_needles(release_key.private.read_bytes())
     for out in outputs:
         assert secret not in out and "Traceback" not in out
+        assert [label for label, needle in needles.items() if needle in out.encode()] == [], "a job printed the key"
 

@@ -94,7 +94,7 @@ def test_github_workflow_runs_the_scripts_on_the_right_events():
     assert on["push"]["branches"] == ["main"]
     assert "pull_request" in on
     jobs = wf["jobs"]
-    assert list(jobs) == ["test", "build", "smoke", "promote"]
+    assert list(jobs) == ["test", "build", "smoke", "promote", "verify"]
     test = jobs["test"]
     assert any("bash ci/test.sh" in r for r in _steps_running(test))  # lock --check, render --check, pytest
     assert "secrets." not in json.dumps(test), "the test job runs for pull requests: keep secrets out of it"
@@ -125,9 +125,30 @@ def test_github_workflow_runs_the_scripts_on_the_right_events():
     assert jobs["promote"]["concurrency"] == {"group": "publish-main", "cancel-in-progress": False}
 
 
+def test_github_signs_in_promote_alone_and_verifies_the_release_as_a_host_does():
+    jobs = _load(GITHUB)["jobs"]
+    with_key = [name for name, job in jobs.items() if "ORCH_SIGNING_KEY" in json.dumps(job)]
+    assert with_key == ["promote"], "only the promote step may see the signing key"
+    step = next(s for s in jobs["promote"]["steps"] if s.get("run") == "bash ci/jobs/promote.sh")
+    assert step["env"] == {"ORCH_SIGNING_KEY": "${{ secrets.ORCH_SIGNING_KEY }}"}  # that step, not the job
+    assert all("ORCH_SIGNING_KEY" not in (s.get("run") or "") for s in jobs["promote"]["steps"])  # never echoed
+    verify = jobs["verify"]
+    assert verify["needs"] == "promote" and _steps_running(verify)[-1] == "bash ci/jobs/verify.sh"
+    assert verify["permissions"] == {"contents": "read", "packages": "read"}  # reads the release, writes nothing
+
+
+def test_gitlab_gives_the_key_to_promote_alone_and_verifies_the_release_as_a_host_does():
+    ci = _load(GITLAB)
+    scoped = [name for name, job in ci.items() if isinstance(job, dict) and job.get("environment")]
+    assert scoped == ["promote"] and ci["promote"]["environment"]["name"] == "release"
+    assert "environment scope `release`" in GITLAB.read_text()  # where the File variable is scoped
+    assert "ORCH_SIGNING_KEY" not in json.dumps({k: v for k, v in ci.items() if k != "promote"})
+    assert ci["verify"]["script"] == ["bash ci/jobs/verify.sh"] and ci["verify"]["needs"] == ["promote"]
+
+
 def test_gitlab_pipeline_runs_the_scripts_on_the_right_events():
     ci = _load(GITLAB)
-    assert ci["stages"] == ["test", "build", "smoke", "promote"]
+    assert ci["stages"] == ["test", "build", "smoke", "promote", "verify"]
     assert ci["test"]["stage"] == "test" and "bash ci/test.sh" in ci["test"]["script"]
     main_only = '$CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH && $CI_PIPELINE_SOURCE != "merge_request_event"'
     base = ci[".on-runner-docker"]
@@ -169,7 +190,7 @@ def test_the_job_scripts_are_strict_bash_and_find_the_repository_root():
             assert text.startswith("#!/usr/bin/env bash\n"), script.name
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
-    for name in ("build.sh", "smoke.sh", "promote.sh"):
+    for name in ("build.sh", "smoke.sh", "promote.sh", "verify.sh"):
         assert 'source "$(dirname "$0")/common.sh"' in (JOBS / name).read_text()
     assert 'cd "$(dirname "${BASH_SOURCE[0]}")/../.."' in (JOBS / "common.sh").read_text()
 
