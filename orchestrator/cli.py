@@ -237,11 +237,16 @@ def publish(c, project=None, service="all", no_smoke=False, json=False):
     report = flow.publish(proj, services, log=_quiet(json), smoke=not no_smoke)
     if json:
         print_json({"uploaded_bytes": report.uploaded_bytes, "artifacts": report.artifacts,
-                    "manifests": {k: str(v) for k, v in report.manifests.items()}})
+                    "manifests": {k: str(v) for k, v in report.manifests.items()},
+                    "timings": report.timings.as_json() if report.timings else None})
         return
     for svc, path in report.manifests.items():
         log(f"{svc}: {report.artifacts[svc]} (written to {path.relative_to(proj.root)})")
     log(f"uploaded {report.uploaded_bytes:,} bytes" + (" (nothing changed)" if report.uploaded_bytes == 0 else ""))
+    if report.timings:
+        log("where the time went (phases overlap; compress and hash in CPU seconds):")
+        for line in report.timings.lines():
+            log(line)
 
 
 # --- on a host ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from orchestrator.build import images, sdist
 from orchestrator.build.plan import BuildPlan, check_selection, make_plan
 from orchestrator.build.render import HEADER, render_all
 from orchestrator.build.result import BuildResult
+from orchestrator.common import meter
 from orchestrator.common.errors import UserError
 from orchestrator.common.files import atomic_write, held
 from orchestrator.common.places import state_dir
@@ -194,7 +195,8 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
     manifests keep naming the previous release.
     """
     services = services or list(project.services)
-    with run_lock(project, "publish"):
+    timings = meter.Meter()  # where the time goes: one line per phase at the end (PublishReport.timings)
+    with run_lock(project, "publish"), timings.recording():
         if smoke and project.compression == "zstd":
             publish_mod.check_engine_pulls_zstd(daemon.docker_client().version().get("Version", "0"))
         results = build(project, services=services, log=log)
@@ -206,18 +208,22 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
             if len(todo) < len(chosen):
                 log(f"smoke: {len(chosen) - len(todo)} image(s) already passed smoke in the promoted release; "
                     "not re-run")
-            checked = smoke_mod.run(todo, daemon.docker_client(), log=log, ready_timeout=ready_timeout,
-                                    jobs=jobs) if todo else []
+            with meter.timed("smoke"):
+                checked = smoke_mod.run(todo, daemon.docker_client(), log=log, ready_timeout=ready_timeout,
+                                        jobs=jobs) if todo else []
             failed = [r for r in checked if not r.ok]
             if failed:
                 raise publish_mod.SmokeFailed(failed)
             smoked = len(chosen)
         else:
             log("smoke tests skipped (--no-smoke): the backend manifest records smoke.ran = false")
-        report = publish_mod.promote(project, results, services, smoke, smoked, log)
+        with meter.timed("promote"):
+            report = publish_mod.promote(project, results, services, smoke, smoked, log)
+        meter.add("promote", 0.0, report.uploaded_bytes)
         report.uploaded_bytes += sum(r.uploaded_bytes for r in results)
         report.smoke = checked
-        return report
+    report.timings = timings
+    return report
 
 
 # --- on a host: select and run ------------------------------------------------------

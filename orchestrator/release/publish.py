@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.common.meter import Meter
 from orchestrator.common.files import atomic_write
 from orchestrator.debian import basepin
 from orchestrator.oci import image as image_mod
@@ -45,6 +46,7 @@ class PublishReport:
     artifacts: dict[str, str] = field(default_factory=dict)  # service -> ref@digest
     sboms: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (image, backend, platform) -> artifact digest
     uploaded_bytes: int = 0
+    timings: Meter | None = None  # seconds and bytes per phase (build, export, compress, hash, upload, smoke, promote)
 
 
 def fallback_order(project: Project) -> list[str]:

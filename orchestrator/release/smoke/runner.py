@@ -24,7 +24,7 @@ import requests
 from orchestrator.host import gpu_request as gpu_mod
 from orchestrator.host.contract import EX_CONFIG, run_options
 from orchestrator.machine import daemon
-from orchestrator.oci.registry import docker_auth_config
+from orchestrator.release.smoke import images as images_mod
 from orchestrator.release.smoke.checks import (EXEC_TIMEOUT, Check, healthcheck_check, image_config_checks, info_check,
                                                inside_checks, logs_tail, wait_health, wait_ready)
 from orchestrator.release.smoke.variant import Variant, expected_cuda, gpu_for, host_gpu_request, native
@@ -45,7 +45,6 @@ class VariantResult:
     checks: list[Check] = field(default_factory=list)
     logs: str = ""
     seconds: float = 0.0
-    pulled: bool = False  # the image was not here before the check: `run` removes it when its group is done
 
     @property
     def ok(self) -> bool:
@@ -75,9 +74,11 @@ class Session:
     step instead of waiting out its timeouts.
     """
 
-    def __init__(self, client, gpu: gpu_mod.GpuRequest | None = None):
+    def __init__(self, client, gpu: gpu_mod.GpuRequest | None = None, log=None):
         self.client = client
         self.gpu = gpu if gpu is not None else host_gpu_request(client)
+        # Images come from the tool's blobs; an engine on another machine pulls them from the registry.
+        self.images = images_mod.EngineImages(client, pull=not daemon.is_local(daemon.default_builder()), log=log)
         self._halted = threading.Event()
         self._running: set = set()
         self._lock = threading.Lock()
@@ -130,26 +131,6 @@ def _stop(container) -> None:
         pass
 
 
-def _ensure_image(client, variant: Variant, result: VariantResult) -> bool:
-    """The image is in the engine: pulled from the registry, with the tool's credentials, when missing."""
-    try:
-        client.images.get(variant.image)
-        return True
-    except Exception:  # noqa: BLE001 - not local yet
-        pass
-    host = variant.image.split("/")[0]
-    started = time.monotonic()
-    try:
-        # The same credentials the tool pushed with (env, config.json, helpers), not only the CLI's.
-        client.images.pull(variant.image, platform=variant.platform, auth_config=docker_auth_config(host))
-    except Exception as e:  # noqa: BLE001 - no such image, registry down: this variant fails
-        result.checks.append(Check("pull", False, f"cannot pull {variant.image}: {str(e)[:200]}"))
-        return False
-    result.pulled = True
-    result.checks.append(Check("pull", True, f"pulled from {host} in {time.monotonic() - started:.1f} s"))
-    return True
-
-
 def check_variant(variant: Variant, gpu: gpu_mod.GpuRequest | bool, ready_timeout: float = READY_TIMEOUT,
                   start_timeout: float | None = None, env: dict[str, str] | None = None,
                   exec_timeout: float = EXEC_TIMEOUT, strict_timeout: float = STRICT_EXIT_TIMEOUT,
@@ -176,8 +157,11 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
            strict_timeout: float) -> None:
     if start_timeout is None:  # an emulated platform (QEMU) starts several times slower
         start_timeout = START_TIMEOUT if native(variant) else 3 * START_TIMEOUT
-    if not _ensure_image(session.client, variant, result):
+    local, check = session.images.ensure(variant.image, variant.platform)
+    result.checks.append(check)
+    if local is None:
         return
+    variant = dataclasses.replace(variant, image=local)  # run by image ID: exactly the published config
     config = session.client.images.get(variant.image).attrs["Config"]
     checks, image_env = image_config_checks(variant, config)
     result.checks += checks
@@ -286,14 +270,13 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
 
     Variants that share layers (same backend and platform: the CUDA libraries,
     torch, the base) run together, up to `jobs` at once (default: one per
-    core; an emulated service's start is one core's work under QEMU), and
-    the images this run pulled are removed when their group is done: a
-    publish of every backend holds one group's images at a time (about 5 GB
-    for a CUDA line), not all of them (the example's 13 variants pulled
-    outgrew a 60 GB disk). They stay in the registry; `invoke run` pulls
-    them again.
+    core; an emulated service's start is one core's work under QEMU). A
+    group's images come into the engine first, in one load of what the
+    engine lacks (images.py); what smoke loaded stays for the next group and
+    run within the disk budget, least recently used untagged beyond it (the
+    group under test is kept even above it).
     """
-    session = Session(client)
+    session = Session(client, log=log)
     log(f"host GPU for containers: {session.gpu.description}")
     jobs = max(1, jobs or min(os.cpu_count() or 1, MAX_JOBS))
     groups: dict[tuple[str, str], list[int]] = {}
@@ -307,9 +290,15 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
 
 def _run_group(chosen: list[Variant], members: list[int], backend: str, platform: str, at_once: int,
                session: Session, ready_timeout: float, results: dict[int, VariantResult], log) -> None:
-    """Check one group's variants, at_once at a time; remove what they pulled when the group is done."""
+    """Check one group's variants, at_once at a time, once their images are in the engine."""
     if at_once > 1:
         log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
+    wanted = [(chosen[i].image, chosen[i].platform) for i in members]
+    try:
+        session.images.prepare(wanted)
+        session.images.trim(keep=session.images.image_ids(ref for ref, _ in wanted))
+    except Exception as e:  # noqa: BLE001 - each variant's "image" check says what went wrong
+        log(f"smoke {backend} {platform}: images not all in the engine: {str(e)[:200]}")
     pool = ThreadPoolExecutor(at_once, thread_name_prefix="smoke")
     try:
         running = {}
@@ -328,13 +317,7 @@ def _run_group(chosen: list[Variant], members: list[int], backend: str, platform
         raise
     finally:
         pool.shutdown(wait=True)
-        _remove_pulled(session.client, [results[i] for i in members if i in results])
-
-
-def _remove_pulled(client, results: list[VariantResult]) -> None:
-    for r in results:
-        if r.pulled:
-            try:
-                client.images.remove(r.variant.image)
-            except Exception:  # noqa: BLE001 - in use or already gone: it only costs disk
-                pass
+        try:
+            session.images.trim()
+        except Exception as e:  # noqa: BLE001 - the budget is kept next time
+            log(f"smoke: could not trim the images kept in the engine: {str(e)[:200]}")
