@@ -241,8 +241,10 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
         if isinstance(stage, SystemStage):
             # Not BuildKit: the tool unpacks the locked .debs itself (no emulation for arm64),
             # cached by the pins, so every image of the platform shares the one blob.
-            with meter.timed("build"):
-                built = apt_layer.build_layer(stage.lock, cache, c, log=log, reuse=not rebuild)
+            started = time.monotonic()
+            built = apt_layer.build_layer(stage.lock, cache, c, log=log, reuse=not rebuild)
+            if built.fragment is not None:  # made now, not found in the cache
+                meter.add("build", time.monotonic() - started, built.layer.size)
             how = "built" if built.fragment is not None else "cached"
             log(f"  {label}: Debian packages layer {how} ({built.layer.digest[7:19]}, {len(stage.lock.pins)} packages)")
             if built.fragment is not None:  # what the skipped maintainer scripts would have done
@@ -256,9 +258,11 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
                            f"{built.key[:12]}): {' '.join(stage.lock.requests)}")
             continue
         # Not BuildKit either: uv installs the lock for the target platform, the tool writes the layers.
+        # Each new layer starts uploading as soon as it is written, while the next one compresses.
         groups, cached = pydeps.write_stage(stage, image.platform, project.python, image.backend.sources, cache, c,
                                             label, log=log, wheelhouse=wheelhouse, reuse=not rebuild,
-                                            no_cache=no_cache)
+                                            no_cache=no_cache,
+                                            on_layer=lambda layer: uploader.submit(name, layer, mount_from))
         if cached:
             log(f"  {label}: " + (f"layer cached ({groups[0][1].digest[7:19]})" if len(groups) == 1
                                   else f"{len(groups)} layers cached"))

@@ -108,8 +108,12 @@ def install_command(stage: LayerStage, platform: str, python: str, sources: Sour
 
 def write_stage(stage: LayerStage, platform: str, python: str, sources: Sources, cache: layers_mod.BlobCache,
                 c: layers_mod.Codec, label: str, log=print, wheelhouse: Path | None = None, reuse: bool = True,
-                no_cache: bool = False) -> tuple[list[tuple[str, layers_mod.Layer]], bool]:
-    """The stage's layers, one per layer_split group, in order; and whether they came from the cache."""
+                no_cache: bool = False, on_layer=None) -> tuple[list[tuple[str, layers_mod.Layer]], bool]:
+    """The stage's layers, one per layer_split group, in order; and whether they came from the cache.
+
+    on_layer(layer) is called as each new layer is written, so its upload overlaps the next one's
+    compression (cached layers are the caller's to send).
+    """
     key = layer_key(stage, platform, python, c)
     if reuse:
         found = cache.recall_groups(key, c)
@@ -134,7 +138,7 @@ def write_stage(stage: LayerStage, platform: str, python: str, sources: Sources,
         installed = time.monotonic() - started
         rate = layers_mod.Rate(f"{label}: writing and compressing", log)
         started = time.monotonic()
-        groups = write_groups(target, stage, cache, c, progress=rate)
+        groups = write_groups(target, stage, cache, c, progress=rate, on_layer=on_layer)
     cache.remember_groups(key, groups)
     size, blob = sum(lay.size for _, lay in groups), sum(lay.blob_size for _, lay in groups)
     took = time.monotonic() - started
@@ -245,8 +249,8 @@ def members(target: Path, site_dir: str, paths: list[str], fixed: dict[str, byte
 
 
 def write_groups(target: Path, stage: LayerStage, cache: layers_mod.BlobCache, c: layers_mod.Codec,
-                 progress=None) -> list[tuple[str, layers_mod.Layer]]:
-    """Each group of the installed tree as one layer, in order."""
+                 progress=None, on_layer=None) -> list[tuple[str, layers_mod.Layer]]:
+    """Each group of the installed tree as one layer, in order (on_layer(layer) as each is done)."""
     fixed = fixups(target)
     out = []
     for group, _, paths in layer_split.place(str(target), ".", int(stage.split.own_mb * 1e6), stage.split.max_layers,
@@ -255,4 +259,6 @@ def write_groups(target: Path, stage: LayerStage, cache: layers_mod.BlobCache, c
         layer = layers_mod.write_members(members(target, stage.site_dir, paths, fixed), cache, c, progress=progress)
         meter.add("build", time.monotonic() - started, layer.size)  # walking and writing the tree (compressing counts apart)
         out.append((group, layer))
+        if on_layer is not None:
+            on_layer(layer)
     return out
