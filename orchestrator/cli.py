@@ -193,7 +193,7 @@ def build(c, project=None, backend="all", service="all", platform="all", force=F
     "backend": "cuda, cpu, a comma list, or all (default)",
     "platform": "linux/amd64, linux/arm64, a comma list, or all built (default)",
     "ready_timeout": "seconds to wait for /ready to turn 200 (default 180)",
-    "jobs": "variants of one backend and platform checked at once (default: one per core, at most 4)",
+    "jobs": "variants checked at once, across backends and platforms (default: two per core, at most 6)",
     "json": "print the results as JSON (for CI)",
 })
 @friendly

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.common import places
 from orchestrator.common.errors import EnvironmentProblem, UserError
 from orchestrator.common.meter import Meter
 from orchestrator.common.files import atomic_write
@@ -191,7 +192,8 @@ def attach_sboms(project: Project, reg: Registry, results: list, log=print) -> t
         if r.image.from_image == "cuda-libs" and parent is None:
             raise EnvironmentProblem(f"{key}/{bname} {platform}: its CUDA-libs image was not built in this run, "
                                      "so its SBOM cannot list the CUDA wheels", "run `invoke publish` for all images")
-        payload = sbom_mod.document(sbom_mod.contents(project.name, project.base.suite, r, parent, pins.get(platform)))
+        payload = sbom_mod.cached_document(sbom_mod.contents(project.name, project.base.suite, r, parent,
+                                                             pins.get(platform)), places.cache_root("sboms"))
         _, name, _ = split_ref(r.ref)
         manifest = r.assembled.manifest()
         if image_mod.digest_of(manifest) != r.digest:  # the subject's size must be the registry's: ask it

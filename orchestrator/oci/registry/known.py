@@ -41,6 +41,7 @@ class KnownBlobs:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA synchronous=NORMAL")  # a hint: losing the last entries to a power cut costs a send
         if not self._ready:
             with self._lock:
                 try:

@@ -3,9 +3,10 @@
 `check_variant` starts one variant (read-only root, tmpfs on the declared
 writable dirs, GPUs as this host hands them out), waits for /health, then
 runs the checks of checks.py against it. `run` takes the variants of a
-build, groups those that share layers (same backend and platform), checks a
-group's variants at once, and stops every container of the run on the
-first error or Ctrl-C: a `Session` holds what one run shares (the engine
+build, groups those that share layers (same backend and platform), brings a
+group's images into the engine (images.py) and starts its variants
+together, several groups overlapping, and stops every container of the run
+on the first error or Ctrl-C: a `Session` holds what one run shares (the engine
 client, the GPU request, the halt flag, the containers it started), so two
 runs never see each other's state.
 """
@@ -16,7 +17,7 @@ import dataclasses
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -36,7 +37,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 START_TIMEOUT = 60.0  # container start -> /health 200
 READY_TIMEOUT = 180.0  # /health -> /ready 200 (model loading)
 STRICT_EXIT_TIMEOUT = 60.0  # BACKEND_POLICY=strict must exit within this
-MAX_JOBS = 4
+MAX_JOBS = 6  # variants at once across groups, whatever the cores
 
 
 @dataclass
@@ -269,49 +270,37 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
     """Smoke-test every chosen variant on the engine client talks to; returns the results in the order given.
 
     Variants that share layers (same backend and platform: the CUDA libraries,
-    torch, the base) run together, up to `jobs` at once (default: one per
-    core; an emulated service's start is one core's work under QEMU). A
-    group's images come into the engine first, in one load of what the
-    engine lacks (images.py); what smoke loaded stays for the next group and
-    run within the disk budget, least recently used untagged beyond it (the
-    group under test is kept even above it).
+    torch, the base) form a group: its images come into the engine first, in
+    one load of what the engine lacks (images.py), then its containers start
+    together. Groups overlap: up to `jobs` variants run at once across groups
+    (default: two per core, at most MAX_JOBS; a native check mostly waits on
+    its container, one under QEMU is a core's work), the groups under
+    emulation first, since they take longest, while the next group loads.
+    What smoke loaded stays for the next run within the disk budget, least
+    recently used untagged beyond it (what this run uses is kept even above
+    it until the run ends). Each variant is reported whole, in the order given.
     """
     session = Session(client, log=log)
     log(f"host GPU for containers: {session.gpu.description}")
-    jobs = max(1, jobs or min(os.cpu_count() or 1, MAX_JOBS))
+    jobs = max(1, jobs or min(2 * (os.cpu_count() or 1), MAX_JOBS))
     groups: dict[tuple[str, str], list[int]] = {}
     for i, v in enumerate(chosen):
         groups.setdefault((v.backend, v.platform), []).append(i)
     results: dict[int, VariantResult] = {}
-    for (backend, platform), members in groups.items():
-        _run_group(chosen, members, backend, platform, min(jobs, len(members)), session, ready_timeout, results, log)
-    return [results[i] for i in range(len(chosen))]
-
-
-def _run_group(chosen: list[Variant], members: list[int], backend: str, platform: str, at_once: int,
-               session: Session, ready_timeout: float, results: dict[int, VariantResult], log) -> None:
-    """Check one group's variants, at_once at a time, once their images are in the engine."""
-    if at_once > 1:
-        log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
-    wanted = [(chosen[i].image, chosen[i].platform) for i in members]
+    running: dict[int, Future] = {}
+    held: set[str] = set()  # image IDs this run has started on: not evicted while it runs
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="smoke")
     try:
-        session.images.prepare(wanted)
-        session.images.trim(keep=session.images.image_ids(ref for ref, _ in wanted))
-    except Exception as e:  # noqa: BLE001 - each variant's "image" check says what went wrong
-        log(f"smoke {backend} {platform}: images not all in the engine: {str(e)[:200]}")
-    pool = ThreadPoolExecutor(at_once, thread_name_prefix="smoke")
-    try:
-        running = {}
-        for i in members:
-            v = chosen[i]
-            log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
-            running[i] = pool.submit(check_variant, v, session.gpu, ready_timeout=ready_timeout, session=session)
-        for i in members:  # each reported whole and in order, whatever finishes first
-            r = results[i] = running[i].result()
-            if at_once > 1:
-                log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform}:")
-            for c in r.checks:
-                log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        for key in sorted(groups, key=lambda k: native(chosen[groups[k][0]])):  # emulated groups first
+            _start_group(chosen, groups[key], key, min(jobs, len(groups[key])), session, pool, running, held,
+                         ready_timeout, log)
+        for key, members in groups.items():  # each reported whole and in order, whatever finishes first
+            for i in members:
+                r = results[i] = running[i].result()
+                if len(members) > 1:
+                    log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform}:")
+                for c in r.checks:
+                    log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     except BaseException:
         session.halt()  # Ctrl-C or an error: the other checks stop at their next step, containers stopped
         raise
@@ -321,3 +310,24 @@ def _run_group(chosen: list[Variant], members: list[int], backend: str, platform
             session.images.trim()
         except Exception as e:  # noqa: BLE001 - the budget is kept next time
             log(f"smoke: could not trim the images kept in the engine: {str(e)[:200]}")
+    return [results[i] for i in range(len(chosen))]
+
+
+def _start_group(chosen: list[Variant], members: list[int], key: tuple[str, str], at_once: int, session: Session,
+                 pool: ThreadPoolExecutor, running: dict[int, Future], held: set[str], ready_timeout: float,
+                 log) -> None:
+    """Bring one group's images into the engine, then queue its checks (they start together as slots allow)."""
+    backend, platform = key
+    if at_once > 1:
+        log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
+    wanted = [(chosen[i].image, chosen[i].platform) for i in members]
+    try:
+        session.images.prepare(wanted)
+        held |= session.images.image_ids(ref for ref, _ in wanted)
+        session.images.trim(keep=held)
+    except Exception as e:  # noqa: BLE001 - each variant's "image" check says what went wrong
+        log(f"smoke {backend} {platform}: images not all in the engine: {str(e)[:200]}")
+    for i in members:
+        v = chosen[i]
+        log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
+        running[i] = pool.submit(check_variant, v, session.gpu, ready_timeout=ready_timeout, session=session)
