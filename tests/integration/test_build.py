@@ -154,3 +154,20 @@ def test_a_second_project_sends_none_of_the_cuda_libs_layers_the_registry_alread
                 assert [x.digest for x in r.assembled.layers] == [x.digest for x in mine.assembled.layers]
     finally:
         cleanup_namespace(other)
+
+
+def test_the_python_layers_are_byte_identical_from_two_cold_caches(mini_project, tmp_path, monkeypatch):
+    # Each run: its own uv wheel cache (wheels downloaded again) and blob cache; amd64 and arm64.
+    from orchestrator.build import pydeps
+    from orchestrator.oci import layers as layers_mod
+
+    plan = flow.plan(mini_project, backends=["cuda13"])
+    made = []
+    for run in ("one", "two"):
+        monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / run))
+        cache, c = layers_mod.default_cache(), layers_mod.codec(mini_project.compression)
+        made.append({(image.key, image.platform, stage.name): [(g, lay.diff_id, lay.digest) for g, lay in pydeps.write_stage(
+            stage, image.platform, mini_project.python, image.backend.sources, cache, c, stage.name,
+            log=lambda *_: None, reuse=False)[0]] for image in plan.images for stage in image.layers})
+    assert {p for _, p, _ in made[0]} == {"linux/amd64", "linux/arm64"}
+    assert made[0] == made[1]
