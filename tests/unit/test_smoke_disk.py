@@ -49,7 +49,7 @@ def engine_log(monkeypatch):
 NO_GPU = type("G", (), {"description": "none"})()
 
 
-def test_each_group_is_loaded_whole_before_its_checks_and_nothing_the_run_uses_is_evicted_under_it(
+def test_each_group_is_loaded_whole_before_its_checks_and_no_group_being_checked_is_evicted(
         monkeypatch, engine_log):
     chosen = [_variant("tts", "cuda", "linux/amd64"), _variant("tts", "cpu", "linux/arm64"),
               _variant("stt", "cuda", "linux/amd64"), _variant("stt", "cpu", "linux/arm64")]
@@ -71,10 +71,11 @@ def test_each_group_is_loaded_whole_before_its_checks_and_nothing_the_run_uses_i
     for group in (cpu, cuda):
         loaded = engine_log.index(("prepare", group))
         assert all(engine_log.index(("checked", ref)) > loaded for ref in group)
-    # While the run goes on, every image it started on is kept, above the budget if need be; then trimmed.
+    # Each load is followed by the budget, the group just loaded kept above it if need be, with any group
+    # whose checks still run; when the run is over nothing is held.
     trims = [e for e in engine_log if e[0] == "trim"]
-    assert trims == [("trim", ids(cpu)), ("trim", sorted(ids(cpu) + ids(cuda))), ("trim", [])]
-    assert engine_log[-1] == ("trim", [])
+    assert trims[0] == ("trim", ids(cpu)) and set(ids(cuda)) <= set(trims[1][1]) <= set(ids(cpu) + ids(cuda))
+    assert engine_log[-1] == ("trim", []) and len(trims) == 3
 
 
 def test_the_variants_of_a_group_run_at_once_and_are_reported_whole_in_order(monkeypatch, engine_log):

@@ -276,9 +276,9 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
     (default: two per core, at most MAX_JOBS; a native check mostly waits on
     its container, one under QEMU is a core's work), the groups under
     emulation first, since they take longest, while the next group loads.
-    What smoke loaded stays for the next run within the disk budget, least
-    recently used untagged beyond it (what this run uses is kept even above
-    it until the run ends). Each variant is reported whole, in the order given.
+    What smoke loaded stays for the next group and run within the disk
+    budget, least recently used untagged beyond it (the groups being checked
+    are kept even above it). Each variant is reported whole, in the order given.
     """
     session = Session(client, log=log)
     log(f"host GPU for containers: {session.gpu.description}")
@@ -288,12 +288,11 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
         groups.setdefault((v.backend, v.platform), []).append(i)
     results: dict[int, VariantResult] = {}
     running: dict[int, Future] = {}
-    held: set[str] = set()  # image IDs this run has started on: not evicted while it runs
     pool = ThreadPoolExecutor(jobs, thread_name_prefix="smoke")
     try:
         for key in sorted(groups, key=lambda k: native(chosen[groups[k][0]])):  # emulated groups first
-            _start_group(chosen, groups[key], key, min(jobs, len(groups[key])), session, pool, running, held,
-                         ready_timeout, log)
+            _start_group(chosen, groups, key, min(jobs, len(groups[key])), session, pool, running, ready_timeout,
+                         log)
         for key, members in groups.items():  # each reported whole and in order, whatever finishes first
             for i in members:
                 r = results[i] = running[i].result()
@@ -313,18 +312,23 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
     return [results[i] for i in range(len(chosen))]
 
 
-def _start_group(chosen: list[Variant], members: list[int], key: tuple[str, str], at_once: int, session: Session,
-                 pool: ThreadPoolExecutor, running: dict[int, Future], held: set[str], ready_timeout: float,
-                 log) -> None:
-    """Bring one group's images into the engine, then queue its checks (they start together as slots allow)."""
+def _start_group(chosen: list[Variant], groups: dict[tuple[str, str], list[int]], key: tuple[str, str],
+                 at_once: int, session: Session, pool: ThreadPoolExecutor, running: dict[int, Future],
+                 ready_timeout: float, log) -> None:
+    """Bring one group's images into the engine, then queue its checks (they start together as slots allow).
+
+    The disk budget is applied with every group still being checked kept (this one included), so a
+    run holds, beyond the budget, only the groups it is testing, as the old one-group-at-a-time did.
+    """
     backend, platform = key
+    members = groups[key]
     if at_once > 1:
         log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
     wanted = [(chosen[i].image, chosen[i].platform) for i in members]
     try:
         session.images.prepare(wanted)
-        held |= session.images.image_ids(ref for ref, _ in wanted)
-        session.images.trim(keep=held)
+        busy = [i for g in groups.values() for i in g if i in running and not running[i].done()] + members
+        session.images.trim(keep=session.images.image_ids(chosen[i].image for i in busy))
     except Exception as e:  # noqa: BLE001 - each variant's "image" check says what went wrong
         log(f"smoke {backend} {platform}: images not all in the engine: {str(e)[:200]}")
     for i in members:
