@@ -31,7 +31,8 @@ trap 'pkill -f "docker-registry serve $work/state" || true; rm -rf "$work"' EXIT
 git clone -q "$root" "$work/main"
 [ -z "$backends" ] || python3 "$root/bench/cut_backends.py" "$work/main/project.yaml" "$backends"
 [ "$bootstrap" = 0 ] || sed -i 's#"pinned_in": "[^/"]*/#"pinned_in": "127.0.0.1:9/#' "$work/main/locks/base.json"
-# BuildKit's cache (pip cache mounts included) and the engine's images go: smoke pulls what it tests
+# BuildKit's cache and the engine's images go: smoke loads what it tests (ORCH_CACHE_DIR is empty, so
+# uv downloads every wheel again and ORCH_STATE_DIR's record of what smoke keeps starts empty)
 [ "$keep" = 1 ] || { docker builder prune -af >/dev/null; docker image prune -af >/dev/null; }
 cd "$work/main"
 export ORCH_STATE_DIR=$work/state ORCH_CACHE_DIR=$work/cache ORCH_REGISTRY=127.0.0.1:$port
@@ -39,5 +40,5 @@ echo "first run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, commit $(git re
 start=$SECONDS
 # each line prefixed by the seconds since the start, so the output shows where the time goes
 ts_lines() { while IFS= read -r line; do printf '%4d s %s\n' $((SECONDS - start)) "$line"; done; }
-bash ci/main.sh 2>&1 | ts_lines | grep -E '^ *[0-9]+ s (main:|\[base\]|base: |.*(gzip|zstd) in [0-9.]+ s|.*registry received|smoke |.*pull: pulled|.*-> index sha256|.*backends ->|uploaded [0-9,]+ bytes)'
+bash ci/main.sh 2>&1 | ts_lines | grep -E '^ *[0-9]+ s (main:|\[base\]|base: |.*(gzip|zstd) in [0-9.]+ s|.*uv installed|.*registry received|smoke |.*ok +image: engine image ID|.*-> index sha256|.*backends ->|uploaded [0-9,]+ bytes|where the time went| +(build|export|compress|hash|upload|smoke|promote|floor|total) +[0-9.]+ s)'
 echo "first run: ${SECONDS} s in all"

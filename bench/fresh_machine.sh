@@ -101,9 +101,11 @@ report() {
   python3 - "$rec" "$work" "$out_json" "$commit" "$bare" "$full_result" "$aborted" "$machine" "$patch" "$variant" "$first_run" <<'PY'
 import json, os, re, sys, time
 rec, work, out, commit, bare, full_result, aborted, machine, patch, variant, first_run = sys.argv[1:]
-# the lines of a main job's log that say where its time went: bases, each image's layers, uploads, smoke pulls
+# the lines of a main job's log that say where its time went: bases, each image's layers, uploads, smoke
+# loads (the "image" check line), and publish's closing lines: one per phase and the floor
 KEY = re.compile(r"^(main:|\[base\]|base: |.*(gzip|zstd) in [0-9.]+ s|.*registry received|smoke |.*pull: pulled|"
-                 r".*/health: 200|uploaded [0-9,]+ bytes)")
+                 r".*ok +image: engine image ID|.*/health: 200|uploaded [0-9,]+ bytes|where the time went|"
+                 r" +(build|export|compress|hash|upload|smoke|promote|floor|total) +[0-9.]+ s)")
 stages = []
 for line in open(rec):
     name, secs, rc, log = line.rstrip("\n").split("\t")

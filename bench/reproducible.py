@@ -3,14 +3,17 @@
 Usage: .venv/bin/python bench/reproducible.py [--project project.yaml] [--backend cuda] [--service tts]
                                                [--bootstraps linux/amd64] [--out bench/out/reproducible.json]
 
-Cold build 1: its own empty blob cache, BuildKit cache pruned, pushed to the
-project registry. Cold build 2: another empty blob cache, BuildKit cache
-pruned again, pushed to a second, fresh registry (bench/scratch_registry.py
-on 127.0.0.1:5055 with empty storage; the base is copied there, not
-bootstrapped). Then the base is bootstrapped twice from scratch with
-mmdebstrap. Every layer, config, manifest and index digest is compared.
-Warning: `docker builder prune -af` empties the whole BuildKit cache, pip's
-download cache mount included, so the builds download their wheels again.
+Cold build 1: its own empty cache dir (ORCH_CACHE_DIR: blob cache and uv's
+wheel cache, so uv downloads and installs every wheel again, and the tool
+writes every Python layer again), BuildKit cache pruned (the app stage),
+pushed to the project registry. Cold build 2: another empty cache dir,
+BuildKit cache pruned again, pushed to a second, fresh registry
+(bench/scratch_registry.py on 127.0.0.1:5055 with empty storage; the base
+is copied there, not bootstrapped). Then the base is bootstrapped twice from
+scratch with mmdebstrap. Every layer, config, manifest and index digest is
+compared.
+Warning: `docker builder prune -af` empties the whole BuildKit cache of the
+engine (other users' too).
 """
 
 from __future__ import annotations

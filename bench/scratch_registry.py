@@ -37,11 +37,13 @@ def scratch_registry(port: int):
             proc.wait(timeout=30)
 
 
-def scratch_project(tmp: str, name: str) -> Path:
-    """The example project copied into tmp under its own registry namespace; returns its project.yaml."""
+def scratch_project(tmp: str, name: str, source: Path | None = None) -> Path:
+    """The example project (or another, e.g. tests/fixtures/mini) copied into tmp under its own registry
+    namespace; returns its project.yaml."""
     root = Path(__file__).resolve().parents[1]
     work = Path(tmp) / "project"
-    shutil.copytree(root, work, ignore=shutil.ignore_patterns(".venv", ".git", ".build", "tests", "bench"))
+    shutil.copytree(source or root, work, ignore=shutil.ignore_patterns(".venv", ".git", ".build", "tests", "bench"))
     pf = work / "project.yaml"
-    pf.write_text(pf.read_text().replace("project: morgan", f"project: {name}"))
+    lines = pf.read_text().splitlines(keepends=True)
+    pf.write_text("".join(f"project: {name}\n" if line.startswith("project:") else line for line in lines))
     return pf

@@ -227,7 +227,7 @@ def build(c, project=None, backend="all", service="all", platform="all", force=F
     "backend": "cuda, cpu, a comma list, or all (default)",
     "platform": "linux/amd64, linux/arm64, a comma list, or all built (default)",
     "ready_timeout": "seconds to wait for /ready to turn 200 (default 180)",
-    "jobs": "variants of one backend and platform checked at once (default: one per core, at most 4)",
+    "jobs": "variants checked at once, across backends and platforms (default: two per core, at most 6)",
     "json": "print the results as JSON (for CI)",
 })
 @friendly
@@ -286,7 +286,8 @@ def publish(c, project=None, service="all", no_smoke=False, key=None, unsigned=F
                     "manifests": {k: str(v) for k, v in report.manifests.items()},
                     "smoke": {"tested": len(report.smoke), "reused": len(report.reused),
                               "variants": [{"service": s, "platform": p, "backend": b, "record": rec}
-                                           for s, p, b, rec, _ in records]}})
+                                           for s, p, b, rec, _ in records]},
+                    "timings": report.timings.as_json() if report.timings else None})
         return
     if records:
         table("smoke records", ["service", "backend", "platform", "smoke", "by"],
@@ -299,6 +300,10 @@ def publish(c, project=None, service="all", no_smoke=False, key=None, unsigned=F
     for svc, path in report.manifests.items():
         log(f"{svc}: {report.artifacts[svc]} (written to {path.relative_to(proj.root)})")
     log(f"uploaded {report.uploaded_bytes:,} bytes" + (" (nothing changed)" if report.uploaded_bytes == 0 else ""))
+    if report.timings:
+        log("where the time went (phases overlap; compress and hash in CPU seconds):")
+        for line in report.timings.lines():
+            log(line)
 
 
 @task(help={

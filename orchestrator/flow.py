@@ -33,6 +33,7 @@ from orchestrator.build import images, sdist
 from orchestrator.build.plan import BuildPlan, check_selection, make_plan
 from orchestrator.build.render import HEADER, render_all
 from orchestrator.build.result import BuildResult
+from orchestrator.common import meter
 from orchestrator.common.errors import UserError
 from orchestrator.common.files import atomic_write, held
 from orchestrator.common.hostinfo import is_loopback
@@ -226,7 +227,7 @@ def smoke_engines(project: spec_mod.Project, platforms) -> dict[str, smoke_mod.E
             continue
         client = daemon.docker_client(builder=builder)
         out[platform] = smoke_mod.Engine(client, builder.key, daemon.engine_platform(client, builder.host),
-                                         daemon.builder_env(builder))
+                                         daemon.builder_env(builder), local=daemon.is_local(builder))
     return out
 
 
@@ -252,7 +253,8 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
     """
     services = services or list(project.services)
     signed_by = release_signing(project, signer, unsigned, log)  # refused before any work
-    with run_lock(project, "publish"):
+    timings = meter.Meter()  # where the time goes: one line per phase at the end (PublishReport.timings)
+    with run_lock(project, "publish"), timings.recording():
         if smoke and project.compression == "zstd":
             publish_mod.check_engine_pulls_zstd(daemon.docker_client().version().get("Version", "0"))
         run = publish_mod.RunFacts.now({p: str(daemon.builder_for(project, p)) for p in project.platforms},
@@ -268,8 +270,9 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
             if len(todo) < len(chosen):
                 log(f"smoke: {len(chosen) - len(todo)} image(s) were smoke-tested for the promoted release; "
                     "their records are reused, not re-run")
-            checked = smoke_mod.run(todo, daemon.docker_client(), log=log, ready_timeout=ready_timeout,
-                                    jobs=jobs, engines=engines, login=project.login) if todo else []
+            with meter.timed("smoke"):
+                checked = smoke_mod.run(todo, daemon.docker_client(), log=log, ready_timeout=ready_timeout,
+                                        jobs=jobs, engines=engines, login=project.login) if todo else []
             failed = [r for r in checked if not r.ok]
             if failed:
                 raise publish_mod.SmokeFailed(failed)
@@ -284,11 +287,14 @@ def publish(project: spec_mod.Project, services: list[str] | None = None, log=pr
                         f"{r.why_partial}")
         else:
             log("smoke tests skipped (--no-smoke): the backend manifest records smoke.ran = false")
-        report = publish_mod.promote(project, results, services, log=log, gate=gate, signing=signed_by, run=run)
+        with meter.timed("promote"):
+            report = publish_mod.promote(project, results, services, log=log, gate=gate, signing=signed_by, run=run)
+        meter.add("promote", 0.0, report.uploaded_bytes)
         report.uploaded_bytes += sum(r.uploaded_bytes for r in results)
         report.smoke = checked
         report.reused = {image: r for image, r in gate.records.items() if r.get("reused")}
-        return report
+    report.timings = timings
+    return report
 
 
 def trusted_keys(project: spec_mod.Project, state: Path | None = None) -> tuple[signing.PublicKey, ...]:

@@ -1,10 +1,10 @@
 """The build context of one image: the files a Dockerfile of dockerfiles/ builds from.
 
-Its locks (each layer stage installs one), the wheels the locks pin from a
-local find-links directory or built from an sdist (the wheelhouse), the
-layer-split script, the service's code and the runtime contract
-(host/runtime/). The digest of everything but the wheelhouse goes into the
-image's content tag.
+Its locks (the tool installs each into its layers, orchestrator.build.pydeps),
+the wheels the locks pin from a local find-links directory or built from an
+sdist (the wheelhouse, uv's --find-links), the service's code and the
+runtime contract (host/runtime/). The digest of everything but the
+wheelhouse goes into the image's content tag.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from orchestrator.build.plan import ImagePlan, tree_digest
-from orchestrator.build.render import SPLIT_SCRIPT
 from orchestrator.project.spec import Project
 
 
@@ -68,9 +67,6 @@ def _fill_context(project: Project, image: ImagePlan, dockerfile: str, ctx: Path
     (ctx / "wheelhouse").mkdir()
     for stage in image.layers:
         (ctx / stage.context_lock).write_text(stage.lock.text())
-    if image.layers:  # run by each layer stage to cut its lock into layers
-        (ctx / SPLIT_SCRIPT).parent.mkdir()
-        (ctx / SPLIT_SCRIPT).write_bytes(split_script())
     for system in image.system:  # not used by the Dockerfile: they put the pins into the content tag
         (ctx / system.context_lock).write_text(system.context_text())
     for whl in _local_wheels(project, image):
@@ -90,7 +86,3 @@ def _fill_context(project: Project, image: ImagePlan, dockerfile: str, ctx: Path
     (ctx / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
     return ctx, digest
 
-
-def split_script() -> bytes:
-    """orchestrator/layer_split.py as the layer stages run it (its hash is part of every stage's key)."""
-    return resources.files("orchestrator").joinpath("build/layer_split.py").read_bytes()

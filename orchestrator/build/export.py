@@ -1,5 +1,7 @@
 """Running BuildKit: one layer stage built and exported as a tar stream, never loaded into an image store.
 
+Only what needs a RUN goes through here (the app stage); the Python and
+Debian layers are written by the tool (build/pydeps.py, debian/layer.py).
 The stream goes straight into the normalizer and compressor
 (orchestrator.oci.layers). `Halt` stops every builder's work at once when
 one fails or the run is interrupted; no build client outlives the run.
@@ -51,9 +53,8 @@ def export_stage(image: ImagePlan, stage: str, ctx: Path, build_args: dict[str, 
                  ) -> list[tuple[str, layers_mod.Layer]]:
     """Run one layer stage with BuildKit and turn its exported files into layer blobs, one per group.
 
-    A dependency stage's export holds the groups layer_split made
-    (`<NN>-<name>/...`); each becomes one layer, in order. The app stage is
-    one layer.
+    The app stage is one layer; a stage whose export holds groups
+    (`<NN>-<name>/...`, top-level directories) becomes one layer per group.
 
     The tar streams from BuildKit (`--output type=tar,dest=-`) straight into
     the normalizer and compressor: nothing is unpacked into the engine's

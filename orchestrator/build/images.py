@@ -1,16 +1,18 @@
 """Build the planned images and push them by content tag.
 
-BuildKit runs each layer stage (pip into /out on the build platform) and
-exports just that stage's files as a tar stream (orchestrator.build.export);
-orchestrator.oci.layers turns the stream into a normalized, compressed blob,
-cached by the stage's inputs, and orchestrator.oci.image assembles config and
+Most layers are written by the tool itself, never exported from an engine:
+the Python dependency layers by orchestrator.build.pydeps (uv installs each
+lock for the target platform; the tree is cut by the layer_split policy and
+written as normalized layers), the Debian package layers by
+orchestrator.debian.layer (the locked .debs unpacked), each cached by its
+inputs and placed where ImagePlan.stages() says. BuildKit runs what needs a
+RUN, the app stage, and exports just that stage's files as a tar stream
+(orchestrator.build.export). orchestrator.oci.layers turns every tree or
+stream into a normalized, compressed blob, hashed once per byte on its way
+to the compressor, and orchestrator.oci.image assembles config and
 manifest. So the same inputs give the same image digest on any engine, and a
-cached layer is neither rebuilt nor exported.
-
-Debian system packages are the exception: their layers come from
-orchestrator.debian.layer (the locked .debs unpacked by the tool, cached by
-the pins) and are placed where ImagePlan.stages() says; their pins are in
-the build context, so the content tag changes exactly when they do.
+cached layer is neither rebuilt nor exported. The locks and pins are in the
+build context, so the content tag changes exactly when they do.
 
 Order: CUDA-libs first, then the services on it (cuda) or on the base (cpu).
 An image whose content tag is already in the registry is not rebuilt. Only
@@ -35,8 +37,8 @@ import time
 from pathlib import Path
 
 from orchestrator.build import bases as base_mod
-from orchestrator.build import export, sdist
-from orchestrator.build.context import split_script, stage_context
+from orchestrator.build import export, pydeps, sdist
+from orchestrator.build.context import stage_context
 from orchestrator.build.plan import (
     BuildPlan,
     ImagePlan,
@@ -45,10 +47,11 @@ from orchestrator.build.plan import (
     settings,
     tree_digest,
 )
-from orchestrator.build.render import app_stage_text, layer_stage_text
+from orchestrator.build.render import app_stage_text
 from orchestrator.build.result import BuildResult
 from orchestrator.debian import layer as apt_layer
 from orchestrator.machine import daemon
+from orchestrator.common import meter
 from orchestrator.common.hostinfo import is_loopback
 from orchestrator.oci import image as image_mod
 from orchestrator.oci import layers as layers_mod
@@ -59,19 +62,10 @@ from orchestrator.project.spec import Builder, Project
 SOURCE_DATE_EPOCH = str(layers_mod.SOURCE_DATE_EPOCH)
 
 
-def _pip_sources(image: ImagePlan) -> str:
-    src = image.backend.sources.expanded()
-    parts = image.backend.sources.index_args(find_links=False)
-    # Remote find-links the lock used reach the build too (local ones are staged as the wheelhouse).
-    parts += [a for f in src.find_links if "://" in f and not f.startswith("file://") for a in ("--find-links", f)]
-    return " ".join(parts)
-
-
-def stage_key(image: ImagePlan, stage: str, text: str, inputs: str, build_base: str, pip_sources: str,
-              c: layers_mod.Codec) -> str:
-    """A stage's identity: what it runs, on what, for which platform. Same key, same layer."""
+def stage_key(image: ImagePlan, stage: str, text: str, inputs: str, build_base: str, c: layers_mod.Codec) -> str:
+    """A BuildKit stage's identity: what it runs, on what, for which platform. Same key, same layer."""
     h = hashlib.sha256()
-    for part in (stage, text, inputs, build_base, image.platform, SOURCE_DATE_EPOCH, pip_sources):
+    for part in (stage, text, inputs, build_base, image.platform, SOURCE_DATE_EPOCH):
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 
@@ -162,7 +156,9 @@ class _Run:
                   if sdist.needs_wheels(locks) else [])
         ctx, ctx_digest = stage_context(self.project, image, self.texts[image.dockerfile], wheels)
         self.contexts.append(ctx)
-        identity = f"{parent_img.config_digest} {build_base.image.config_digest} {self.codec.key}"
+        # The Python layers' installer and its rules are inputs too (uv's version, pydeps' format, layer_split).
+        identity = (f"{parent_img.config_digest} {build_base.image.config_digest} {self.codec.key} "
+                    f"{pydeps.identity()}")
         tag = content_tag(image, self.texts[image.dockerfile], ctx_digest, identity)
         _, name, _ = split_ref(image.ref(tag))
         started = time.monotonic()
@@ -230,30 +226,27 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
                docker_config: str | None, builder: Builder | None = None, halt: export.Halt | None = None,
                where: str = "") -> BuildResult:
     log(f"{image.key}/{image.backend.name} {image.platform}: building {image.ref(tag)}{where}")
-    pip_sources = _pip_sources(image)
     # BuildKit parses every FROM even for one --target: name the final stage's parents too
-    # (the export targets never pull them).
-    args = {"BUILD_BASE_IMAGE": build_base.ref, "BASE_IMAGE": base.ref, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
-            "PIP_SOURCES": pip_sources}
+    # (the export target never pulls them).
+    args = {"BUILD_BASE_IMAGE": build_base.ref, "BASE_IMAGE": base.ref, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
     if parent is not None:
         args["CUDA_LIBS_IMAGE"] = parent.ref
-    stages = [s if isinstance(s, SystemStage) else (s.name, layer_stage_text(s), s.lock.text())
-              for s in image.stages()]
-    if image.kind == "service":
-        stages.append(("app", app_stage_text(), tree_digest(ctx, skip=("wheelhouse", "locks", "tools", "Dockerfile",
-                                                                         ".dockerignore"))))
     mount_from = [split_ref(base.ref)[1]] + ([split_ref(parent.image.ref("x"))[1]] if parent else [])
+    wheelhouse = ctx / "wheelhouse" if any((ctx / "wheelhouse").glob("*.whl")) else None
     new_layers, history = [], []
-    for stage in stages:
+    for stage in image.stages():
         if halt is not None:
             halt.check()
+        label = f"{image.key}/{image.backend.name} {image.arch} {stage.name}"
         if isinstance(stage, SystemStage):
             # Not BuildKit: the tool unpacks the locked .debs itself (no emulation for arm64),
             # cached by the pins, so every image of the platform shares the one blob.
+            started = time.monotonic()
             built = apt_layer.build_layer(stage.lock, cache, c, log=log, reuse=not rebuild)
+            if built.fragment is not None:  # made now, not found in the cache
+                meter.add("build", time.monotonic() - started, built.layer.size)
             how = "built" if built.fragment is not None else "cached"
-            log(f"  {image.key}/{image.backend.name} {image.arch} {stage.name}: Debian packages layer {how} "
-                f"({built.layer.digest[7:19]}, {len(stage.lock.pins)} packages)")
+            log(f"  {label}: Debian packages layer {how} ({built.layer.digest[7:19]}, {len(stage.lock.pins)} packages)")
             if built.fragment is not None:  # what the skipped maintainer scripts would have done
                 for pkg, did in built.fragment.maintainer_scripts_that_matter().items():
                     log(f"    {pkg}: maintainer scripts not run (alternatives made as links): {'; '.join(did)}")
@@ -264,25 +257,37 @@ def _build_one(project, image: ImagePlan, ctx: Path, tag: str, name: str, base, 
             history.append(f"orchestrator: {stage.name} layer (apt lock {stage.lock_file}, "
                            f"{built.key[:12]}): {' '.join(stage.lock.requests)}")
             continue
-        stage, text, inputs = stage
-        if stage != "app":  # the split script decides which files go to which layer
-            inputs += "\n# layer_split " + hashlib.sha256(split_script()).hexdigest()
-        key = stage_key(image, stage, text, inputs, build_base.image.config_digest, pip_sources, c)
-        groups = None if rebuild else cache.recall_groups(key, c)
-        if groups is None:
-            groups = export.export_stage(image, stage, ctx, args, cache, c, log, no_cache=no_cache,
-                                  docker_config=docker_config, builder=builder, halt=halt, registry=project.registry)
-            cache.remember_groups(key, groups)
-        else:
-            log(f"  {image.key}/{image.backend.name} {image.arch} {stage}: "
-                + (f"layer cached ({groups[0][1].digest[7:19]})" if len(groups) == 1
-                   else f"{len(groups)} layers cached"))
-        lock_id = "lock " + hashlib.sha256(inputs.encode()).hexdigest()[:12]
+        # Not BuildKit either: uv installs the lock for the target platform, the tool writes the layers.
+        # Each new layer starts uploading as soon as it is written, while the next one compresses.
+        groups, cached = pydeps.write_stage(stage, image.platform, project.python, image.backend.sources, cache, c,
+                                            label, log=log, wheelhouse=wheelhouse, reuse=not rebuild,
+                                            no_cache=no_cache,
+                                            on_layer=lambda layer: uploader.submit(name, layer, mount_from))
+        if cached:
+            log(f"  {label}: " + (f"layer cached ({groups[0][1].digest[7:19]})" if len(groups) == 1
+                                  else f"{len(groups)} layers cached"))
+        lock_id = "lock " + hashlib.sha256(stage.lock.body().encode()).hexdigest()[:12]
         for group, layer in groups:
             uploader.submit(name, layer, mount_from)
             new_layers.append(layer)
-            what = "" if stage == "app" else f" {group.split('-', 1)[1]}"
-            history.append(f"orchestrator: {stage} layer{what} ({lock_id})")
+            history.append(f"orchestrator: {stage.name} layer {group.split('-', 1)[1]} ({lock_id}, uv)")
+    if image.kind == "service":  # the app: BuildKit runs its stage, the tool writes the layer from the export
+        inputs = tree_digest(ctx, skip=("wheelhouse", "locks", "tools", "Dockerfile", ".dockerignore"))
+        key = stage_key(image, "app", app_stage_text(), inputs, build_base.image.config_digest, c)
+        groups = None if rebuild else cache.recall_groups(key, c)
+        if groups is None:
+            started = time.monotonic()
+            groups = export.export_stage(image, "app", ctx, args, cache, c, log, no_cache=no_cache,
+                                         docker_config=docker_config, builder=builder, halt=halt,
+                                         registry=project.registry)
+            meter.add("export", time.monotonic() - started, sum(lay.size for _, lay in groups))
+            cache.remember_groups(key, groups)
+        else:
+            log(f"  {image.key}/{image.backend.name} {image.arch} app: layer cached ({groups[0][1].digest[7:19]})")
+        for _, layer in groups:
+            uploader.submit(name, layer, mount_from)
+            new_layers.append(layer)
+            history.append(f"orchestrator: app layer (lock {hashlib.sha256(inputs.encode()).hexdigest()[:12]})")
     cfg = image_mod.config(json.loads(parent_img.config), image.platform, tuple(new_layers),
                            settings(image, f"orchestrator/base-{project.base.suite}", base.image.digest),
                            tuple(history))

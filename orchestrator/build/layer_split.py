@@ -7,23 +7,16 @@ RECORD claims or more than one claims, empty directories) shares the last
 one. So adding or bumping a small package re-sends only the small-package
 layer, and a big wheel's layer keeps its digest while its neighbours move.
 
-Runs inside the layer's BuildKit stage, on the build platform, with the
-build base's python3 (stdlib only), after pip has installed the lock into
-/out<site>: it writes each group as /parts/<NN>-<name>/<same paths>, which
-the export stage sends as one tar whose top-level directories are the
-groups, in order (orchestrator/layers.write_layers cuts it apart). The
-function `plan_groups` is the policy and has no effects; the rest is
-filesystem work.
+The tool runs it on the tree uv installed a lock into
+(orchestrator/build/pydeps.py, which writes each group as one layer):
+`owners` reads every RECORD, `plan_groups` is the policy and has no
+effects, `place` assigns every file of the tree to its group. Stdlib only.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
-import shutil
-import stat
-import sys
 
 REST = "small"
 
@@ -90,33 +83,17 @@ def owners(site: str) -> tuple[dict[str, str], dict[str, int]]:
     return owner, sizes
 
 
-def _place(src: str, dst: str, top: str) -> None:
-    """dst gets src's file (a hard link where that is safe, else a copy); its parents get src's parents' modes."""
-    parent = os.path.dirname(dst)
-    if not os.path.isdir(parent):
-        os.makedirs(parent)
-        # Parents as in the source tree (mode), up to the group's root.
-        s, d = os.path.dirname(src), parent
-        while os.path.abspath(d) != os.path.abspath(top):
-            os.chmod(d, stat.S_IMODE(os.lstat(s).st_mode))
-            s, d = os.path.dirname(s), os.path.dirname(d)
-    st = os.lstat(src)
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISDIR(st.st_mode):
-        os.mkdir(dst)
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    elif st.st_nlink > 1:
-        # Already linked elsewhere: a copy, so no two names in /parts share an inode
-        # (a hard link between two groups would point out of its layer).
-        shutil.copy2(src, dst, follow_symlinks=False)
-    else:
-        os.link(src, dst)
+def place(root: str, site_rel: str, own_bytes: int, max_layers: int, skip: tuple[str, ...] = ()
+          ) -> list[tuple[str, tuple[str, ...], list[str]]]:
+    """(group, its distributions, its paths relative to root) in layer order.
 
-
-def split(root: str, site_rel: str, out: str, own_bytes: int, max_layers: int) -> list[tuple[str, tuple[str, ...]]]:
-    """Write root's tree (the layer's /out) into out/<group>/..., site files by owner, the rest to the shared group."""
-    site = os.path.join(root, site_rel)
+    Paths are files, symlinks and empty directories: a site file of a
+    distribution with a layer of its own goes there; everything else (the
+    small distributions, files no RECORD claims or more than one claims,
+    empty directories) goes to the shared group, which is added when every
+    distribution has its own. skip: top-level names of root left out.
+    """
+    site = os.path.normpath(os.path.join(root, site_rel))
     owner, sizes = owners(site) if os.path.isdir(site) else ({}, {})
     groups = plan_groups(sizes, own_bytes, max_layers)
     group_of = {d: g for g, dists in groups for d in dists}
@@ -124,11 +101,14 @@ def split(root: str, site_rel: str, out: str, own_bytes: int, max_layers: int) -
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
         # Files, symlinks (to directories too: walk does not enter them), and empty directories.
         names = sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for name in names or ([""] if not dirnames else []):
+        for name in names or ([""] if not dirnames and rel_dir != "." else []):
             rel = os.path.normpath(os.path.join(rel_dir, name))
-            in_site = os.path.relpath(rel, site_rel)
+            in_site = os.path.relpath(rel, os.path.normpath(site_rel))
             dist = owner.get(in_site) if not in_site.startswith("..") else None
             placed.append((rel, group_of.get(dist) if dist is not None and not group_of[dist].endswith("-" + REST)
                            else None))
@@ -136,29 +116,7 @@ def split(root: str, site_rel: str, out: str, own_bytes: int, max_layers: int) -
         # Files of no package and every package in a layer of its own: they get the shared layer after all.
         groups.append((f"{len(groups):02d}-{REST}", ()))
     shared = groups[-1][0]
+    paths: dict[str, list[str]] = {g: [] for g, _ in groups}
     for rel, group in placed:
-        top = os.path.join(out, group or shared)
-        dst = os.path.join(top, rel)
-        if not os.path.lexists(dst):
-            _place(os.path.join(root, rel), dst, top)
-    for group, _ in groups:
-        os.makedirs(os.path.join(out, group), exist_ok=True)
-    return groups
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", required=True, help="the layer's tree (/out)")
-    ap.add_argument("--site", required=True, help="the site dir inside it (opt/site/<layer>)")
-    ap.add_argument("--out", required=True, help="where the groups go (/parts)")
-    ap.add_argument("--own-mb", type=float, required=True, help="installed MB from which a package gets its own layer")
-    ap.add_argument("--max-layers", type=int, required=True, help="layers at most for this lock")
-    a = ap.parse_args(argv)
-    groups = split(a.root, a.site, a.out, int(a.own_mb * 1e6), a.max_layers)
-    for group, dists in groups:
-        print(f"layer {group}: {' '.join(dists) or '(files of no package)'}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        paths[group or shared].append(rel)
+    return [(g, dists, paths[g]) for g, dists in groups]

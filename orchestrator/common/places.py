@@ -2,10 +2,14 @@
 
 - the cache ($ORCH_CACHE_DIR, else ~/.cache/orchestrator): compressed layer
   blobs (`blobs/`), Debian indexes and .debs (`apt/`), wheels built from
-  sdists (`sdist-wheels/`); anything there can be deleted and is made again;
+  sdists (`sdist-wheels/`), uv's wheel cache (`uv/`) and the directories it
+  installs locks into while their layers are written (`tmp/`); anything
+  there can be deleted and is made again;
 - the state ($ORCH_STATE_DIR, else ~/.local/state/orchestrator): the embedded
   registry's storage and config, logs, push locks, the signing key made for
-  this machine.
+  this machine, which repositories of each registry hold which blobs
+  (`registry-blobs.sqlite`) and the images smoke keeps in each engine
+  (`smoke-images.json`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 from orchestrator.common.errors import OrchestratorError
 from orchestrator.common.hostinfo import CA_ENV, host_arch, is_loopback
 from orchestrator.host import gpu_request, probe
-from orchestrator.machine import daemon, preflight
+from orchestrator.machine import daemon, kept, preflight
 from orchestrator.oci.registry import Registry, registry_host
 from orchestrator.project.spec import Project
 
@@ -298,6 +298,14 @@ def check_disk(project: Project, info: dict | None = None,
                     + ("" if free >= need * GB or free < largest * GB else "; enough for one backend at a time"), fix)]
 
 
+def check_smoke_images(info: dict | None) -> list[Finding]:
+    """What smoke keeps loaded in this engine, against its disk budget (informational)."""
+    used, count, words = kept.summary((info or {}).get("ID") or "engine")
+    return [Finding("smoke images", True, False,
+                    f"{used / GB:.1f} GB of unpacked layers in {count} image(s) kept in the engine by smoke; budget "
+                    f"{words}; beyond it the least recently used are untagged")]
+
+
 def check_ca_bundle() -> list[Finding]:
     path = daemon.ca_bundle()  # EnvironmentProblem -> failed finding with its hint
     source = next((k for k in CA_ENV if os.environ.get(k) == path), "system")
@@ -355,6 +363,7 @@ def run(project: Project | None, project_error: OrchestratorError | None = None)
         findings += _guard("builders", True, lambda: check_builders(project))
         findings += _guard("binfmt", True, lambda: check_binfmt(project))
         findings += _guard("disk", True, lambda: check_disk(project, info))
+        findings += _guard("smoke images", False, lambda: check_smoke_images(info))
     findings += _guard("ca bundle", True, check_ca_bundle)
     findings += _guard("nvidia", False, lambda: check_nvidia(info))
     if project is not None:

@@ -2,8 +2,10 @@
 
 Every byte leaves through the tool's registry client (one credential and TLS
 configuration for everything), never `docker push`. A blob the registry has
-is skipped (HEAD) or mounted from a repository that has it; the rest is
-streamed from the local blob cache in chunks. `Uploader` runs uploads on a
+is skipped (HEAD) or mounted from a repository that has it (one this run
+sent it to, the image's parents, or any the machine has seen holding it:
+registry/known.py); the rest is streamed from the local blob cache in
+chunks. `Uploader` runs uploads on a
 thread of its own so a layer uploads while the next one is compressed.
 """
 
@@ -13,6 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from orchestrator.common import meter
 from orchestrator.common.errors import EnvironmentProblem
 from orchestrator.oci.image import OCI_MANIFEST, Image
 from orchestrator.oci.layers import Layer
@@ -22,11 +25,8 @@ from orchestrator.oci.registry import Registry
 def _upload_layer(reg: Registry, name: str, layer: Layer, mount_from, log) -> int:
     if layer.path is None:
         # Not produced here (a base's layers): it must already be in the registry.
-        if reg.has_blob(name, layer.digest):
+        if reg.skip_or_mount(name, layer.digest, mount_from):
             return 0
-        for src in mount_from:
-            if reg.mount_blob(name, layer.digest, src):
-                return 0
         raise EnvironmentProblem(f"blob {layer.digest[:19]} for {name} is neither in {reg.host} nor in the local cache",
                                  "run `invoke engine.up` to put the base image into this registry")
     started = time.monotonic()
@@ -39,10 +39,12 @@ def _upload_layer(reg: Registry, name: str, layer: Layer, mount_from, log) -> in
             log(f"  {name}: uploading {layer.digest[7:19]} {sent / 1e6:,.0f}/{total / 1e6:,.0f} MB "
                 f"({sent / 1e6 / (now - started):,.0f} MB/s)")
 
+    # Hashed once when it was written into the cache: not again here (the registry checks it on commit).
     _, sent = reg.upload_blob_file(name, layer.path, layer.digest, layer.blob_size, mount_from=tuple(mount_from),
-                                   progress=progress)
+                                   progress=progress, verify=False)
+    took = time.monotonic() - started
+    meter.add("upload", took if sent else 0.0, sent)
     if sent and log and layer.blob_size > 50_000_000:
-        took = time.monotonic() - started
         log(f"  {name}: uploaded {layer.digest[7:19]} {sent / 1e6:,.0f} MB in {took:.1f} s "
             f"({sent / 1e6 / max(took, 1e-6):,.0f} MB/s)")
     return sent

@@ -20,13 +20,17 @@ the referrers tag schema is kept up to date: an OCI index under the tag
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import json
 import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.common.files import atomic_write
 from orchestrator.oci import referrers as referrers_mod
 from orchestrator.oci.layers import SOURCE_DATE_EPOCH
 from orchestrator.oci.referrers import descriptor, referrers_tag  # noqa: F401 - part of this module's interface
@@ -196,6 +200,27 @@ def document(c: Contents) -> bytes:
     text = JsonV1Dot6(bom).output_as_string(indent=2)
     # The library sorts sets itself; a round trip through sort_keys makes key order ours too.
     return (json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n").encode()
+
+
+def cached_document(c: Contents, cache_dir: Path) -> bytes:
+    """document(c), remembered on disk by what it is made from: its bytes depend on nothing else, and
+    the CycloneDX model takes most of a second per image, which a no-op publish of many images felt."""
+    from importlib import metadata, resources
+
+    try:
+        library = metadata.version("cyclonedx-python-lib")
+    except metadata.PackageNotFoundError:
+        library = "unknown"
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(c), sort_keys=True).encode())
+    h.update(library.encode() + resources.files("orchestrator").joinpath("oci/sbom.py").read_bytes())
+    path = cache_dir / f"{h.hexdigest()}.json"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    data = document(c)
+    atomic_write(path, data)
+    return data
 
 
 def validation_errors(data: bytes) -> str | None:

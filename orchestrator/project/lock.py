@@ -14,15 +14,10 @@ system packages are locked next to them by orchestrator.debian.locks;
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +30,9 @@ from orchestrator.project import sdists as sdist_mod
 from orchestrator.project.lockfile import (APT_DIR_PREFIX, LOCK_DIR, LOCK_FORMAT, Lock, Pin, Stale, lock_path,  # noqa: F401
                                           parse_pins, read_lock, read_pins)
 from orchestrator.project.spec import Backend, Project
+from orchestrator.project.uv import run as _run_reaped
+from orchestrator.project.uv import uv_binary as _uv
+from orchestrator.project.uv import uv_env  # noqa: F401 - part of this stage's face
 
 
 @dataclass(frozen=True)
@@ -54,19 +52,6 @@ class LayerInput:
 
 # --- parsing ---------------------------------------------------------------
 
-def _run_reaped(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run with output captured, except that on Ctrl-C uv and the interpreter probes it
-    started are killed and waited for (run() kills uv alone after 0.25 s), so none outlives the task."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, **kwargs) as proc:  # its own group: killed as one
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # --- planning what to lock (pure) ------------------------------------------
@@ -141,24 +126,6 @@ def inputs_hash(project: Project, backend: Backend, inp: LayerInput, lower: list
 UV_FLAGS = ("--no-config", "--generate-hashes")
 
 
-def uv_env() -> dict[str, str]:
-    """The environment uv runs in: this process's, less every UV_* setting."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
-
-
-def _uv() -> str:
-    candidate = Path(sysconfig.get_path("scripts")) / "uv"
-    if candidate.exists():
-        return str(candidate)
-    try:
-        from uv import find_uv_bin  # the uv wheel ships its binary
-
-        return find_uv_bin()
-    except Exception:  # noqa: BLE001 - any failure means "not installed" as a Python package
-        on_path = shutil.which("uv")  # e.g. the Nix shell's uv
-        if on_path:
-            return on_path
-        raise EnvironmentProblem("uv is not installed", "pip install -e . (uv is a runtime dependency)") from None
 
 
 def _compile(project: Project, backend: Backend, inp: LayerInput, constraints: dict[str, str],

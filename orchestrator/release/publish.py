@@ -34,8 +34,10 @@ from importlib import resources
 from pathlib import Path
 
 from orchestrator import __version__
+from orchestrator.common import places
 from orchestrator.common.errors import EnvironmentProblem, UserError
 from orchestrator.common.files import atomic_write, sha256_file
+from orchestrator.common.meter import Meter
 from orchestrator.debian import basepin
 from orchestrator.oci import image as image_mod
 from orchestrator.oci import layers as layers_mod
@@ -98,6 +100,7 @@ class PublishReport:
     signatures: int = 0  # signatures made by this run (0 when every digest was signed already)
     uploaded_bytes: int = 0
     published: dict[str, dict] = field(default_factory=dict)  # service -> the backend manifest promoted
+    timings: Meter | None = None  # seconds and bytes per phase (build, export, compress, hash, upload, smoke, promote)
 
 
 @dataclass(frozen=True)
@@ -454,7 +457,8 @@ def attach_sboms(project: Project, reg: Registry, results: list, log=print) -> t
         if r.image.from_image == "cuda-libs" and parent is None:
             raise EnvironmentProblem(f"{key}/{bname} {platform}: its CUDA-libs image was not built in this run, "
                                      "so its SBOM cannot list the CUDA wheels", "run `invoke publish` for all images")
-        payload = sbom_mod.document(sbom_mod.contents(project.name, project.base.suite, r, parent, pins.get(platform)))
+        payload = sbom_mod.cached_document(sbom_mod.contents(project.name, project.base.suite, r, parent,
+                                                             pins.get(platform)), places.cache_root("sboms"))
         _, name, _ = split_ref(r.ref)
         digest, sent = sbom_mod.push(reg, name, r.digest, _subject_size(reg, name, r), platform, payload)
         out[(key, bname, platform)] = digest

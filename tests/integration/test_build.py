@@ -18,7 +18,7 @@ from orchestrator.oci.registry import Registry
 pytestmark = pytest.mark.engine
 
 
-from ..conftest import by_key
+from ..conftest import by_key, cleanup_namespace, ready_mini
 
 
 def layers(project, repo, ref, arch="amd64"):
@@ -133,3 +133,41 @@ def test_a_cold_rebuild_gives_identical_layer_config_and_image_digests(mini_proj
         assert r.built
         assert r.digest == current[key].digest, key
         assert r.assembled.config_digest == current[key].assembled.config_digest
+
+
+def test_a_second_project_sends_none_of_the_cuda_libs_layers_the_registry_already_holds(mini_project, first_build,
+                                                                                          tmp_path):
+    # Another project (another namespace) on the same CUDA lines: the registry holds every CUDA-libs layer
+    # under the first project's repositories, which this machine has seen, so each is mounted, none sent.
+    other = ready_mini(tmp_path, prefix="orch-test-second")
+    try:
+        libs = [r for r in flow.build(other, backends=["cuda", "cuda13"], log=lambda *_: None)
+                if r.image.kind == "cuda-libs"]
+        assert {(r.image.backend.name, r.image.platform) for r in libs} == {
+            ("cuda", "linux/amd64"), ("cuda13", "linux/amd64"), ("cuda13", "linux/arm64")}
+        for r in libs:
+            assert r.built and r.pushed_layers == 0, (r.image.backend.name, r.image.platform)
+            # What went up is the image's own config and manifest (it names another project): 0 B of layers.
+            assert r.uploaded_bytes == len(r.assembled.config) + len(r.assembled.manifest())
+            mine = first_build.get(("cuda-libs", r.image.backend.name)) if r.image.platform == "linux/amd64" else None
+            if mine is not None:
+                assert [x.digest for x in r.assembled.layers] == [x.digest for x in mine.assembled.layers]
+    finally:
+        cleanup_namespace(other)
+
+
+def test_the_python_layers_are_byte_identical_from_two_cold_caches(mini_project, tmp_path, monkeypatch):
+    # Each run: its own uv wheel cache (wheels downloaded again) and blob cache; amd64 and arm64.
+    from orchestrator.build import pydeps
+    from orchestrator.oci import layers as layers_mod
+
+    plan = flow.plan(mini_project, backends=["cuda13"])
+    made = []
+    for run in ("one", "two"):
+        monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / run))
+        cache, c = layers_mod.default_cache(), layers_mod.codec(mini_project.compression)
+        made.append({(image.key, image.platform, stage.name): [(g, lay.diff_id, lay.digest) for g, lay in pydeps.write_stage(
+            stage, image.platform, mini_project.python, image.backend.sources, cache, c, stage.name,
+            log=lambda *_: None, reuse=False)[0]] for image in plan.images for stage in image.layers})
+    assert {p for _, p, _ in made[0]} == {"linux/amd64", "linux/arm64"}
+    assert made[0] == made[1]

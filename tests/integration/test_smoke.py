@@ -5,13 +5,16 @@ service that never becomes ready) failing for the right reason."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
+import uuid
 
 import pytest
 
 from orchestrator import flow
 from orchestrator.machine import daemon
+from orchestrator.oci.registry import Registry, split_ref
 from orchestrator.release import smoke
 
 pytestmark = pytest.mark.engine
@@ -43,6 +46,52 @@ def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, first_build
     # Under QEMU: import, probe (cudart 13 of the arm64 layer) and fallback; no GPU is ever handed to it.
     assert "13000" in checks["cuda-libs layer"].detail and "backend_effective='cpu'" in checks["/info"].detail
     assert checks["strict exits 78"].ok
+
+
+def fresh_cpu_variant(project) -> tuple[smoke.Variant, str]:
+    """An app-only change built and pushed: a digest the engine has never seen; with its config digest."""
+    app = project.services["echo"].path / "app.py"
+    app.write_text(app.read_text() + f"\n# release {uuid.uuid4()}\n")
+    results = flow.build(project, backends=["cpu"], platforms=["linux/amd64"], log=lambda *_: None)
+    variant = next(v for v in smoke.variants_from_builds(project, results))
+    _, name, digest = split_ref(variant.image)
+    config = Registry(project.registry).get_manifest(name, digest).json["config"]["digest"]
+    return variant, config
+
+
+def test_smoke_runs_the_published_config_loaded_from_the_tools_blobs_not_pulled(mini_project, first_build):
+    variant, config = fresh_cpu_variant(mini_project)
+    client = daemon.docker_client()
+    with pytest.raises(Exception):  # not in the engine yet
+        client.images.get(config)
+    [result] = smoke.run([variant], client, log=lambda *_: None, ready_timeout=60)
+    assert result.ok, [(c.name, c.detail) for c in result.failures()]
+    image = {c.name: c for c in result.checks}["image"]
+    # The engine names the image by its config digest, the one the registry serves for this manifest.
+    assert image.detail.startswith(f"engine image ID {config[:19]} = the published config digest of "
+                                   f"{variant.image.split('@')[1][:19]}"), image.detail
+    # Only the new app layer travelled: the base, Debian and Python layers were in the engine already.
+    layers = len(json.loads(Registry(mini_project.registry).get_blob(
+        split_ref(variant.image)[1], config))["rootfs"]["diff_ids"])
+    assert f"1 of {layers} layers sent" in image.detail and "from the blob cache" in image.detail, image.detail
+    assert client.images.get(config).id == config
+    assert not any(f"{variant.image.split('@')[0]}@" in d for d in client.images.get(config).attrs["RepoDigests"])
+
+
+def test_beyond_the_disk_budget_smoke_untags_what_it_loaded(mini_project, first_build, tmp_path, monkeypatch):
+    variant, config = fresh_cpu_variant(mini_project)
+    client = daemon.docker_client()
+    # A record of its own (nothing another run keeps is touched) and a budget of 0: keep nothing after a group.
+    monkeypatch.setenv("ORCH_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("ORCH_SMOKE_KEEP_GB", "0")
+    lines: list[str] = []
+    [result] = smoke.run([variant], client, log=lines.append, ready_timeout=60)
+    assert result.ok and "loaded" in {c.name: c for c in result.checks}["image"].detail
+    tag = f"{variant.image.split('@')[0]}:smoke-{config[7:19]}"
+    assert any(f"untagged 1 image(s) least recently used beyond the disk budget (0 GB (ORCH_SMOKE_KEEP_GB))"
+               in line and tag in line for line in lines), lines
+    with pytest.raises(Exception):  # smoke's tag was its only name: the engine deleted the image
+        client.images.get(config)
 
 
 @pytest.mark.parametrize("backend,cudart", [("cuda13", "libcudart.so.13"), ("cuda", "libcudart.so.12")])

@@ -41,14 +41,9 @@ SCHEMAS = sorted((ROOT / "orchestrator" / "data").glob("*.schema.json")) \
 # it on purpose. Every other finding, at any level (style included), fails;
 # test_every_ignored_hadolint_rule_is_still_needed makes sure a rule leaves
 # this list once the renderer no longer triggers it.
-HADOLINT_IGNORED = {
-    # SC2086 (double quote to prevent word splitting), in the pip stages:
-    # `${plats}` and `${PIP_SOURCES}` expand to several pip options
-    # (`--platform manylinux_2_17_x86_64 --platform ...`, `--index-url U
-    # --extra-index-url V`) and must be split into words; the base's /bin/sh
-    # (dash) has no arrays to do that with quotes. Neither holds a path or
-    # user input that could glob.
-    "SC2086": "pip option lists are expanded unquoted on purpose (word splitting wanted)",
+HADOLINT_IGNORED: dict[str, str] = {
+    # None today. (SC2086 was, while pip ran in a stage of these files with its option lists
+    # expanded unquoted; the tool installs the Python layers itself now.)
 }
 
 

@@ -1,5 +1,5 @@
 """Finer dependency layers: big packages get layers of their own, small ones share one,
-so adding a small package re-sends only the shared layer."""
+so adding a small package re-sends only the shared layer. (How the tool writes them: test_pydeps.py.)"""
 
 from __future__ import annotations
 
@@ -75,38 +75,30 @@ def _files(tree: Path) -> set[str]:
     return {p.relative_to(tree).as_posix() for p in tree.rglob("*") if not p.is_dir() or not any(p.iterdir())}
 
 
-def test_split_puts_each_file_in_its_package_layer_and_everything_else_in_the_shared_one(installed, tmp_path):
-    out = tmp_path / "parts"
-    groups = layer_split.split(str(installed), "opt/site/service-x", str(out), 200_000, 12)
-    assert groups == [("00-big-pkg", ("big-pkg",)), ("01-small", ("other", "six", "tiny"))]
-    assert sorted(os.listdir(out)) == ["00-big-pkg", "01-small"]
-    big = _files(out / "00-big-pkg" / "opt/site/service-x")
+def test_place_puts_each_file_in_its_package_layer_and_everything_else_in_the_shared_one(installed):
+    placed = layer_split.place(str(installed), "opt/site/service-x", 200_000, 12)
+    assert [(g, d) for g, d, _ in placed] == [("00-big-pkg", ("big-pkg",)), ("01-small", ("other", "six", "tiny"))]
+    site = "opt/site/service-x/"
+    big, small = ({p.removeprefix(site) for p in paths} for _, _, paths in placed)
     assert big == {"big_pkg/__init__.py", "big_pkg/lib.so", "big_pkg.libs/dep.so", "bin/big",
                    "big_pkg-1.0.dist-info/METADATA", "big_pkg-1.0.dist-info/RECORD"}
-    small = _files(out / "01-small" / "opt/site/service-x")
     assert {"six.py", "tiny/__init__.py", "stray.txt", "empty", "nvidia/__init__.py"} <= small
     # Together they are the whole tree, each file once.
     assert big.isdisjoint(small)
-    assert {f"opt/site/service-x/{f}" for f in big | small} == _files(installed)
-    # Parents keep their modes in every group: the layers stack into the same tree.
-    assert (out / "00-big-pkg/opt/site/service-x").stat().st_mode & 0o777 == 0o750
-    assert (out / "01-small/opt/site/service-x").stat().st_mode & 0o777 == 0o750
+    assert {f"{site}{f}" for f in big | small} == _files(installed)
 
 
-def test_files_of_no_package_get_a_shared_layer_even_when_every_package_has_its_own(installed, tmp_path):
-    groups = layer_split.split(str(installed), "opt/site/service-x", str(tmp_path / "p"), 1, 12)
-    assert [g for g, _ in groups] == ["00-big-pkg", "01-other", "02-six", "03-tiny", "04-small"]
-    assert "stray.txt" in _files(tmp_path / "p/04-small/opt/site/service-x")
+def test_files_of_no_package_get_a_shared_layer_even_when_every_package_has_its_own(installed):
+    placed = layer_split.place(str(installed), "opt/site/service-x", 1, 12)
+    assert [g for g, _, _ in placed] == ["00-big-pkg", "01-other", "02-six", "03-tiny", "04-small"]
+    assert "opt/site/service-x/stray.txt" in placed[-1][2]
 
 
-def test_a_file_hard_linked_in_the_tree_is_copied_so_no_link_crosses_two_layers(installed, tmp_path):
+def test_place_can_leave_out_top_level_names(installed):
     site = installed / "opt/site/service-x"
-    os.link(site / "six.py", site / "stray-link.py")
-    layer_split.split(str(installed), "opt/site/service-x", str(tmp_path / "p"), 200_000, 12)
-    for f in (tmp_path / "p").rglob("*"):
-        if f.is_file():
-            assert f.stat().st_nlink == 2 or f.name in ("six.py", "stray-link.py")  # /out and /parts, or a copy
-    assert (tmp_path / "p/01-small/opt/site/service-x/six.py").stat().st_nlink == 1
+    (site / ".lock").write_text("")
+    placed = layer_split.place(str(site), ".", 200_000, 12, skip=(".lock",))
+    assert ".lock" not in {p for _, _, paths in placed for p in paths} and "stray.txt" in placed[-1][2]
 
 
 # --- the tool's side: one export, cut into layers ---------------------------

@@ -538,3 +538,55 @@ def test_tag_lists_follow_the_link_header_across_pages(fake):
     assert registry.Registry(f.host).tags("a/b") == ["a", "b", "c", "d", "e"]
     assert f.methods("tags") == ["GET"] * 3
     assert registry.Registry(f.host).tags("missing/repo") == []
+
+
+# -- never send a blob the registry holds (registry/known.py) -----------------
+
+def test_a_blob_another_repository_was_seen_holding_is_mounted_from_it_not_sent(fake, tmp_path):
+    f = fake()
+    data = b"cuda libraries" * 300
+    path = tmp_path / "layer"
+    path.write_bytes(data)
+    assert registry.Registry(f.host).upload_blob_file("one/cuda-libs", path, sha(data), len(data)) == (
+        sha(data), len(data))
+    f.log.clear()
+    # Another project, another run (a new client): nothing names one/cuda-libs as a source, the index does.
+    assert registry.Registry(f.host).upload_blob_file("two/cuda-libs", path, sha(data), len(data)) == (sha(data), 0)
+    assert [m for m, _, _ in f.log] == ["HEAD", "POST"] and "from=one%2Fcuda-libs" in f.log[-1][1]
+    assert ("two/cuda-libs", sha(data)) in f.links
+
+
+def test_a_mount_the_registry_refuses_forgets_that_repository_and_the_blob_is_sent(fake, tmp_path):
+    f = fake()
+    data = b"garbage-collected since" * 100
+    path = tmp_path / "layer"
+    path.write_bytes(data)
+    reg = registry.Registry(f.host)
+    reg.known.add(reg.host, "gone/repo", [sha(data)])  # seen there once; the registry has deleted it since
+    assert reg.upload_blob_file("a/b", path, sha(data), len(data)) == (sha(data), len(data))
+    assert reg.known.repos(reg.host, sha(data)) == ["a/b"]  # the stale entry is gone, the new one is in
+
+
+def test_reading_an_image_manifest_remembers_which_blobs_its_repository_holds(fake):
+    f = fake()
+    layer, config = f.add_blob("base/img", b"layer bytes"), f.add_blob("base/img", b"{}")
+    body = json.dumps({"schemaVersion": 2, "config": {"digest": config, "size": 2},
+                       "layers": [{"digest": layer, "size": 11}]}).encode()
+    f.manifests[("base/img", "v1")] = (client.OCI_MANIFEST, body)
+    reg = registry.Registry(f.host)
+    reg.get_manifest("base/img", "v1")
+    assert reg.known.repos(reg.host, layer) == ["base/img"] and reg.known.repos(reg.host, config) == ["base/img"]
+    assert reg.known.repos("other.test:5000", layer) == []  # per registry
+
+
+def test_a_file_the_tool_hashed_when_it_wrote_it_goes_up_in_one_patch_and_the_registry_checks_it(
+        fake, small_chunks, tmp_path):
+    f = fake()
+    data = bytes(i % 7 for i in range(2500))
+    path = tmp_path / "layer"
+    path.write_bytes(data)
+    reg = registry.Registry(f.host)
+    assert reg.upload_blob_file("a/b", path, sha(data), len(data), verify=False) == (sha(data), len(data))
+    assert f.methods("uploads") == ["POST", "PATCH", "PUT"] and f.blobs[sha(data)] == data  # not 3 chunks
+    with pytest.raises(UserError, match="does not match its digest"):  # DIGEST_INVALID from the registry
+        reg.upload_blob_file("a/c", path, sha(b"other"), len(data), verify=False)

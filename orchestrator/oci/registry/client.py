@@ -18,6 +18,7 @@ from urllib.parse import urljoin
 import requests
 
 from orchestrator.common.errors import EnvironmentProblem, UserError
+from orchestrator.oci.registry import known as known_mod
 from orchestrator.oci.registry import transport as _transport
 from orchestrator.oci.registry.auth import Authenticator, EnvLogin
 from orchestrator.oci.registry.transport import (
@@ -35,6 +36,9 @@ MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
 CHUNK = 64 * 1024 * 1024  # above this, uploads go in PATCH chunks of this size
+# Files the tool wrote and hashed itself go up in PATCHes this large, streamed from disk: the registry's cost
+# per PATCH (reopening the upload, saving its hash state) is what bounds a loopback upload, not the bytes.
+FILE_CHUNK = 1024 * 1024 * 1024
 
 Progress = Callable[[int, int], None]
 
@@ -97,6 +101,28 @@ class _StreamWindow:
         return bytes(self._buf[:n])
 
 
+class _FileSlice:
+    """n bytes of a file from offset, as a request body: sent in 1 MiB pieces, never all in memory."""
+
+    def __init__(self, path: Path, offset: int, n: int):
+        self.path, self.offset = path, offset
+        self.n = max(0, min(n, path.stat().st_size - offset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[bytes]:
+        left = self.n
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            while left > 0:
+                piece = fh.read(min(1 << 20, left))
+                if not piece:
+                    return
+                left -= len(piece)
+                yield piece
+
+
 class Registry:
     """One registry host. `Registry("ghcr.io/acme")` talks to https://ghcr.io/v2/; names are full repository paths.
 
@@ -105,8 +131,11 @@ class Registry:
     """
 
     def __init__(self, host: str, timeout: float = _transport.DEFAULT_TIMEOUT_S,
-                 retries: int = _transport.DEFAULT_RETRIES, login: EnvLogin | None = None):
+                 retries: int = _transport.DEFAULT_RETRIES, login: EnvLogin | None = None,
+                 known: known_mod.KnownBlobs | None = None):
         self.host = registry_host(host)
+        # Where else this registry holds a blob (known.py): mounted from there instead of sent.
+        self.known = known if known is not None else known_mod.default()
         self.namespace = host.split("://", 1)[-1].partition("/")[2].strip("/")
         self.timeout = timeout
         self.retries = retries
@@ -192,7 +221,19 @@ class Registry:
                             "the registry content was tampered with or corrupted; re-publish")
         if header and header != digest:
             raise UserError(f"registry {self.host}: manifest {name}:{reference} digest header {header} != content {digest}")
-        return Manifest(resp.headers.get("Content-Type", "").split(";")[0], digest, resp.content)
+        found = Manifest(resp.headers.get("Content-Type", "").split(";")[0], digest, resp.content)
+        self._remember(name, found)
+        return found
+
+    def _remember(self, name: str, manifest: Manifest) -> None:
+        """The blobs an image manifest names are in this repository (the registry checks that on PUT)."""
+        try:
+            body = manifest.json
+        except ValueError:
+            return
+        if isinstance(body, dict) and isinstance(body.get("config"), dict):
+            self.known.add(self.host, name, [body["config"].get("digest")]
+                           + [d.get("digest") for d in body.get("layers") or [] if isinstance(d, dict)])
 
     def has_manifest(self, name: str, reference: str) -> bool:
         return self._head_manifest(name, reference).status_code == 200
@@ -265,7 +306,10 @@ class Registry:
 
     # -- blobs: reading ------------------------------------------------------
     def has_blob(self, name: str, digest: str) -> bool:
-        return self._request("HEAD", f"/v2/{name}/blobs/{digest}", repo=name).status_code == 200
+        found = self._request("HEAD", f"/v2/{name}/blobs/{digest}", repo=name).status_code == 200
+        if found:
+            self.known.add(self.host, name, [digest])
+        return found
 
     def blob_size(self, name: str, digest: str) -> int | None:
         resp = self._request("HEAD", f"/v2/{name}/blobs/{digest}", repo=name)
@@ -298,15 +342,35 @@ class Registry:
         resp = self._request("POST", f"/v2/{name}/blobs/uploads/", repo=name, also=[from_name],
                              params={"mount": digest, "from": from_name})
         if resp.status_code == 201:
+            self.known.add(self.host, name, [digest])
             return True
         if resp.status_code == 202:  # mount refused, an upload session was opened instead: close it
             self._request("DELETE", self._location(resp), repo=name)
         return False
 
-    def _skip_or_mount(self, name: str, digest: str, mount_from: Iterable[str]) -> bool:
+    def skip_or_mount(self, name: str, digest: str, mount_from: Iterable[str] = ()) -> bool:
+        """Whether the blob is in name now without sending it: there already, or mounted.
+
+        Mounted from mount_from first, then from the repositories of this
+        registry the machine has seen holding it (known.py); one that
+        refuses is forgotten.
+        """
         if self.has_blob(name, digest):
             return True
-        return any(src != name and self.mount_blob(name, digest, src) for src in mount_from)
+        tried = {name}
+        for src in mount_from:
+            if src not in tried:
+                tried.add(src)
+                if self.mount_blob(name, digest, src):
+                    return True
+        for src in self.known.repos(self.host, digest, besides=tried):
+            try:
+                if self.mount_blob(name, digest, src):
+                    return True
+            except (EnvironmentProblem, UserError):  # no pull access there (any more): send it instead
+                pass
+            self.known.forget(self.host, src, digest)
+        return False
 
     def _start_upload(self, name: str) -> str:
         resp = self._request("POST", f"/v2/{name}/blobs/uploads/", repo=name)
@@ -321,7 +385,7 @@ class Registry:
         if sha256_digest(data) != digest:
             raise UserError(f"blob for {name} does not match its digest {digest}", "the content was altered; rebuild")
         mounts = [mount_from] if isinstance(mount_from, str) else list(mount_from or ())
-        if self._skip_or_mount(name, digest, mounts):
+        if self.skip_or_mount(name, digest, mounts):
             return digest, 0
         if len(data) > CHUNK:
             view = memoryview(data)
@@ -333,14 +397,23 @@ class Registry:
         return digest, len(data)
 
     def upload_blob_file(self, name: str, path: str | Path, digest: str, size: int,
-                         mount_from: Iterable[str] = (), progress: Progress | None = None) -> tuple[str, int]:
-        """Stream a file up in CHUNK-sized PATCHes (never all in memory); returns (digest, bytes sent)."""
+                         mount_from: Iterable[str] = (), progress: Progress | None = None,
+                         verify: bool = True) -> tuple[str, int]:
+        """Stream a file up in CHUNK-sized PATCHes (never all in memory); returns (digest, bytes sent).
+
+        verify=False: the caller hashed the file when it wrote it (the blob cache), so it goes up
+        in FILE_CHUNK PATCHes straight from disk without hashing it again here; the registry
+        still checks the digest when the upload is committed.
+        """
         path = Path(path)
         actual = path.stat().st_size
         if actual != size:
             raise UserError(f"{path} is {actual} bytes, not the {size} its descriptor says", "rebuild the layer")
-        if self._skip_or_mount(name, digest, [mount_from] if isinstance(mount_from, str) else mount_from):
+        if self.skip_or_mount(name, digest, [mount_from] if isinstance(mount_from, str) else mount_from):
             return digest, 0
+        if not verify:
+            return digest, self._upload_chunks(name, digest, size, lambda o, n: _FileSlice(path, o, n), progress,
+                                               chunk=FILE_CHUNK, verify=False)
         with open(path, "rb") as fh:
             def read_at(offset: int, n: int) -> bytes:
                 fh.seek(offset)
@@ -351,7 +424,7 @@ class Registry:
     def copy_blob(self, src: "Registry", src_name: str, dst_name: str, digest: str, size: int,
                   progress: Progress | None = None) -> tuple[str, int]:
         """Copy a blob from another registry, streaming (GET -> chunked upload); returns (digest, bytes sent)."""
-        if self._skip_or_mount(dst_name, digest, [src_name] if src.host == self.host else []):
+        if self.skip_or_mount(dst_name, digest, [src_name] if src.host == self.host else []):
             return digest, 0
         with src.open_blob(src_name, digest) as resp:
             window = _StreamWindow(resp.iter_content(1024 * 1024))
@@ -362,24 +435,27 @@ class Registry:
                                   "re-run the copy") from None
 
     def _upload_chunks(self, name: str, digest: str, size: int, read_at: Callable[[int, int], bytes],
-                       progress: Progress | None) -> int:
-        """POST once, PATCH chunk by chunk, PUT ?digest=. Returns the bytes the registry took."""
+                       progress: Progress | None, chunk: int | None = None, verify: bool = True) -> int:
+        """POST once, PATCH chunk by chunk, PUT ?digest=. Returns the bytes the registry took.
+
+        read_at(offset, n) gives the bytes (or a sized body: verify=False) of one PATCH.
+        """
         location = self._start_upload(name)
         hasher, hashed = hashlib.sha256(), 0
         offset, failures = 0, 0
         while offset < size:
-            n = min(CHUNK, size - offset)
-            chunk = read_at(offset, n)
-            if len(chunk) != n:
+            n = min(chunk or CHUNK, size - offset)
+            body = read_at(offset, n)
+            if len(body) != n:
                 self._abort(name, location)
-                raise UserError(f"blob {digest} for {name} ended at {offset + len(chunk)} bytes, not {size}",
+                raise UserError(f"blob {digest} for {name} ended at {offset + len(body)} bytes, not {size}",
                                 "the source changed while uploading; rebuild and re-run")
-            if offset <= hashed < offset + n:  # hash each byte once, even when a chunk is resent
-                hasher.update(chunk[hashed - offset:])
+            if verify and offset <= hashed < offset + n:  # hash each byte once, even when a chunk is resent
+                hasher.update(body[hashed - offset:])
                 hashed = offset + n
             resp = None
             try:
-                resp = self._request("PATCH", location, repo=name, retry=False, data=chunk, headers={
+                resp = self._request("PATCH", location, repo=name, retry=False, data=body, headers={
                     "Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{offset + n - 1}"})
             except Unreachable:
                 pass
@@ -404,7 +480,7 @@ class Registry:
             offset = held
             if progress:
                 progress(offset, size)
-        if digest.startswith("sha256:") and "sha256:" + hasher.hexdigest() != digest:
+        if verify and digest.startswith("sha256:") and "sha256:" + hasher.hexdigest() != digest:
             self._abort(name, location)
             raise UserError(f"blob for {name} does not match its digest {digest}", "the content was altered; rebuild")
         self._finish(name, location, digest, b"")
@@ -444,4 +520,5 @@ class Registry:
         if reported and reported != digest:
             raise UserError(f"registry {self.host} stored {reported} for a blob whose digest is {digest}",
                             "the upload was corrupted in transit; re-run")
+        self.known.add(self.host, name, [digest])
         return resp

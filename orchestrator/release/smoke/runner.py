@@ -3,11 +3,13 @@
 `check_variant` starts one variant (read-only root, tmpfs on the declared
 writable dirs, GPUs as this host hands them out), waits for /health, then
 runs the checks of checks.py against it. `run` takes the variants of a
-build, groups those that share layers (same backend and platform), checks a
-group's variants at once, and stops every container of the run on the
-first error or Ctrl-C: a `Session` holds what one run shares on one engine
-(the engine, the GPU request, the halt flag, the containers it started), so
-two runs never see each other's state.
+build, groups those that share layers (same backend and platform), brings a
+group's images into the engine (images.py: loaded from what the tool holds,
+not pulled back) and starts its variants together, several groups
+overlapping, and stops every container of the run on the first error or
+Ctrl-C: a `Session` holds what one run shares on one engine (the engine,
+the GPU request, the images it brought, the halt flag, the containers it
+started), so two runs never see each other's state.
 
 Each platform runs on its `Engine`: the default one, or the engine the
 project names for it (`smoke.engines`, else `builders`), so a native arm64
@@ -24,7 +26,7 @@ import dataclasses
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,8 @@ from orchestrator.host import gpu_request as gpu_mod
 from orchestrator.host.contract import EX_CONFIG, run_options
 from orchestrator.machine import daemon
 from orchestrator.common import hostinfo
-from orchestrator.oci.registry import EnvLogin, docker_auth_config
+from orchestrator.oci.registry import EnvLogin
+from orchestrator.release.smoke import images as images_mod
 from orchestrator.release.smoke.checks import (EXEC_TIMEOUT, Check, healthcheck_check, image_config_checks, info_check,
                                                inside_checks, logs_tail, wait_health, wait_ready)
 from orchestrator.release.smoke.variant import (DEFAULT_ENGINE, Variant, expected_cuda, gpu_for, host_gpu_request, native,
@@ -47,7 +50,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 START_TIMEOUT = 60.0  # container start -> /health 200
 READY_TIMEOUT = 180.0  # /health -> /ready 200 (model loading)
 STRICT_EXIT_TIMEOUT = 60.0  # BACKEND_POLICY=strict must exit within this
-MAX_JOBS = 4
+MAX_JOBS = 6  # variants at once across groups, whatever the cores
 SERVICE_ENDPOINTS = ("/health", "/ready", "/info")  # the service "ran" when all three answered
 
 
@@ -65,6 +68,7 @@ class Engine:
     name: str = DEFAULT_ENGINE
     platform: str = ""
     env: dict[str, str] | None = field(default=None, repr=False)
+    local: bool | None = None  # on this machine (loads the tool's blobs); None: as the default engine is
 
     @property
     def native_platform(self) -> str:
@@ -77,7 +81,6 @@ class VariantResult:
     checks: list[Check] = field(default_factory=list)
     logs: str = ""
     seconds: float = 0.0
-    pulled: bool = False  # the image was not here before the check: `run` removes it when its group is done
     answered: list[str] = field(default_factory=list)  # which of /health, /ready, /info the service answered
     not_started: str = ""  # why the service itself was never started here (e.g. under emulation: ...)
     engine: str = DEFAULT_ENGINE  # where it ran (Engine.name)
@@ -146,11 +149,14 @@ class Session:
     """
 
     def __init__(self, client, gpu: gpu_mod.GpuRequest | None = None, engine: Engine | None = None,
-                 login: EnvLogin | None = None):
+                 login: EnvLogin | None = None, log=None):
         self.engine = engine or Engine(client)
         self.client = self.engine.client
         self.gpu = gpu if gpu is not None else host_gpu_request(self.client)
-        self.login = login  # the environment's login: pulls send it to its own registry only
+        self.login = login  # the environment's login: pulls and registry reads send it to its own registry only
+        # Images come from the tool's blobs; an engine on another machine pulls them from the registry.
+        local = self.engine.local if self.engine.local is not None else daemon.is_local(daemon.default_builder())
+        self.images = images_mod.EngineImages(self.client, pull=not local, log=log, login=login)
         self._halted = threading.Event()
         self._running: set = set()
         self._lock = threading.Lock()
@@ -207,26 +213,6 @@ def _stop(container) -> None:
         pass
 
 
-def _ensure_image(client, variant: Variant, result: VariantResult, login: EnvLogin | None = None) -> bool:
-    """The image is in the engine: pulled from the registry, with the tool's credentials, when missing."""
-    try:
-        client.images.get(variant.image)
-        return True
-    except Exception:  # noqa: BLE001 - not local yet
-        pass
-    host = variant.image.split("/")[0]
-    started = time.monotonic()
-    try:
-        # The same credentials the tool pushed with (env, config.json, helpers), not only the CLI's.
-        client.images.pull(variant.image, platform=variant.platform, auth_config=docker_auth_config(host, login))
-    except Exception as e:  # noqa: BLE001 - no such image, registry down: this variant fails
-        result.checks.append(Check("pull", False, f"cannot pull {variant.image}: {str(e)[:200]}"))
-        return False
-    result.pulled = True
-    result.checks.append(Check("pull", True, f"pulled from {host} in {time.monotonic() - started:.1f} s"))
-    return True
-
-
 def check_variant(variant: Variant, gpu: gpu_mod.GpuRequest | bool, ready_timeout: float = READY_TIMEOUT,
                   start_timeout: float | None = None, env: dict[str, str] | None = None,
                   exec_timeout: float = EXEC_TIMEOUT, strict_timeout: float = STRICT_EXIT_TIMEOUT,
@@ -254,8 +240,11 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
            strict_timeout: float) -> None:
     if start_timeout is None:  # an emulated platform (QEMU) starts several times slower
         start_timeout = START_TIMEOUT if result.native else 3 * START_TIMEOUT
-    if not _ensure_image(session.client, variant, result, session.login):
+    local, check = session.images.ensure(variant.image, variant.platform)
+    result.checks.append(check)
+    if local is None:
         return
+    variant = dataclasses.replace(variant, image=local)  # run by image ID: exactly the published config
     config = session.client.images.get(variant.image).attrs["Config"]
     checks, image_env = image_config_checks(variant, config)
     result.checks += checks
@@ -375,13 +364,15 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
     login: the environment's login, which pulls send to its own registry only.
 
     Variants that share layers (same backend and platform: the CUDA libraries,
-    torch, the base) run together, up to `jobs` at once (default: one per
-    core; an emulated service's start is one core's work under QEMU), and
-    the images this run pulled are removed when their group is done: a
-    publish of every backend holds one group's images at a time (about 5 GB
-    for a CUDA line), not all of them (the example's 13 variants pulled
-    outgrew a 60 GB disk). They stay in the registry; `invoke run` pulls
-    them again.
+    torch, the base) form a group: its images come into the engine first, in
+    one load of what the engine lacks (images.py), then its containers start
+    together. Groups overlap: up to `jobs` variants run at once across groups
+    (default: two per core, at most MAX_JOBS; a native check mostly waits on
+    its container, one under QEMU is a core's work), the groups under
+    emulation first, since they take longest, while the next group loads.
+    What smoke loaded stays for the next group and run within the disk
+    budget, least recently used untagged beyond it (the groups being checked
+    are kept even above it). Each variant is reported whole, in the order given.
     """
     engines = engines or {}
     sessions: dict[str, Session] = {}
@@ -390,7 +381,7 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
         engine = engines.get(platform)
         key = engine.name if engine else DEFAULT_ENGINE
         if key not in sessions:
-            s = sessions[key] = Session(client, engine=engine, login=login)
+            s = sessions[key] = Session(client, engine=engine, login=login, log=log)
             if engine is None:
                 log(f"host GPU for containers: {s.gpu.description}")
             else:
@@ -398,47 +389,59 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
                     f"GPU for containers: {s.gpu.description}")
         return sessions[key]
 
-    jobs = max(1, jobs or min(os.cpu_count() or 1, MAX_JOBS))
+    jobs = max(1, jobs or min(2 * (os.cpu_count() or 1), MAX_JOBS))
     groups: dict[tuple[str, str], list[int]] = {}
     for i, v in enumerate(chosen):
         groups.setdefault((v.backend, v.platform), []).append(i)
     results: dict[int, VariantResult] = {}
-    for (backend, platform), members in groups.items():
-        _run_group(chosen, members, backend, platform, min(jobs, len(members)), session_for(platform),
-                   ready_timeout, results, log)
-    return [results[i] for i in range(len(chosen))]
-
-
-def _run_group(chosen: list[Variant], members: list[int], backend: str, platform: str, at_once: int,
-               session: Session, ready_timeout: float, results: dict[int, VariantResult], log) -> None:
-    """Check one group's variants, at_once at a time; remove what they pulled when the group is done."""
-    if at_once > 1:
-        log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
-    pool = ThreadPoolExecutor(at_once, thread_name_prefix="smoke")
+    running: dict[int, Future] = {}
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="smoke")
     try:
-        running = {}
-        for i in members:
-            v = chosen[i]
-            log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
-            running[i] = pool.submit(check_variant, v, session.gpu, ready_timeout=ready_timeout, session=session)
-        for i in members:  # each reported whole and in order, whatever finishes first
-            r = results[i] = running[i].result()
-            if at_once > 1:
-                log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform}:")
-            for c in r.checks:
-                log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        order = sorted(groups, key=lambda k: native(chosen[groups[k][0]], session_for(k[1]).engine.platform))
+        for key in order:  # emulated groups first: they take longest
+            _start_group(chosen, groups, key, min(jobs, len(groups[key])), session_for(key[1]), pool, running,
+                         ready_timeout, log)
+        for key, members in groups.items():  # each reported whole and in order, whatever finishes first
+            for i in members:
+                r = results[i] = running[i].result()
+                if len(members) > 1:
+                    log(f"{r.variant.service}/{r.variant.backend} {r.variant.platform}:")
+                for c in r.checks:
+                    log(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     except BaseException:
-        session.halt()  # Ctrl-C or an error: the other checks stop at their next step, containers stopped
+        for session in sessions.values():
+            session.halt()  # Ctrl-C or an error: the other checks stop at their next step, containers stopped
         raise
     finally:
         pool.shutdown(wait=True)
-        _remove_pulled(session.client, [results[i] for i in members if i in results])
-
-
-def _remove_pulled(client, results: list[VariantResult]) -> None:
-    for r in results:
-        if r.pulled:
+        for session in sessions.values():
             try:
-                client.images.remove(r.variant.image)
-            except Exception:  # noqa: BLE001 - in use or already gone: it only costs disk
-                pass
+                session.images.trim()
+            except Exception as e:  # noqa: BLE001 - the budget is kept next time
+                log(f"smoke: could not trim the images kept in the engine: {str(e)[:200]}")
+    return [results[i] for i in range(len(chosen))]
+
+
+def _start_group(chosen: list[Variant], groups: dict[tuple[str, str], list[int]], key: tuple[str, str],
+                 at_once: int, session: Session, pool: ThreadPoolExecutor, running: dict[int, Future],
+                 ready_timeout: float, log) -> None:
+    """Bring one group's images into the engine, then queue its checks (they start together as slots allow).
+
+    The disk budget is applied with every group still being checked kept (this one included), so a
+    run holds, beyond the budget, only the groups it is testing, as the old one-group-at-a-time did.
+    """
+    backend, platform = key
+    members = groups[key]
+    if at_once > 1:
+        log(f"smoke {backend} {platform}: {len(members)} variants, {at_once} at once")
+    wanted = [(chosen[i].image, chosen[i].platform) for i in members]
+    try:
+        session.images.prepare(wanted)
+        busy = [i for g in groups.values() for i in g if i in running and not running[i].done()] + members
+        session.images.trim(keep=session.images.image_ids(chosen[i].image for i in busy))
+    except Exception as e:  # noqa: BLE001 - each variant's "image" check says what went wrong
+        log(f"smoke {backend} {platform}: images not all in the engine: {str(e)[:200]}")
+    for i in members:
+        v = chosen[i]
+        log(f"smoke {v.service}/{v.backend} {v.platform}: {v.image}")
+        running[i] = pool.submit(check_variant, v, session.gpu, ready_timeout=ready_timeout, session=session)
