@@ -173,7 +173,7 @@ def test_securesystemslib_and_openssl_verify_every_signature_with_the_projects_p
 
 def test_the_provenance_referrer_names_the_image_and_the_hashes_of_what_made_it(
         mini_project, published, release_key, tmp_path):
-    reg = Registry(mini_project.registry)
+    Registry(mini_project.registry)
     manifest = json.loads(published.manifests["echo"].read_text())
     key = SSlibKey.from_crypto(serialization.load_pem_public_key(release_key.public.read_bytes()),
                                scheme="ecdsa-sha2-nistp256")

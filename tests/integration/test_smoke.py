@@ -88,7 +88,7 @@ def test_beyond_the_disk_budget_smoke_untags_what_it_loaded(mini_project, first_
     [result] = smoke.run([variant], client, log=lines.append, ready_timeout=60)
     assert result.ok and "loaded" in {c.name: c for c in result.checks}["image"].detail
     tag = f"{variant.image.split('@')[0]}:smoke-{config[7:19]}"
-    assert any(f"untagged 1 image(s) least recently used beyond the disk budget (0 GB (ORCH_SMOKE_KEEP_GB))"
+    assert any("untagged 1 image(s) least recently used beyond the disk budget (0 GB (ORCH_SMOKE_KEEP_GB))"
                in line and tag in line for line in lines), lines
     with pytest.raises(Exception):  # smoke's tag was its only name: the engine deleted the image
         client.images.get(config)

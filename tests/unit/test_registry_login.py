@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import shutil
 import ssl
 import threading
@@ -120,7 +119,7 @@ def test_a_client_of_another_host_says_the_pair_is_not_for_it(fake):
     login = registry.env_login(ENV, "127.0.0.1:1")  # the project's registry is elsewhere
     with pytest.raises(UserError) as e:
         registry.Registry(f.host, login=login).tags("a/b")
-    assert f"for 127.0.0.1:1 only" in str(e.value) and "401" in str(e.value)
+    assert "for 127.0.0.1:1 only" in str(e.value) and "401" in str(e.value)
     assert leaked(a for _, _, a in f.log) == []
 
 

@@ -60,7 +60,7 @@ def test_each_group_is_loaded_whole_before_its_checks_and_no_group_being_checked
 
     monkeypatch.setattr(runner, "check_variant", check)
     monkeypatch.setattr(runner, "host_gpu_request", lambda client: NO_GPU)
-    monkeypatch.setattr(runner, "native", lambda v: v.platform == "linux/amd64")
+    monkeypatch.setattr(runner, "native", lambda v, engine_platform=None: v.platform == "linux/amd64")
     results = smoke.run(chosen, FakeClient(), log=lambda *_: None, jobs=2)
     assert [r.variant for r in results] == chosen  # reported in the order asked
     cuda, cpu = sorted([chosen[0].image, chosen[2].image]), sorted([chosen[1].image, chosen[3].image])
