@@ -24,7 +24,7 @@ import pytest
 from orchestrator import flow
 from orchestrator.machine import daemon
 from orchestrator.oci import backends
-from orchestrator.oci.registry import Registry
+from orchestrator.oci.registry import Registry, split_ref
 from orchestrator.project import spec
 from orchestrator.release import publish, smoke
 
@@ -82,7 +82,7 @@ def test_a_platform_named_in_smoke_engines_is_smoke_tested_on_that_engine(mini_p
     assert any(line.startswith(f"smoke {AMD} on smoke.engines.{AMD}, a linux/amd64 engine") for line in logged)
     # The second engine got the image (loaded from the tool's blobs: it runs on this machine) and started the
     # service from it, by the image ID that is the published config digest.
-    _, name, digest = r.variant.image.partition("/")[0], *r.variant.image.split("/", 1)[1].split("@")
+    _, name, digest = split_ref(r.variant.image)
     config = Registry(mini_project.registry, login=mini_project.login).get_manifest(name, digest).json["config"]["digest"]
     started = [e for e in second.events(since=since, until=until, decode=True,
                                         filters={"type": "container", "event": "start"})]
