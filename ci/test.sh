@@ -43,7 +43,7 @@ trap 'rm -f "$before" "$after"' EXIT
 leftovers >"$before"
 
 status=0
-python -m pytest -q -p no:cacheprovider "$@" || status=$?
+python -m pytest -q -p no:cacheprovider --durations=30 "$@" || status=$?
 
 leftovers >"$after"
 new="$(LC_ALL=C comm -13 "$before" "$after")"
