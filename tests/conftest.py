@@ -102,6 +102,20 @@ def published(mini_project, first_build):
     return flow.publish(mini_project, log=lambda *_: None)
 
 
+@pytest.fixture(scope="session")
+def local_images(mini_project, published):
+    """Every variant the session published, pulled into the engine once and kept there until the
+    namespace is cleaned up. A smoke pulls and then removes what was not local, so without these each
+    run of images built on them (a changed app layer) would pull and unpack the shared layers again."""
+    client = daemon.docker_client()
+    for r in published.smoke:
+        try:
+            client.images.get(r.variant.image)
+        except Exception:  # noqa: BLE001 - not local yet
+            client.images.pull(r.variant.image, platform=r.variant.platform)
+    return {(r.variant.service, r.variant.backend, r.variant.platform): r.variant.image for r in published.smoke}
+
+
 @contextlib.contextmanager
 def release_kept(project):
     """Put the project's registry tags and manifests/ files back as they were before the block.

@@ -156,7 +156,7 @@ def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_p
     assert after == before
 
 
-def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project, published):
+def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project, published, local_images):
     reg = Registry(mini_project.registry)
     name = f"{mini_project.name}/echo"
     before = {t: reg.get_manifest(name, t).digest for t in ("0.1.0-backends", "0.1.0-cpu", "0.1.0-cuda")}

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def all_variants(mini_project, first_build):
+def all_variants(mini_project, first_build, local_images):
+    """By (service, backend, platform); their images are in the engine (tests/conftest.py local_images)."""
     return {(v.service, v.backend, v.platform): v for v in flow.variants(mini_project)}
 
 

@@ -40,7 +40,8 @@ def built(mini_project, first_build):
 
 
 @pytest.fixture(scope="module")
-def variants(mini_project, built):
+def variants(mini_project, built, local_images):
+    """The variants by digest, pulled into the engine (tests/conftest.py local_images)."""
     return {(v.backend, v.platform): v for v in smoke.variants_from_builds(mini_project, built)}
 
 
