@@ -2,6 +2,8 @@
 # The test command: install, start the engine and registry, check that locks
 # and Dockerfiles are current, then run the whole suite against the real
 # engine. With CI=true, engine-dependent tests fail instead of skipping.
+# Every run prints its 30 slowest setups, calls and teardowns (--durations=30):
+# a test that grows slow shows in the log of the change that made it so.
 # The suite must write nothing into the checkout: a file that is not ignored
 # and was not there before the run fails the job, named.
 set -euo pipefail
@@ -43,7 +45,7 @@ trap 'rm -f "$before" "$after"' EXIT
 leftovers >"$before"
 
 status=0
-python -m pytest -q -p no:cacheprovider "$@" || status=$?
+python -m pytest -q -p no:cacheprovider --durations=30 "$@" || status=$?
 
 leftovers >"$after"
 new="$(LC_ALL=C comm -13 "$before" "$after")"

@@ -3,6 +3,7 @@ but fail in CI (CI=true): a missing engine must never pass silently."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -120,6 +121,56 @@ def first_build(mini_project):
 def published(mini_project, first_build, release_key):
     """The mini fixture published once for the session, with the smoke gate and signed, as CI runs it."""
     return flow.publish(mini_project, log=lambda *_: None, signer=signing.signer_from_environ(release_key.env))
+
+
+@pytest.fixture(scope="session")
+def local_images(mini_project, published):
+    """Every variant the session published, pulled into the engine once and kept there until the
+    namespace is cleaned up. A smoke pulls and then removes what was not local, so without these each
+    run of images built on them (a changed app layer) would pull and unpack the shared layers again."""
+    client = daemon.docker_client()
+    for r in published.smoke:
+        try:
+            client.images.get(r.variant.image)
+        except Exception:  # noqa: BLE001 - not local yet
+            client.images.pull(r.variant.image, platform=r.variant.platform)
+    return {(r.variant.service, r.variant.backend, r.variant.platform): r.variant.image for r in published.smoke}
+
+
+@contextlib.contextmanager
+def release_kept(project):
+    """Put the project's registry tags and manifests/ files back as they were before the block.
+
+    What a test's publish or build moved is restored by re-pushing the old manifests (their
+    blobs are still in the registry) and old files, not by publishing again; tags the block
+    added (content tags of images it built) are deleted unless a kept tag names the same digest.
+    """
+    reg = Registry(project.registry)
+    repos = [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)]
+    saved = {name: {t: reg.get_manifest(name, t) for t in reg.tags(name)} for name in repos}
+    files = project.root / "manifests"
+    saved_files = {p: p.read_bytes() for p in files.glob("*")} if files.is_dir() else {}
+    try:
+        yield
+    finally:
+        for name, tags in saved.items():
+            kept = {m.digest for m in tags.values()}
+            for tag in reg.tags(name):
+                now = reg.get_manifest(name, tag)
+                old = tags.get(tag)
+                if old is None and now is not None and now.digest not in kept:
+                    reg.delete_manifest(name, now.digest)
+            for tag, old in tags.items():
+                now = reg.get_manifest(name, tag)
+                if now is None or now.digest != old.digest:
+                    reg.put_manifest(name, tag, old.body, old.media_type)
+        if files.is_dir():
+            for p in files.glob("*"):
+                if p not in saved_files:
+                    p.unlink()
+        for p, data in saved_files.items():
+            if not p.exists() or p.read_bytes() != data:
+                p.write_bytes(data)
 
 
 def cleanup_namespace(project) -> None:

@@ -1,10 +1,13 @@
 """The bad input corpus (cases.yaml) through the real CLI.
 
-Each case edits a tmp copy of tests/fixtures/mini, runs `invoke <task>` as a
-subprocess from that copy, and expects: exit 2, one `error:` message naming
-the file or key, a `hint:` line, no traceback, and nothing written into the
-repository checkout. No case needs Docker or a registry; registry answers
-(backend manifests) are also fed straight to backends.validate below.
+Each case edits a tmp copy of tests/fixtures/mini, runs the task from that
+copy through Invoke's Program over the CLI's tasks (`orchestrator.cli.program`,
+in this process: no 0.5 s of imports per case), and expects: exit 2, one
+`error:` message naming the file or key, a `hint:` line, no traceback, and
+nothing written into the repository checkout. A few cases of every kind also
+run as real `invoke` processes, for the exit code and output a shell sees.
+No case needs Docker or a registry; registry answers (backend manifests) are
+also fed straight to backends.validate below.
 """
 
 from __future__ import annotations
@@ -145,33 +148,97 @@ def checkout_state() -> set[str]:
     return set(out.splitlines())
 
 
-@pytest.mark.parametrize("group, case", ALL)
-def test_bad_input_exits_2_with_one_message_a_hint_and_no_traceback(tmp_path, group, case):
-    proj_dir, project = prepare(tmp_path, case)
+def case_args(group: str, case: dict, project: Path, proj_dir: Path, tmp_path: Path) -> list[str]:
     default = ["lock", "--check", "--project", "{project}"]
     if group == "manifests":
         default = ["select", "--service", "echo", "--manifest", "{dir}/m.json", "--root", "{tmp}/host",
                    "--project", "{project}"]
-    args = [a.format(project=project, dir=proj_dir, tmp=tmp_path) for a in case.get("args", default)]
-    env = {k: v for k, v in os.environ.items() if k not in ("ORCH_REGISTRY", "ORCH_BACKEND", "ORCH_PROJECT")}
+    return [a.format(project=project, dir=proj_dir, tmp=tmp_path) for a in case.get("args", default)]
+
+
+def case_env(case: dict, tmp_path: Path) -> dict[str, str | None]:
+    """What the case changes in the environment (None: unset)."""
+    env: dict[str, str | None] = {k: None for k in ("ORCH_REGISTRY", "ORCH_BACKEND", "ORCH_PROJECT")}
     env.update(case.get("env") or {})
     env["ORCH_STATE_DIR"] = str(tmp_path / "state")  # the engine's state, if anything reached for it
-    before = checkout_state()
-    proc = subprocess.run([str(INVOKE), "--search-root", str(ROOT), *args], cwd=proj_dir, env=env,
+    return env
+
+
+def in_process(argv: list[str], cwd: Path, env: dict, monkeypatch, capsys) -> tuple[int, str, str]:
+    """The tasks through Invoke's Program (orchestrator.cli.program, the `orchestrator` command), in this
+    process: (exit code, stdout, stderr). Any exception but the exit escapes, as a traceback would."""
+    from orchestrator.cli import program
+
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        program.run(["orchestrator", *argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def as_process(argv: list[str], cwd: Path, env: dict) -> tuple[int, str, str]:
+    """`invoke <task>` as a user runs it: a process of its own, from the project copy."""
+    environ = {k: v for k, v in os.environ.items() if env.get(k, "") is not None}
+    environ.update({k: v for k, v in env.items() if v is not None})
+    proc = subprocess.run([str(INVOKE), "--search-root", str(ROOT), *argv], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=120)
-    after = checkout_state()
-    out = proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_refused_as_bad_input(group: str, case: dict, project: Path, code: int, stdout: str, stderr: str) -> None:
+    out = stdout + stderr
     assert "Traceback" not in out, out
-    assert proc.returncode == 2, out
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
+    assert code == 2, out
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, stderr
     assert any(ln.strip().startswith("hint: ") and len(ln.strip()) > len("hint: ") + 5
-               for ln in proc.stderr.splitlines()), proc.stderr
+               for ln in stderr.splitlines()), stderr
     for fragment in case["expect"]:
-        assert fragment in proc.stderr, f"{fragment!r} not in:\n{proc.stderr}"
+        assert fragment in stderr, f"{fragment!r} not in:\n{stderr}"
     if group in ("project", "requirements"):
         assert str(project) in errors[0]  # names the project file, then the key
+
+
+@pytest.mark.parametrize("group, case", ALL)
+def test_bad_input_exits_2_with_one_message_a_hint_and_no_traceback(tmp_path, group, case, monkeypatch, capsys):
+    proj_dir, project = prepare(tmp_path, case)
+    before = checkout_state()
+    code, stdout, stderr = in_process(case_args(group, case, project, proj_dir, tmp_path), proj_dir,
+                                      case_env(case, tmp_path), monkeypatch, capsys)
+    after = checkout_state()
+    assert_refused_as_bad_input(group, case, project, code, stdout, stderr)
     assert not (after - before), f"written into the checkout: {sorted(after - before)}"
+
+
+# The process path: a few cases of each kind as real `invoke` processes, so exit codes and the
+# absence of a traceback are those a shell sees (the in-process runs above share the tasks).
+AS_PROCESS = {"project/service-path-absolute", "project/registry-from-environment",
+              "requirements/extra-index-url", "locks/lock-edited-by-hand", "manifests/manifest-not-json",
+              "cli/run-bad-port", "cli/missing-project-file"}
+
+
+@pytest.mark.parametrize("group, case", [p for p in ALL if p.id in AS_PROCESS])
+def test_bad_input_as_a_real_invoke_process_exits_2_with_one_message_and_no_traceback(tmp_path, group, case):
+    proj_dir, project = prepare(tmp_path, case)
+    before = checkout_state()
+    code, stdout, stderr = as_process(case_args(group, case, project, proj_dir, tmp_path), proj_dir,
+                                      case_env(case, tmp_path))
+    after = checkout_state()
+    assert_refused_as_bad_input(group, case, project, code, stdout, stderr)
+    assert not (after - before), f"written into the checkout: {sorted(after - before)}"
+
+
+def test_the_process_cases_are_in_the_corpus():
+    assert AS_PROCESS <= {p.id for p in ALL}
 
 
 # --- registry answers: malformed backend manifests at the unit level -------------

@@ -180,12 +180,15 @@ class SecondEngine:
                   if line.split()[1].startswith(str(self.dir))]
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+        # Its data root (pulled images, BuildKit's cache: many thousands of files) is deleted in the
+        # background while the next tests run; never across a file system that is still mounted there.
+        subprocess.Popen(["rm", "-rf", "--one-file-system", str(self.dir)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-@pytest.fixture
-def second_engine(engine_ready):
+def started_second_engine():
+    """A SecondEngine, started; removed when the generator is closed (a fixture's teardown)."""
     for tool in ("dockerd", "ip"):
         if not shutil.which(tool):
             unavailable(f"{tool} is not installed (ci/setup.sh installs docker.io and iproute2)")
@@ -197,3 +200,16 @@ def second_engine(engine_ready):
         yield eng
     finally:
         eng.remove()
+
+
+@pytest.fixture
+def second_engine(engine_ready):
+    """A second engine of the test's own: for tests that kill it (test_faults)."""
+    yield from started_second_engine()
+
+
+@pytest.fixture(scope="module")
+def module_second_engine(engine_ready):
+    """One second engine for a module whose tests build on it but never kill it (test_builders):
+    its start and its cold pulls are paid once."""
+    yield from started_second_engine()

@@ -1,10 +1,12 @@
-"""System packages against the real Debian archive (needs deb.debian.org, not the engine).
+"""System packages against the real Debian archive (needs deb.debian.org; not the engine, though the arm64
+sysroot takes the pinned base from the registry where the local blob cache lacks it).
 
 ffmpeg is resolved for bookworm amd64 and arm64 on top of the pinned base
 (locks/base.json), the amd64 layer is built twice from cold caches and must
 give the same digest, and the binaries in it run: ffmpeg on this amd64 host
 with the fragment's libraries, and the arm64 one under qemu-aarch64 in a
-sysroot unpacked the same way. Indexes and the arm64 .debs are cached in
+sysroot of the pinned arm64 base (as `invoke engine.up` left it) with the
+layer unpacked over it. Indexes and the arm64 .debs are cached in
 the usual cache (ORCH_CACHE_DIR or ~/.cache/orchestrator/apt) between runs;
 the two amd64 builds download everything into their own empty caches.
 """
@@ -16,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,19 +96,60 @@ def test_an_unknown_package_fails_at_lock_time_naming_suite_and_platform(archive
         aptlock.make_lock(["ffmpeg", "no-such-package-xyz"], "linux/arm64", base_packages["linux/arm64"], suite=SUITE)
 
 
+def scratch_dir(fallback: Path, prefix: str) -> Path:
+    """A directory for about a gigabyte of unpacked packages, deleted by the caller. In memory where the machine
+    has a tmpfs at /dev/shm (Debian's default) with room: writing and deleting it is then no disk work."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 << 30:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
 def _build(lk: aptlock.AptLock, root: Path, apt_cache: Path | None = None) -> apt_layer.AptLayer:
     cache = layers.BlobCache(root / "blobs")
     return apt_layer.build_layer(lk, cache, layers.codec("gzip"), apt_cache=apt_cache or root / "apt", log=log)
 
 
-def _extract(layer: layers.Layer, dest: Path) -> list[str]:
+def _extract(layer: layers.Layer | Path, dest: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(layer.path, "r:gz") as tf:
+    with tarfile.open(layer.path if isinstance(layer, layers.Layer) else layer, "r:gz") as tf:
         names = tf.getnames()
         # Absolute symlinks stay as they are: they are the image's paths. (Python < 3.11.4, Debian 12's
         # 3.11.2, has no extraction filters and extracts that way by default.)
         tf.extractall(dest, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
     return names
+
+
+def pinned_base_blobs(platform: str, scratch: Path) -> list[Path]:
+    """The layer blobs (gzip) of the base locks/base.json pins, from what `invoke engine.up` left on this
+    machine: the local blob cache, else the registry. The same places orchestrator/build/bases.py's
+    ensure() looks before it would bootstrap; nothing is bootstrapped here."""
+    from orchestrator.build import bases
+    from orchestrator.debian.basepin import read_pins, repository
+    from orchestrator.oci.registry import Registry, split_ref
+    from orchestrator.project import spec
+
+    project = spec.load(ROOT / "project.yaml")
+    pin = read_pins(project).get(platform)
+    if pin is None:
+        unavailable(f"locks/base.json pins no base for {platform} (run `invoke engine.up`)")
+    gz = layers.codec("gzip")
+    img = bases._from_cache(pin, layers.default_cache(), gz)
+    if img is not None:
+        return [layer.path for layer in img.layers]
+    reg = Registry(project.registry)
+    _, name, _ = split_ref(repository(project) + ":x")
+    img = reg.ping() and bases._from_registry(reg, name, pin, gz)
+    if not img:
+        unavailable(f"the pinned {platform} base is neither in the blob cache nor in {project.registry} "
+                    "(run `invoke engine.up`)")
+    scratch.mkdir(parents=True, exist_ok=True)
+    blobs = []
+    for layer in img.layers:
+        blobs.append(scratch / layer.digest.split(":")[1])
+        blobs[-1].write_bytes(reg.get_blob(name, layer.digest))
+    return blobs
 
 
 def _lib_dirs(root: Path) -> list[str]:
@@ -116,7 +160,7 @@ def _lib_dirs(root: Path) -> list[str]:
 def amd64(ffmpeg_locks, tmp_path_factory):
     """The amd64 layer built from cold caches, unpacked, and a short Ogg Vorbis file its ffmpeg made."""
     lk, _ = ffmpeg_locks["linux/amd64"]
-    tmp = tmp_path_factory.mktemp("apt-amd64")
+    tmp = scratch_dir(tmp_path_factory.mktemp("apt-amd64"), "orch-apt-amd64-")
     started = time.monotonic()
     built = _build(lk, tmp / "one")
     log(f"[test] linux/amd64: cold build {time.monotonic() - started:.1f} s (download included); "
@@ -135,10 +179,13 @@ def amd64(ffmpeg_locks, tmp_path_factory):
 
 def test_two_cold_amd64_builds_give_the_same_layer(amd64, tmp_path):
     lk, one, *_ = amd64
-    two = _build(lk, tmp_path / "two")
+    tmp = scratch_dir(tmp_path, "orch-apt-amd64-two-")
+    try:
+        two = _build(lk, tmp / "two")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert one.fragment is not None and two.fragment is not None  # both built, neither recalled
     assert one.fragment.downloaded_bytes == two.fragment.downloaded_bytes == sum(p.size for p in lk.pins)
-    shutil.rmtree(tmp_path / "two")
     assert (one.layer.diff_id, one.layer.digest, one.layer.blob_size) == \
         (two.layer.diff_id, two.layer.digest, two.layer.blob_size)
     assert one.fragment.notes == ()  # no file shipped twice, no foreign owners, no ld.so.conf.d entries
@@ -191,19 +238,26 @@ def _binfmt_fixes_binary(name: str) -> bool:
 
 @pytest.fixture
 def scratch(tmp_path):
-    yield tmp_path
-    shutil.rmtree(tmp_path, ignore_errors=True)  # a root file system: do not keep it for pytest's history
+    d = scratch_dir(tmp_path, "orch-sysroot-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)  # a root file system: do not keep it for pytest's history
 
 
 def test_the_arm64_layer_unpacks_on_this_host_and_its_ffmpeg_decodes_ogg_under_qemu(ffmpeg_locks, amd64, scratch):
     tmp_path = scratch
     lk, _ = ffmpeg_locks["linux/arm64"]
     started = time.monotonic()
-    built = _build(lk, tmp_path / "one", apt_cache=debian_archive.cache_root())  # the .debs are cached between runs
-    log(f"[test] linux/arm64: build {time.monotonic() - started:.1f} s "
-        f"({built.fragment.downloaded_bytes / 1e6:.1f} MB downloaded); layer {built.layer.digest}, "
+    # Built as images get it: in the machine's blob cache, so a later run recalls it (the cold builds are amd64's).
+    built = apt_layer.build_layer(lk, layers.default_cache(), layers.codec("gzip"),
+                                  apt_cache=debian_archive.cache_root(), log=log)
+    how = (f"built ({built.fragment.downloaded_bytes / 1e6:.1f} MB downloaded)" if built.fragment is not None
+           else "recalled from the blob cache")
+    log(f"[test] linux/arm64: {how} in {time.monotonic() - started:.1f} s; layer {built.layer.digest}, "
         f"{built.layer.blob_size / 1e6:.1f} MB gzip, {built.layer.size / 1e6:.1f} MB tar")
+    # The pinned arm64 base, then the layer over it, as the image stacks them: a root file system.
     root = tmp_path / "sysroot"
+    for blob in pinned_base_blobs("linux/arm64", tmp_path / "base-blobs"):
+        _extract(blob, root)
     names = _extract(built.layer, root)
     assert "usr/bin/ffmpeg" in names and not {"lib", "bin"} & {n.split("/")[0] for n in names}
     with open(root / "usr/bin/ffmpeg", "rb") as fh:
@@ -215,10 +269,6 @@ def test_the_arm64_layer_unpacks_on_this_host_and_its_ffmpeg_decodes_ogg_under_q
     qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
     if not qemu:
         unavailable("qemu-user-static is not installed (ci/setup.sh installs it)")
-    # The base's packages for arm64, unpacked the same way, complete a root file system.
-    base = json.loads((ROOT / "locks" / "base.json").read_text())["platforms"]["linux/arm64"]["packages"]
-    base_lock, _ = aptlock.make_lock(sorted({e.split("=")[0] for e in base}), "linux/arm64", {}, suite=SUITE)
-    _extract(_build(base_lock, tmp_path / "base", apt_cache=debian_archive.cache_root()).layer, root)
     for link, target in apt_layer.MERGED_USR.items():
         if "/" not in link and (root / target).is_dir() and not (root / link).exists():
             (root / link).symlink_to(target)

@@ -7,18 +7,23 @@ shared, what is rebuilt, and what stays byte-identical.
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 
 import pytest
 
 from orchestrator import flow
+from orchestrator.build import bases
+from orchestrator.debian import layer as apt_layer
 from orchestrator.machine import daemon
+from orchestrator.oci import layers as layers_mod
 from orchestrator.oci.registry import Registry
+from orchestrator.project import spec
 
 pytestmark = pytest.mark.engine
 
 
-from ..conftest import by_key, cleanup_namespace, ready_mini
+from ..conftest import by_key, cleanup_namespace, ready_mini, release_kept
 
 
 def layers(project, repo, ref, arch="amd64"):
@@ -106,9 +111,22 @@ def test_a_second_build_with_nothing_changed_rebuilds_nothing(mini_project, firs
     assert {k: r.digest for k, r in by_key(again).items()} == {k: r.digest for k, r in first_build.items()}
 
 
-def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(mini_project, first_build):
+@pytest.fixture
+def app_changed(mini_project):
+    """The shared fixture's app.py with a line never pushed before; put back afterwards with the registry's
+    tags, so later tests build (and find) the session's digests again."""
     app = mini_project.services["echo"].path / "app.py"
-    app.write_text(app.read_text() + f"\n# release {uuid.uuid4()}\n")  # never pushed before
+    original = app.read_bytes()
+    with release_kept(mini_project):
+        app.write_text(original.decode() + f"\n# release {uuid.uuid4()}\n")
+        try:
+            yield app
+        finally:
+            app.write_bytes(original)
+
+
+def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(mini_project, first_build,
+                                                                                app_changed):
     results = by_key(flow.build(mini_project, log=lambda *_: None))
     assert results[("cuda-libs", "cuda")].built is False and results[("cuda-libs", "cuda13")].built is False
     cuda13, cuda, cpu = results[("echo", "cuda13")], results[("echo", "cuda")], results[("echo", "cpu")]
@@ -124,15 +142,63 @@ def test_an_app_only_change_rebuilds_the_services_and_pushes_only_the_app_layer(
     assert layers(mini_project, "echo", cuda.digest)[-1] == layers(mini_project, "echo", cpu.digest)[-1]
 
 
-def test_a_cold_rebuild_gives_identical_layer_config_and_image_digests(mini_project, first_build):
-    # --force skips the content tag and the layer cache, --no-cache BuildKit's cache: everything runs again.
-    rebuilt = by_key(flow.build(mini_project, backends=["cuda", "cpu"], services=["echo"], force=True,
-                                 no_cache=True, log=lambda *_: None))
-    current = by_key(flow.build(mini_project, log=lambda *_: None))  # after the app-only test, if it ran
+def delete_repositories(host: str, names: list[str]) -> None:
+    reg = Registry(host)
+    for name in names:
+        for digest in {reg.get_manifest(name, t).digest for t in reg.tags(name)}:
+            reg.delete_manifest(name, digest)
+
+
+def debian_layers_built_once_per_run(monkeypatch) -> None:
+    """--force rebuilds a platform's Debian layers (the tool's own work, not BuildKit's) for every image; in one
+    run the second build of the same pins finds the first one's blob by its diffID, so it only repeats the
+    unpacking. Here each lock is built once, and the other images recall that build (from the same cache)."""
+    real = apt_layer.build_layer
+    seen: set[str] = set()
+
+    def once(lk, cache, c, **kwargs):
+        key = f"{apt_layer.layer_key(lk)} {c.key}"
+        if key in seen:
+            kwargs["reuse"] = True
+        seen.add(key)
+        return real(lk, cache, c, **kwargs)
+
+    monkeypatch.setattr(apt_layer, "build_layer", once)
+
+
+def test_a_cold_rebuild_gives_identical_layer_config_and_image_digests(mini_project, first_build, tmp_path,
+                                                                       monkeypatch):
+    # The same inputs (the shared fixture's files and name, so the same labels) under a registry namespace of
+    # its own, so nothing the session pushed is found or overwritten; an empty blob cache, so every layer is
+    # compressed again rather than recalled by its diffID; --force skips content tags and the layer cache,
+    # --no-cache BuildKit's cache. Equal digests then mean the layers, compression included, are reproducible.
+    monkeypatch.delenv("ORCH_REGISTRY", raising=False)
+    host = Registry(mini_project.registry).host
+    ns = f"orch-cold-{uuid.uuid4().hex[:8]}"
+    root = tmp_path / "mini"
+    shutil.copytree(mini_project.root, root, ignore=shutil.ignore_patterns(".build", "manifests"))
+    pf = root / "project.yaml"
+    pf.write_text(pf.read_text().replace('python: "3.11"', f'python: "3.11"\nregistry: {host}/{ns}', 1))
+    project = spec.load(pf)
+    assert project.name == mini_project.name and project.registry == f"{host}/{ns}"
+    try:
+        base, _ = bases.ensure(project, "linux/amd64", log=lambda *_: None)  # copied within the registry
+        cold = layers_mod.BlobCache(tmp_path / "blobs")
+        monkeypatch.setattr(layers_mod, "default_cache", lambda: cold)
+        debian_layers_built_once_per_run(monkeypatch)
+        rebuilt = by_key(flow.build(project, backends=["cuda", "cpu"], services=["echo"], platforms=["linux/amd64"],
+                                    force=True, no_cache=True, log=lambda *_: None))
+    finally:
+        delete_repositories(host, [f"{ns}/{project.name}/{r}" for r in ("cuda-libs", *project.services)]
+                            + [f"{ns}/orchestrator/base-{project.base.suite}"])
+    assert set(rebuilt) == {("cuda-libs", "cuda"), ("echo", "cuda"), ("echo", "cpu")}
     for key, r in rebuilt.items():
         assert r.built
-        assert r.digest == current[key].digest, key
-        assert r.assembled.config_digest == current[key].assembled.config_digest
+        made = r.assembled.layers[len(base.image.layers):]  # all but the base's: compressed into the empty cache
+        assert made and all(x.path is not None and x.path.is_relative_to(cold.root) for x in made), key
+        assert [x.digest for x in r.assembled.layers] == [x.digest for x in first_build[key].assembled.layers], key
+        assert r.assembled.config_digest == first_build[key].assembled.config_digest, key
+        assert r.digest == first_build[key].digest, key
 
 
 def test_a_second_project_sends_none_of_the_cuda_libs_layers_the_registry_already_holds(mini_project, first_build,

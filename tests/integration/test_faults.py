@@ -389,6 +389,8 @@ def test_ctrl_c_during_lock_leaves_every_lock_either_as_it_was_or_complete(engin
     print(f"named stale by lock --check: {sorted(stale)}")
     assert stale and not stale & set(rewritten)  # what was rewritten is complete and fresh; the rest is named
 
+    if to == "process group":
+        return  # one networked re-lock serves: it starts from locks in the state both ways of Ctrl-C leave
     rc, out = run_cli(["lock"], path)
     assert rc == 0, out
     rc, out = run_cli(["lock", "--check"], path)

@@ -22,6 +22,8 @@ from orchestrator.host import select
 from orchestrator.common.errors import EnvironmentProblem
 from orchestrator.oci.registry import OCI_INDEX, Registry
 
+from ..conftest import release_kept
+
 pytestmark = pytest.mark.engine
 
 
@@ -146,7 +148,7 @@ def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_p
 
     monkeypatch.setattr(export, "export_stage", fail_on_arm64)
     try:
-        with pytest.raises(EnvironmentProblem, match="arm64 builder died"):
+        with release_kept(mini_project), pytest.raises(EnvironmentProblem, match="arm64 builder died"):
             flow.publish(mini_project, log=lambda *_: None)
     finally:
         app.write_text(original)
@@ -154,7 +156,7 @@ def test_a_publish_that_fails_midway_leaves_the_previous_backend_manifest(mini_p
     assert after == before
 
 
-def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project, published):
+def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project, published, local_images):
     reg = Registry(mini_project.registry)
     name = f"{mini_project.name}/echo"
     before = {t: reg.get_manifest(name, t).digest for t in ("0.1.0-backends", "0.1.0-cpu", "0.1.0-cuda")}
@@ -162,7 +164,7 @@ def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project,
     original = app.read_text()
     app.write_text("import no_such_module_in_this_image  # crashes at start\n" + original)
     try:
-        with pytest.raises(publish.SmokeFailed, match="nothing was promoted") as failure:
+        with release_kept(mini_project), pytest.raises(publish.SmokeFailed, match="nothing was promoted") as failure:
             flow.publish(mini_project, log=lambda *_: None)
     finally:
         app.write_text(original)
@@ -171,10 +173,15 @@ def test_a_release_whose_service_crashes_at_start_promotes_nothing(mini_project,
     assert {t: reg.get_manifest(name, t).digest for t in before} == before  # nothing promoted
 
 
-def test_publish_without_smoke_says_so_in_the_manifest(mini_project, published, tmp_path):
-    report = flow.publish(mini_project, log=lambda *_: None, smoke=False)
-    try:
+def test_publish_without_smoke_says_so_in_the_manifest(mini_project, published):
+    reg = Registry(mini_project.registry)
+    name = f"{mini_project.name}/echo"
+    with release_kept(mini_project):  # back to the smoke-tested release for later tests: the old manifests re-pushed
+        report = flow.publish(mini_project, log=lambda *_: None, smoke=False)
         manifest = json.loads(report.manifests["echo"].read_text())
         assert manifest["smoke"] == {"ran": False, "variants": 0}
-    finally:
-        flow.publish(mini_project, log=lambda *_: None)  # back to a smoke-tested release for later tests
+        served = backends.fetch_manifest(f"{mini_project.repository('echo')}:0.1.0-backends")
+        assert served["smoke"] == {"ran": False, "variants": 0}
+        assert report.artifacts["echo"] != published.artifacts["echo"]
+    assert reg.get_manifest(name, "0.1.0-backends").digest == published.artifacts["echo"].split("@")[1]
+    assert json.loads(published.manifests["echo"].read_text())["smoke"] == {"ran": True, "variants": 5}

@@ -35,18 +35,33 @@ def project_copy(tmp_path: Path, registry: str, *, platforms: str | None = None,
     return path
 
 
-@pytest.fixture
-def tls_env(tls_registry, monkeypatch):
+def use_tls_credentials(monkeypatch, tls_registry) -> None:
     monkeypatch.setenv("ORCH_CERTS_D", str(tls_registry.certs_d))
     monkeypatch.setenv("REGISTRY_USERNAME", tls_registry.username)
     monkeypatch.setenv("REGISTRY_PASSWORD", tls_registry.password)
     monkeypatch.delenv("ORCH_REGISTRY", raising=False)
+
+
+@pytest.fixture
+def tls_env(tls_registry, monkeypatch):
+    use_tls_credentials(monkeypatch, tls_registry)
     return tls_registry
 
 
-def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credentials(tls_env, first_build, tmp_path):
-    project = spec.load(project_copy(tmp_path, tls_env.host))
-    report = flow.publish(project, log=lambda *_: None, smoke=False)
+@pytest.fixture(scope="module")
+def tls_published(tls_registry, first_build, tmp_path_factory):
+    """One full publish (no smoke) of a copy of the mini fixture to the TLS registry, credentials from the
+    environment: (project, report, its log lines). Read by the tests below; it moves about a gigabyte."""
+    with pytest.MonkeyPatch.context() as mp:
+        use_tls_credentials(mp, tls_registry)
+        project = spec.load(project_copy(tmp_path_factory.mktemp("tls-publish"), tls_registry.host))
+        logged: list[str] = []
+        report = flow.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)
+    return project, report, logged
+
+
+def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credentials(tls_env, tls_published):
+    project, report, _ = tls_published
     reg = Registry(tls_env.host, login=project.login)  # the login from the environment, for this registry
     name = f"{project.name}/echo"
     assert {"0.1.0-cpu", "0.1.0-cuda", "0.1.0-backends"} <= set(reg.tags(name))
@@ -58,20 +73,18 @@ def test_a_tls_registry_with_basic_auth_receives_a_full_publish_with_env_credent
     assert report.uploaded_bytes > 0
 
 
-def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_machines_ca(tls_env, first_build, tmp_path):
+def test_no_layer_config_or_manifest_of_a_publish_holds_the_password_or_the_machines_ca(tls_env, tls_published):
     from orchestrator.common.places import state_dir
     from orchestrator.oci import signing
 
     from ..secrets_scan import credential_needles, local_ca_needles, private_key_needles, scan
 
-    project = spec.load(project_copy(tmp_path, tls_env.host))
-    logged: list[str] = []
-    flow.publish(project, log=lambda *a: logged.append(" ".join(map(str, a))), smoke=False)  # signed: loopback
+    project, _, logged = tls_published  # signed with this machine's key: the registry is on loopback
     needles = {**credential_needles(tls_env.username, tls_env.password), **local_ca_needles(),
                **private_key_needles(signing.machine_key_paths(state_dir())[0].read_bytes())}
     # Every tag: images, indexes, configs (history, labels), layers, backend manifests, SBOMs, signatures, provenance.
-    hits, blobs = scan(Registry(tls_env.host, login=project.login), [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)],
-                       needles)
+    hits, blobs = scan(Registry(tls_env.host, login=project.login),
+                       [f"{project.name}/{r}" for r in ("cuda-libs", *project.services)], needles)
     assert blobs > 20  # every platform's manifests, configs and layers, not a sample
     assert hits == []
     log = "\n".join(logged).encode()

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def all_variants(mini_project, first_build):
+def all_variants(mini_project, first_build, local_images):
+    """By (service, backend, platform); their images are in the engine (tests/conftest.py local_images)."""
     return {(v.service, v.backend, v.platform): v for v in flow.variants(mini_project)}
 
 
@@ -31,8 +32,18 @@ def mini_variants(all_variants):
     return {(s, b): v for (s, b, p), v in all_variants.items() if p == "linux/amd64"}
 
 
-def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, first_build, all_variants):
-    results = flow.smoke(mini_project, log=lambda *_: None, ready_timeout=60)
+def smoked(published) -> dict:
+    """The session's publish smoke-tested every variant before promoting (tests/conftest.py `published`):
+    its results by (service, backend, platform), read here rather than run again."""
+    return {(r.variant.service, r.variant.backend, r.variant.platform): r for r in published.smoke}
+
+
+def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, published, all_variants):
+    results = list(smoked(published).values())
+    assert len(results) == len(published.smoke) == len(all_variants)
+    # What was smoked is what the fixture's current inputs build, by digest.
+    assert {(r.variant.service, r.variant.backend, r.variant.platform): r.variant.image for r in results} == \
+        {k: v.image for k, v in all_variants.items()}
     # Backend names are free-form: cuda13 and cuda are two CUDA lines, arm64 only for 13.0.
     assert {(r.variant.backend, r.variant.platform) for r in results} == {
         ("cuda13", "linux/amd64"), ("cuda13", "linux/arm64"), ("cuda", "linux/amd64"),
@@ -95,9 +106,9 @@ def test_beyond_the_disk_budget_smoke_untags_what_it_loaded(mini_project, first_
 
 
 @pytest.mark.parametrize("backend,cudart", [("cuda13", "libcudart.so.13"), ("cuda", "libcudart.so.12")])
-def test_the_cuda_image_serves_on_the_backend_this_host_can_run(mini_variants, backend, cudart):
-    gpu = smoke.host_gpu_request(daemon.docker_client())
-    r = smoke.check_variant(mini_variants[("echo", backend)], gpu=gpu, ready_timeout=60)
+def test_the_cuda_image_serves_on_the_backend_this_host_can_run(published, backend, cudart):
+    gpu = smoke.host_gpu_request(daemon.docker_client())  # what the publish's smoke handed its containers
+    r = smoked(published)[("echo", backend, "linux/amd64")]
     checks = {c.name: c for c in r.checks}
     assert r.ok, [(c.name, c.detail) for c in r.failures()]
     assert cudart in checks["cuda-libs layer"].detail  # found through CUDA_RUNTIME_LIB

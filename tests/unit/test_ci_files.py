@@ -190,6 +190,13 @@ def test_the_job_scripts_are_strict_bash_and_find_the_repository_root():
     assert 'cd "$(dirname "${BASH_SOURCE[0]}")/../.."' in (JOBS / "common.sh").read_text()
 
 
+def test_the_test_command_prints_the_slowest_steps_and_passes_its_arguments_to_pytest():
+    runs = [ln for ln in (ROOT / "ci" / "test.sh").read_text().splitlines() if "python -m pytest" in ln]
+    assert len(runs) == 1
+    assert "--durations=30" in runs[0] and '"$@"' in runs[0]
+    assert "exec bash ci/test.sh" in (ROOT / ".ci" / "run").read_text()  # CI runs exactly that command
+
+
 def test_the_login_script_reads_the_password_from_stdin_only():
     text = (JOBS / "login.sh").read_text()
     assert "--password-stdin" in text

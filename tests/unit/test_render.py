@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -27,8 +31,18 @@ def test_committed_dockerfiles_are_exactly_what_render_produces(path):
     assert flow.render(spec.load(path), check=True) == []
 
 
-def test_rendering_twice_gives_byte_identical_text(example):
-    assert flow.rendered(example) == flow.rendered(example)
+# Renders in a fresh interpreter: another process, another hash seed (set and dict-of-set order), its own imports.
+RENDER = ("import json, sys; from orchestrator import flow; from orchestrator.project import spec; "
+          "sys.stdout.write(json.dumps(flow.rendered(spec.load(sys.argv[1])), sort_keys=True))")
+
+
+def test_rendering_in_two_processes_gives_byte_identical_text(example, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    renders = [subprocess.run([sys.executable, "-c", RENDER, str(example.file)], capture_output=True, text=True,
+                              check=True, cwd=tmp_path, env={**env, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2")]
+    assert renders[0] == renders[1]
+    assert json.loads(renders[0]) == flow.rendered(example)  # and what this process renders
 
 
 def test_one_dockerfile_per_image_and_backend(example):
