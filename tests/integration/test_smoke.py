@@ -4,6 +4,7 @@ service that never becomes ready) failing for the right reason."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -16,6 +17,8 @@ from orchestrator import flow
 from orchestrator.machine import daemon
 from orchestrator.oci.registry import Registry, split_ref
 from orchestrator.release import smoke
+
+from ..conftest import release_kept
 
 pytestmark = pytest.mark.engine
 
@@ -59,19 +62,31 @@ def test_every_variant_of_the_fixture_passes_the_smoke(mini_project, published, 
     assert checks["strict exits 78"].ok
 
 
-def fresh_cpu_variant(project) -> tuple[smoke.Variant, str]:
-    """An app-only change built and pushed: a digest the engine has never seen; with its config digest."""
+@contextlib.contextmanager
+def fresh_cpu_variant(project):
+    """An app-only change built and pushed: a digest the engine has never seen; with its config digest.
+
+    The shared fixture's app.py and registry tags are put back afterwards: later modules build from them.
+    """
     app = project.services["echo"].path / "app.py"
-    app.write_text(app.read_text() + f"\n# release {uuid.uuid4()}\n")
-    results = flow.build(project, backends=["cpu"], platforms=["linux/amd64"], log=lambda *_: None)
-    variant = next(v for v in smoke.variants_from_builds(project, results))
-    _, name, digest = split_ref(variant.image)
-    config = Registry(project.registry).get_manifest(name, digest).json["config"]["digest"]
-    return variant, config
+    original = app.read_bytes()
+    with release_kept(project):
+        try:
+            app.write_text(original.decode() + f"\n# release {uuid.uuid4()}\n")
+            results = flow.build(project, backends=["cpu"], platforms=["linux/amd64"], log=lambda *_: None)
+            variant = next(v for v in smoke.variants_from_builds(project, results))
+            _, name, digest = split_ref(variant.image)
+            yield variant, Registry(project.registry).get_manifest(name, digest).json["config"]["digest"]
+        finally:
+            app.write_bytes(original)
 
 
 def test_smoke_runs_the_published_config_loaded_from_the_tools_blobs_not_pulled(mini_project, first_build):
-    variant, config = fresh_cpu_variant(mini_project)
+    with fresh_cpu_variant(mini_project) as (variant, config):
+        _smoke_runs_the_published_config(mini_project, variant, config)
+
+
+def _smoke_runs_the_published_config(mini_project, variant, config):
     client = daemon.docker_client()
     with pytest.raises(Exception):  # not in the engine yet
         client.images.get(config)
@@ -90,7 +105,11 @@ def test_smoke_runs_the_published_config_loaded_from_the_tools_blobs_not_pulled(
 
 
 def test_beyond_the_disk_budget_smoke_untags_what_it_loaded(mini_project, first_build, tmp_path, monkeypatch):
-    variant, config = fresh_cpu_variant(mini_project)
+    with fresh_cpu_variant(mini_project) as (variant, config):
+        _smoke_untags_beyond_the_budget(variant, config, tmp_path, monkeypatch)
+
+
+def _smoke_untags_beyond_the_budget(variant, config, tmp_path, monkeypatch):
     client = daemon.docker_client()
     # A record of its own (nothing another run keeps is touched) and a budget of 0: keep nothing after a group.
     monkeypatch.setenv("ORCH_STATE_DIR", str(tmp_path / "state"))
