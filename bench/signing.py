@@ -45,9 +45,9 @@ from orchestrator import flow  # noqa: E402
 from orchestrator.build import bases  # noqa: E402
 from orchestrator.machine import daemon  # noqa: E402
 from orchestrator.oci import backends, signing  # noqa: E402
-from orchestrator.oci.registry import Registry  # noqa: E402
 from orchestrator.project import spec  # noqa: E402
 from orchestrator.release import publish as publish_mod  # noqa: E402
+from tests.conftest import cleanup_namespace  # noqa: E402  (the suite's own clean-up: tags, referrers, local images)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = {"signatures": 23, "provenance": 13}  # 13 images + 8 indexes + 2 backend manifests; 13 images
@@ -106,21 +106,6 @@ def median_seconds(fn, n: int = 20) -> float:
     return statistics.median(times)
 
 
-def cleanup(project: spec.Project) -> None:
-    reg = Registry(project.registry)
-    for repo in ["cuda-libs", *project.services]:
-        name = f"{project.name}/{repo}"
-        digests = set()
-        for tag in reg.tags(name):
-            m = reg.get_manifest(name, tag)
-            if m:
-                digests.add(m.digest)
-                if tag.startswith("sha256-") and not tag.endswith(".sig"):
-                    digests |= {c["digest"] for c in m.json.get("manifests") or []}
-        for d in digests:
-            reg.delete_manifest(name, d)
-
-
 def one_run() -> dict:
     with tempfile.TemporaryDirectory(prefix="orch-bench-signing-") as tmp:
         project = mini_copy(Path(tmp), f"bench-sign-{uuid.uuid4().hex[:8]}")
@@ -145,7 +130,7 @@ def one_run() -> dict:
             select_s = median_seconds(lambda: flow.verify(project, data, ref, ref, digest, platform, ["cpu"]))
             run_s = median_seconds(lambda: flow.verify(project, data, ref, ref, digest, platform, all_backends))
         finally:
-            cleanup(project)
+            cleanup_namespace(project)
     units = (images + indexes) + images  # signatures and provenance attestations in sign_release
     example_units = (EXAMPLE["signatures"] - 2) + EXAMPLE["provenance"]
     per_manifest = manifests.seconds / manifests.calls
