@@ -223,12 +223,14 @@ class PrivateRegistry:
         Configs and manifests are kilobytes; at_least picks a layer's upload.
         """
         found = []
-        for data in (self.root / "data").glob("docker/registry/v2/repositories/**/_uploads/*/data"):
-            try:
-                if data.stat().st_size >= at_least:
-                    found.append(data)
-            except OSError:
-                pass
+        # os.walk, not Path.glob: an upload directory the registry removes mid-walk is skipped, not an error.
+        for top, _dirs, files in os.walk(self.root / "data" / "docker/registry/v2/repositories"):
+            if "data" in files and Path(top).parent.name == "_uploads":
+                try:
+                    if (Path(top) / "data").stat().st_size >= at_least:
+                        found.append(Path(top) / "data")
+                except OSError:
+                    pass
         return found
 
 
