@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from orchestrator.host import select as select_mod
 from orchestrator.oci import backends
 from orchestrator.project import spec
 from orchestrator.release import publish, smoke
+from orchestrator.release.smoke import checks as checks_mod
 from orchestrator.release.smoke import runner
 
 from ..conftest import FIXTURES, ROOT
@@ -189,6 +191,53 @@ def test_run_sends_each_platform_to_its_engine(monkeypatch):
     assert seen == [("linux/amd64", "the default engine"), ("linux/arm64", "builders.linux/arm64")]
     assert [r.result for r in results] == ["ran", "ran"]
     assert any(line.startswith("smoke linux/arm64 on builders.linux/arm64, a linux/arm64 engine") for line in lines)
+
+
+# --- torch is imported once per variant -------------------------------------------------
+
+class ProbedContainer:
+    """Answers `docker exec` the way a cpu image does; records every argv it was asked to run."""
+
+    def __init__(self):
+        self.ran = []
+
+    def exec(self, argv):
+        self.ran.append(argv)
+        code = " ".join(argv)
+        if "import json, torch" in code:
+            out = {"torch": "2.5.1+cpu", "cuda": None, "available": False}
+        elif "os.getuid" in code:
+            out = 10001
+        else:  # the read-only probe
+            out = {checks_mod.APP_DIR: os.strerror(30), **{d: "writable" for d in checks_mod.WRITABLE_DIRS}}
+        return SimpleNamespace(exit_code=0, output=(json.dumps(out) + "\n").encode())
+
+
+def cpu_variant():
+    return smoke.Variant("echo", "cpu", "linux/arm64", "127.0.0.1:5000/orch-mini/echo@" + digest("cpu"), 8080,
+                         "0.1.0", "2.5.1", None, (), (), "")
+
+
+def test_torch_in_the_container_is_taken_from_the_services_info_without_importing_torch_again():
+    info = {"torch": "2.5.1+cpu", "torch_cuda": None, "cuda_available": False}
+    container = ProbedContainer()
+    checks = {c.name: c for c in checks_mod.inside_checks(cpu_variant(), False, container, 60, {}, info)}
+    assert checks["torch in container"].ok
+    assert "the service's process, on /info" in checks["torch in container"].detail
+    assert not any("import json, torch" in " ".join(argv) for argv in container.ran)
+
+
+def test_without_an_info_answer_torch_is_probed_in_the_container():
+    container = ProbedContainer()
+    checks = {c.name: c for c in checks_mod.inside_checks(cpu_variant(), False, container, 60, {}, None)}
+    assert checks["torch in container"].ok and "/info" not in checks["torch in container"].detail
+    assert any("import json, torch" in " ".join(argv) for argv in container.ran)
+
+
+def test_info_reporting_another_torch_fails_the_check():
+    info = {"torch": "2.4.0+cpu", "torch_cuda": None, "cuda_available": False}
+    checks = {c.name: c for c in checks_mod.inside_checks(cpu_variant(), False, ProbedContainer(), 60, {}, info)}
+    assert not checks["torch in container"].ok and "2.4.0" in checks["torch in container"].detail
 
 
 # --- the manifest's records and the publish gate -----------------------------------------

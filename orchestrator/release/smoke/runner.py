@@ -272,6 +272,7 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
             if result.logs:
                 result.checks[-1].detail += f"; last log line: {result.logs.splitlines()[-1][:200]}"
             return
+        info = None
         ok, detail = wait_ready(base, ready_timeout)
         result.checks.append(Check("/ready", ok, detail, ready_timeout))
         if ok:
@@ -284,7 +285,7 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
                 result.answered.append("/info")
                 serves_cuda, why = expected_cuda(variant, request, info)
                 result.checks.append(info_check(variant, serves_cuda, info, why))
-        result.checks += inside_checks(variant, serves_cuda, container, exec_timeout, image_env)
+        result.checks += inside_checks(variant, serves_cuda, container, exec_timeout, image_env, info)
         result.checks.append(healthcheck_check(container, variant, config, exec_timeout))
         if not result.ok:
             result.logs = logs_tail(container)
