@@ -150,6 +150,14 @@ def test_on_an_engine_of_its_own_platform_the_service_itself_is_started(fake_eng
     assert r.result == "failed"  # this fake service never answers: a failure, never "partial"
 
 
+def test_under_emulation_checks_inside_the_container_get_three_times_the_native_limit(fake_engine, monkeypatch):
+    limits = []
+    monkeypatch.setattr(runner, "inside_checks", lambda v, gpu, c, timeout, *a, **k: limits.append(timeout) or [])
+    smoke.check_variant(variant(), False, session=fake_engine.session("linux/amd64"))
+    smoke.check_variant(variant(), False, session=fake_engine.session("linux/amd64"), exec_timeout=5)
+    assert limits == [3 * checks_mod.EXEC_TIMEOUT, 5]  # QEMU imports torch several times slower; a caller's limit stands
+
+
 def test_gpus_go_to_cuda_variants_native_to_their_engine():
     nvidia = gr.decide(gr.HostFacts(gpu_nodes=("/dev/nvidia0",), runtimes=("nvidia",)))
     arm = variant(blocker=None)

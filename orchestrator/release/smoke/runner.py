@@ -215,7 +215,7 @@ def _stop(container) -> None:
 
 def check_variant(variant: Variant, gpu: gpu_mod.GpuRequest | bool, ready_timeout: float = READY_TIMEOUT,
                   start_timeout: float | None = None, env: dict[str, str] | None = None,
-                  exec_timeout: float = EXEC_TIMEOUT, strict_timeout: float = STRICT_EXIT_TIMEOUT,
+                  exec_timeout: float | None = None, strict_timeout: float = STRICT_EXIT_TIMEOUT,
                   session: Session | None = None, client=None) -> VariantResult:
     """Start the variant and check it. gpu: this host's GpuRequest, or False (none; see gpu_for).
 
@@ -236,10 +236,14 @@ def check_variant(variant: Variant, gpu: gpu_mod.GpuRequest | bool, ready_timeou
 
 
 def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult, session: Session,
-           ready_timeout: float, start_timeout: float | None, env: dict[str, str], exec_timeout: float,
+           ready_timeout: float, start_timeout: float | None, env: dict[str, str], exec_timeout: float | None,
            strict_timeout: float) -> None:
-    if start_timeout is None:  # an emulated platform (QEMU) starts several times slower
+    # An emulated platform (QEMU) starts, and imports torch, several times slower; more so while other
+    # groups' services start on the same cores (a first run of every backend).
+    if start_timeout is None:
         start_timeout = START_TIMEOUT if result.native else 3 * START_TIMEOUT
+    if exec_timeout is None:
+        exec_timeout = EXEC_TIMEOUT if result.native else 3 * EXEC_TIMEOUT
     local, check = session.images.ensure(variant.image, variant.platform)
     result.checks.append(check)
     if local is None:
