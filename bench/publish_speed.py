@@ -6,8 +6,9 @@ Usage: .venv/bin/python bench/publish_speed.py [--project project.yaml] [--backe
 The image (the cuda `tts` image by default, with its CUDA-libs layers) is
 built once, so BuildKit's cache holds the app stage, and built once more,
 untimed, with an empty blob cache, so uv's wheel cache holds every wheel (the
-first build may find every layer in the blob cache and install nothing). Then, per run, in a fresh registry (bench/scratch_registry.py)
-so neither side can skip or mount a blob:
+first build may find every layer in the blob cache and install nothing).
+Then, per run, in a fresh registry (bench/scratch_registry.py) so neither
+side can skip or mount a blob:
   tool:        an empty blob cache and state dir (uv's wheels and the .debs
                linked in from the warm cache: no downloads) and a fresh repository
                namespace: uv installs every lock, the tool writes, hashes and
