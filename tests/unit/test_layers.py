@@ -6,10 +6,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
+import platform
+import re
 import tarfile
+import threading
+from pathlib import Path
 
 import pytest
 
+from orchestrator.common.errors import EnvironmentProblem
 from orchestrator.oci import layers
 
 
@@ -160,19 +166,13 @@ GOLDEN_GZIP = {"x86_64": {4 << 20: "9a59544f0ea822f2a6dda1723f00e652bb7c8c40e6e1
 
 
 def test_the_pinned_gzip_codec_still_gives_the_bytes_every_pushed_digest_is_made_of():
-    import platform
-    import re
-    from pathlib import Path
-
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     pinned = re.search(r'"isal==([^"]+)"', pyproject)
     assert pinned, "pyproject.toml must pin isal exactly (isal==X.Y.Z): blob digests depend on its output"
     c = layers.codec("gzip")
     assert c.library == f"isal-{pinned.group(1)}", "the installed isal is not the pinned one: run bash ci/setup.sh"
-    golden = GOLDEN_GZIP.get(platform.machine())
-    if golden is None:
-        pytest.skip(f"no golden gzip digest recorded for {platform.machine()}")
-    for size, digest in golden.items():
+    # Only x86_64's bytes are recorded (ISA-L has per-architecture code); elsewhere the pin is what is checked.
+    for size, digest in GOLDEN_GZIP.get(platform.machine(), {}).items():
         data = mixed_bytes(size)
         member = layers._compress_chunk(c, data)
         assert gzip.decompress(member) == data
@@ -182,11 +182,6 @@ def test_the_pinned_gzip_codec_still_gives_the_bytes_every_pushed_digest_is_made
 
 
 def test_a_full_disk_under_the_blob_cache_is_named_and_leaves_no_compressing_thread(cache, monkeypatch):
-    import os
-    import threading
-
-    from orchestrator.common.errors import EnvironmentProblem
-
     before = set(threading.enumerate())
     # Every write of the blob fails as on a full disk: /dev/full answers ENOSPC.
     monkeypatch.setattr(layers.tempfile, "mkstemp",
