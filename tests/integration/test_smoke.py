@@ -102,6 +102,10 @@ def _smoke_runs_the_published_config(mini_project, variant, config):
     assert f"1 of {layers} layers sent" in image.detail and "from the blob cache" in image.detail, image.detail
     assert client.images.get(config).id == config
     assert not any(f"{variant.image.split('@')[0]}@" in d for d in client.images.get(config).attrs["RepoDigests"])
+    # Python's bytecode came from the cache the session's publish filled for the same dependency layers;
+    # the changed app's own was compiled in the container (a tmpfs over its part of the cache).
+    assert result.bytecode.startswith("volume orchestrator-pyc-") and "(reused)" in result.bytecode, result.bytecode
+    assert "/opt/app" in result.bytecode
 
 
 def test_beyond_the_disk_budget_smoke_untags_what_it_loaded(mini_project, first_build, tmp_path, monkeypatch):

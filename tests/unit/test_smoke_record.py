@@ -107,7 +107,7 @@ class FakeContainer:
 def fake_engine(monkeypatch):
     """Every effect of _check faked: the image is there, containers start, inside checks and strict exit pass."""
     log: list = []
-    monkeypatch.setattr(runner, "_container", lambda v, env, gpu, engine=None: (
+    monkeypatch.setattr(runner, "_container", lambda v, env, gpu, engine=None, mounts=None: (
         log.append(("container", v.platform, engine.name if engine else None)) or FakeContainer(log)))
     monkeypatch.setattr(runner, "inside_checks", lambda *a, **k: passed("runs as non-root", "cuda-libs layer"))
     monkeypatch.setattr(runner, "strict_exit_check", lambda *a, **k: smoke.Check("strict exits 78", True, "exit 78"))
@@ -125,6 +125,7 @@ def fake_engine(monkeypatch):
         s = smoke.Session(client, NO_GPU, engine=smoke.Engine(client, name, platform, local=True))
         # The image is in the engine already (how it gets there is tests/unit/test_smoke_images.py's).
         s.images = SimpleNamespace(ensure=lambda ref, platform: (ref, smoke.Check("image", True, "in the engine")))
+        s.bytecode = None  # (tests/unit/test_smoke_bytecode.py)
         return s
 
     return SimpleNamespace(log=log, session=session)
@@ -214,10 +215,9 @@ class ProbedContainer:
         code = " ".join(argv)
         if "import json, torch" in code:
             out = {"torch": "2.5.1+cpu", "cuda": None, "available": False}
-        elif "os.getuid" in code:
-            out = 10001
-        else:  # the read-only probe
-            out = {checks_mod.APP_DIR: os.strerror(30), **{d: "writable" for d in checks_mod.WRITABLE_DIRS}}
+        else:  # the user, read-only root and system packages probe
+            out = {"uid": 10001, "packages": {},
+                   "dirs": {checks_mod.APP_DIR: os.strerror(30), **{d: "writable" for d in checks_mod.WRITABLE_DIRS}}}
         return SimpleNamespace(exit_code=0, output=(json.dumps(out) + "\n").encode())
 
 

@@ -8,6 +8,7 @@
                usable, reason, runtime_version, driver_version,
                cuda_driver_api, gpus [{index, name, cc, arch}], archs; null
                for a cpu image), torch, torch_cuda (torch.version.cuda),
+               torch_archs (the arch list torch was built for),
                cuda_available, devices [{name, memory_total,
                memory_allocated}], ready
 
@@ -96,7 +97,7 @@ class Contract:
                "backend_kind": self.kind, "backend_effective": self.effective, "backend_reason": self.reason,
                "cuda_probe": probe_summary(self.probe), "ready": self.ready.is_set(),
                "uptime_s": round(time.time() - self.started, 1), "model": self.model_info,
-               "torch": None, "torch_cuda": None, "cuda_available": False, "devices": []}
+               "torch": None, "torch_cuda": None, "torch_archs": [], "cuda_available": False, "devices": []}
         try:
             import torch
         except ImportError:
@@ -104,6 +105,8 @@ class Contract:
         out["torch"] = torch.__version__
         out["torch_cuda"] = torch.version.cuda
         out["cuda_available"] = bool(torch.cuda.is_available())
+        flags = getattr(torch._C, "_cuda_getArchFlags", None)  # what the build carries, GPU or not
+        out["torch_archs"] = (flags() or "").split() if flags else []
         if out["cuda_available"]:
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)

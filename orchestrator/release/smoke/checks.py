@@ -234,8 +234,8 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
     """torch, its arch list, the user, the read-only root, system packages and the CUDA-libs layer, from inside.
 
     info: the service's /info answer. Its torch fields come from the tool's runtime in the service's own
-    process (host/runtime/contract.py), the same three values TORCH_PROBE reads; taking them from there
-    saves importing torch a second time (about 24 s under QEMU). Without them, the probe runs.
+    process (host/runtime/contract.py), the same values TORCH_PROBE and ARCH_PROBE read; taking them from
+    there saves importing torch again (about 24 s under QEMU, 3-5 s natively). Without them, the probes run.
     """
     checks: list[Check] = []
     if variant.torch is not None:
@@ -256,24 +256,31 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
             checks.append(Check("torch in container", False, f"import failed: {e}", timeout))
         if variant.cuda:
             try:
-                found = exec_json(container, ARCH_PROBE, timeout)["archs"]
+                if reported and isinstance(info.get("torch_archs"), list):
+                    found, where = info["torch_archs"], " (the service's process, on /info)"
+                else:
+                    found, where = exec_json(container, ARCH_PROBE, timeout)["archs"], ""
                 check = arch_list_check(variant, found, image_env or {})
-                check.timeout = timeout
+                check.timeout, check.detail = timeout, check.detail + where
                 checks.append(check)
             except TimeoutError as e:
                 checks.append(Check("torch arch list", False, f"timed out: {e}", timeout))
             except Exception as e:  # noqa: BLE001
                 checks.append(Check("torch arch list", False, f"torch._C._cuda_getArchFlags() failed: {e}",
                                            timeout))
+    # The user, the read-only root and the system packages in one process: each `python3` start
+    # costs a second or more under QEMU.
     try:
-        _, uid = exec_in(container, ["python3", "-c", "import os; print(os.getuid())"], timeout)
-        uid = uid.strip()
-        checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}", timeout))
+        found = inside_probe(container, variant.system_packages, timeout)
     except TimeoutError as e:
-        checks.append(Check("runs as non-root", False, f"timed out: {e}", timeout))
-    checks.append(read_only_check(container, timeout))
+        found = {"error": f"timed out: {e}"}
+    except (ValueError, IndexError, RuntimeError) as e:
+        found = {"error": f"probe failed: {str(e)[-200:]}"}
+    uid = str(found.get("uid", ""))
+    checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}" if uid else found["error"], timeout))
+    checks.append(read_only_check(container, timeout, found))
     if variant.system_packages:
-        checks.append(system_packages_check(container, variant.system_packages, timeout))
+        checks.append(system_packages_check(container, variant.system_packages, timeout, found))
     if variant.cuda:
         try:
             _, out = exec_in(container, ["python3", f"{RUNTIME_DIR}/entrypoint.py", "--probe"], timeout)
@@ -284,24 +291,43 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
     return checks
 
 
-# Inside the container: each package is installed (the layer's status.d stanza, or the base's dpkg
-# status), and its binary of the same name, if it has one, answers its version flag.
-SYSTEM_PROBE = """
-import json, os, subprocess, sys
+# Inside the container, in one process: the user; whether the app dir refuses writes (read-only root)
+# and each declared writable dir takes one; each declared Debian package is installed (the layer's
+# status.d stanza, or the base's dpkg status), and its binary of the same name, if it has one,
+# answers its version flag. argv: a JSON {"dirs": [...], "packages": [...]}.
+INSIDE_PROBE = """
+import json, os, subprocess, sys, tempfile
+want = json.loads(sys.argv[1])
+dirs = {}
+for d in want['dirs']:
+    try:
+        with tempfile.NamedTemporaryFile(dir=d):
+            dirs[d] = 'writable'
+    except OSError as e:
+        dirs[d] = os.strerror(e.errno)
 status = open('/var/lib/dpkg/status').read() if os.path.exists('/var/lib/dpkg/status') else ''
-out = {}
-for name in sys.argv[1:]:
+packages = {}
+for name in want['packages']:
     found = os.path.exists('/var/lib/dpkg/status.d/' + name) or ('Package: %s\\n' % name) in status
     binary = '/usr/bin/' + name
     if not os.path.exists(binary):
-        out[name] = {'installed': found}
+        packages[name] = {'installed': found}
         continue
     p = subprocess.run([binary, '-version' if name in ('ffmpeg', 'ffprobe') else '--version'],
                        capture_output=True, text=True)
-    out[name] = {'installed': found, 'exit': p.returncode,
-                 'says': ((p.stdout or p.stderr).strip().splitlines() or [''])[0][:80]}
-print(json.dumps(out))
+    packages[name] = {'installed': found, 'exit': p.returncode,
+                      'says': ((p.stdout or p.stderr).strip().splitlines() or [''])[0][:80]}
+print(json.dumps({'uid': os.getuid(), 'dirs': dirs, 'packages': packages}))
 """
+
+
+def inside_probe(container, packages: tuple[str, ...] = (), timeout: float = EXEC_TIMEOUT) -> dict:
+    """INSIDE_PROBE's answer: {"uid", "dirs", "packages"}."""
+    arg = json.dumps({"dirs": [APP_DIR, *WRITABLE_DIRS], "packages": list(packages)})
+    code, out = exec_in(container, ["python3", "-c", INSIDE_PROBE, arg], timeout)
+    if code != 0:
+        raise RuntimeError(out.strip())
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def healthcheck_check(container, variant: Variant, config: dict, timeout: float = EXEC_TIMEOUT) -> Check:
@@ -319,47 +345,42 @@ def healthcheck_check(container, variant: Variant, config: dict, timeout: float 
                  + (f": {out.strip()[-160:]}" if code else ""), timeout)
 
 
-# Inside the container: the app dir refuses writes (read-only root), each declared writable dir takes one.
-READ_ONLY_PROBE = """
-import json, os, sys, tempfile
-out = {}
-for d in sys.argv[1:]:
-    try:
-        with tempfile.NamedTemporaryFile(dir=d):
-            out[d] = 'writable'
-    except OSError as e:
-        out[d] = os.strerror(e.errno)
-print(json.dumps(out))
-"""
+def read_only_check(container, timeout: float = EXEC_TIMEOUT, found: dict | None = None) -> Check:
+    """Started like `invoke run` starts it (read-only root, tmpfs on WRITABLE_DIRS): only those take writes.
 
-
-def read_only_check(container, timeout: float = EXEC_TIMEOUT) -> Check:
-    """Started like `invoke run` starts it (read-only root, tmpfs on WRITABLE_DIRS): only those take writes."""
-    try:
-        code, out = exec_in(container, ["python3", "-c", READ_ONLY_PROBE, APP_DIR, *WRITABLE_DIRS], timeout)
-        found = json.loads(out.strip().splitlines()[-1])
-    except TimeoutError as e:
-        return Check("read-only root", False, f"timed out: {e}", timeout)
-    except (ValueError, IndexError):
-        return Check("read-only root", False, f"probe failed: {out.strip()[-200:]}", timeout)
+    found: inside_probe's answer, if it already ran."""
+    if found is None:
+        try:
+            found = inside_probe(container, (), timeout)
+        except TimeoutError as e:
+            return Check("read-only root", False, f"timed out: {e}", timeout)
+        except (ValueError, IndexError, RuntimeError) as e:
+            return Check("read-only root", False, f"probe failed: {str(e)[-200:]}", timeout)
+    if "dirs" not in found:
+        return Check("read-only root", False, found.get("error", "probe failed"), timeout)
     want = {APP_DIR: os.strerror(30), **{d: "writable" for d in WRITABLE_DIRS}}  # 30: EROFS
-    bad = {d: v for d, v in found.items() if v != want[d]}
+    bad = {d: v for d, v in found["dirs"].items() if v != want[d]}
     return Check("read-only root", not bad, f"unexpected: {bad}" if bad else
                  f"{APP_DIR} read-only; writable: {', '.join(WRITABLE_DIRS)}", timeout)
 
 
-def system_packages_check(container, packages: tuple[str, ...], timeout: float = EXEC_TIMEOUT) -> Check:
-    """The declared Debian packages are in the image and their binaries run (`ffmpeg -version`), arm64 under QEMU too."""
-    try:
-        code, out = exec_in(container, ["python3", "-c", SYSTEM_PROBE, *packages], timeout)
-        found = json.loads(out.strip().splitlines()[-1])
-    except TimeoutError as e:
-        return Check("system packages", False, f"timed out: {e}", timeout)
-    except (ValueError, IndexError):
-        return Check("system packages", False, f"probe failed: {out.strip()[-200:]}", timeout)
+def system_packages_check(container, packages: tuple[str, ...], timeout: float = EXEC_TIMEOUT,
+                          found: dict | None = None) -> Check:
+    """The declared Debian packages are in the image and their binaries run (`ffmpeg -version`), arm64 under QEMU too.
+
+    found: inside_probe's answer, if it already ran."""
+    if found is None:
+        try:
+            found = inside_probe(container, packages, timeout)
+        except TimeoutError as e:
+            return Check("system packages", False, f"timed out: {e}", timeout)
+        except (ValueError, IndexError, RuntimeError) as e:
+            return Check("system packages", False, f"probe failed: {str(e)[-200:]}", timeout)
+    if "packages" not in found:
+        return Check("system packages", False, found.get("error", "probe failed"), timeout)
     bad, said = [], []
     for name in packages:
-        f = found.get(name, {})
+        f = found["packages"].get(name, {})
         if not f.get("installed"):
             bad.append(f"{name}: not installed")
         elif "exit" in f and f["exit"] != 0:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 from orchestrator.common import meter
 from orchestrator.machine.kept import Kept, budget, engine_key
@@ -170,15 +172,29 @@ class EngineImages:
     def _archive_image(self, pub: Published) -> tuple[archive.ArchiveImage, dict[str, str]]:
         """The image as docker-archive entries; and where each layer's bytes come from (by blob digest)."""
         layers, source = [], {}
-        reg = self._registry(pub.host)
         for diff_id, desc in pub.layers:
-            path = self.cache.blob_path(desc["digest"])
-            if path.is_file() and path.stat().st_size == desc["size"]:
-                opener, source[desc["digest"]] = (lambda p=path: open(p, "rb")), "blob cache"
-            else:
-                opener, source[desc["digest"]] = (lambda d=desc["digest"]: reg.open_blob(pub.name, d).raw), "registry"
+            opener, source[desc["digest"]] = self._blob(pub, desc)
             layers.append(archive.ArchiveLayer(diff_id, desc["digest"], desc["size"], opener))
         return archive.ArchiveImage(pub.config, tuple(layers), (pub.tag,)), source
+
+    def _blob(self, pub: Published, desc: dict) -> tuple[Callable[[], IO[bytes]], str]:
+        """(an opener of a layer blob's bytes, where they come from): the blob cache, else the registry."""
+        path = self.cache.blob_path(desc["digest"])
+        if path.is_file() and path.stat().st_size == desc["size"]:
+            return (lambda: open(path, "rb")), "blob cache"
+        reg = self._registry(pub.host)
+        return (lambda: reg.open_blob(pub.name, desc["digest"]).raw), "registry"
+
+    def layers_of(self, ref: str, platform: str) -> tuple[list[str], Callable[[], IO[bytes]] | None, int]:
+        """(the image's diffIDs, an opener of its top layer's blob, that blob's size), for the bytecode
+        cache; ([], None, 0) for a local image (not from a registry)."""
+        if not is_published(ref):
+            return [], None, 0
+        pub = self.published(ref, platform)
+        top = pub.layers[-1][1] if pub.layers else None
+        if top is None:
+            return [], None, 0
+        return [d for d, _ in pub.layers], self._blob(pub, top)[0], int(top["size"])
 
     def prepare(self, wanted: list[tuple[str, str]]) -> dict[str, Arrival]:
         """Every (image ref, platform) in the engine; the missing ones in one load. Returns ref -> Arrival."""

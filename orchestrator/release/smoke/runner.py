@@ -37,6 +37,7 @@ from orchestrator.host.contract import EX_CONFIG, run_options
 from orchestrator.machine import daemon
 from orchestrator.common import hostinfo
 from orchestrator.oci.registry import EnvLogin
+from orchestrator.release.smoke import bytecode
 from orchestrator.release.smoke import images as images_mod
 from orchestrator.release.smoke.checks import (EXEC_TIMEOUT, Check, healthcheck_check, image_config_checks, info_check,
                                                inside_checks, logs_tail, wait_health, wait_ready)
@@ -85,6 +86,7 @@ class VariantResult:
     not_started: str = ""  # why the service itself was never started here (e.g. under emulation: ...)
     engine: str = DEFAULT_ENGINE  # where it ran (Engine.name)
     native: bool = True  # on an engine of the variant's own platform; False: under QEMU
+    bytecode: str = ""  # where its containers kept Python's bytecode (bytecode.py), "" = in no cache
 
     @property
     def ok(self) -> bool:
@@ -130,6 +132,7 @@ class VariantResult:
         return {"service": v.service, "backend": v.backend, "platform": v.platform, "image": v.image,
                 "ok": self.ok, "result": self.result, "seconds": round(self.seconds, 1),
                 "service_started": self.service_started, "answered": list(self.answered),
+                "bytecode_cache": self.bytecode or None,
                 "why_not_started": self.why_partial, "engine": self.engine, "native": self.native,
                 "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "timeout": c.timeout}
                            for c in self.checks],
@@ -157,6 +160,8 @@ class Session:
         # Images come from the tool's blobs; an engine on another machine pulls them from the registry.
         local = self.engine.local if self.engine.local is not None else daemon.is_local(daemon.default_builder())
         self.images = images_mod.EngineImages(self.client, pull=not local, log=log, login=login)
+        self.log = log or (lambda *_: None)
+        self.bytecode = bytecode.Cache(self.client) if bytecode.enabled() else None
         self._halted = threading.Event()
         self._running: set = set()
         self._lock = threading.Lock()
@@ -187,23 +192,39 @@ class Session:
                 pass
 
 
-def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest, engine: Engine | None = None):
+def _container(variant: Variant, env: dict[str, str], gpu: gpu_mod.GpuRequest, engine: Engine | None = None,
+               mounts: bytecode.Mounts | None = None):
     from testcontainers.core.container import DockerContainer  # its import costs every task a few 100 ms
 
     engine = engine or Engine(None)
     # Another engine than $DOCKER_HOST's: testcontainers' client gets that engine's environment.
     client_kw = {"docker_client_kw": {"environment": engine.env}} if engine.env is not None else {}
     c = DockerContainer(variant.image, **client_kw).with_exposed_ports(variant.port)
-    for k, v in {**env, **gpu.environment}.items():
+    for k, v in {**env, **gpu.environment, **(mounts.environment if mounts else {})}.items():
         c = c.with_env(k, v)
     # One with_kwargs call: testcontainers keeps only the last one's arguments.
     # Read-only root with a tmpfs per declared writable dir, as `invoke run` starts it.
     # (testcontainers passes its own tmpfs dict to the engine: fill that one.)
     hardening = run_options()
     c.tmpfs.update(hardening.pop("tmpfs"))
+    if mounts is not None:
+        c.tmpfs.update(mounts.tmpfs)
+        c.volumes.update(mounts.volumes)  # testcontainers' own volumes dict, as with tmpfs
     kwargs = {**({} if native(variant, engine.platform) else {"platform": variant.platform}), **gpu.kwargs(),
               **hardening}
     return c.with_kwargs(**kwargs)
+
+
+def _bytecode(session: Session, ref: str, platform: str, image_id: str) -> bytecode.Mounts | None:
+    """The bytecode cache for this image's containers (bytecode.py); None when off or not possible."""
+    if session.bytecode is None:
+        return None
+    try:
+        diff_ids, top, size = session.images.layers_of(ref, platform)
+        return session.bytecode.mounts(image_id, diff_ids, top, size)
+    except Exception as e:  # noqa: BLE001 - without the cache it is slower, never wrong
+        session.log(f"smoke: no bytecode cache for {ref}: {str(e)[:200]}")
+        return None
 
 
 def _stop(container) -> None:
@@ -248,16 +269,18 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
     result.checks.append(check)
     if local is None:
         return
+    mounts = _bytecode(session, variant.image, variant.platform, local)
+    result.bytecode = mounts.describe() if mounts else ""
     variant = dataclasses.replace(variant, image=local)  # run by image ID: exactly the published config
     config = session.client.images.get(variant.image).attrs["Config"]
     checks, image_env = image_config_checks(variant, config)
     result.checks += checks
     if variant.emulation_blocker and not result.native:
-        _check_emulated_without_service(variant, result, session, exec_timeout, strict_timeout, image_env)
+        _check_emulated_without_service(variant, result, session, exec_timeout, strict_timeout, image_env, mounts)
         return
     # Whether it should serve on CUDA: a GPU was handed over, unless /info shows this host cannot run the line.
     serves_cuda = request.requested
-    container = _container(variant, {"BACKEND_POLICY": "fallback", **env}, request, session.engine)
+    container = _container(variant, {"BACKEND_POLICY": "fallback", **env}, request, session.engine, mounts)
     session.track(container)
     try:
         try:
@@ -303,7 +326,8 @@ def _check(variant: Variant, request: gpu_mod.GpuRequest, result: VariantResult,
 
 
 def _check_emulated_without_service(variant: Variant, result: VariantResult, session: Session, exec_timeout: float,
-                                    strict_timeout: float, image_env: dict[str, str]) -> None:
+                                    strict_timeout: float, image_env: dict[str, str],
+                                    mounts: bytecode.Mounts | None = None) -> None:
     """What QEMU allows when this torch crashes under emulation: everything but the service itself.
 
     The entrypoint (stdlib) runs a sleep in place of the service, so the probe, the CUDA-libs layer,
@@ -314,7 +338,8 @@ def _check_emulated_without_service(variant: Variant, result: VariantResult, ses
     result.not_started = (f"not started under emulation ({variant.platform} under QEMU on {engine.name}, a "
                           f"{engine.native_platform} engine): {variant.emulation_blocker}; a {variant.platform} "
                           "engine (smoke.engines or builders) runs it for real")
-    container = _container(variant, {"BACKEND_POLICY": "fallback"}, gpu_mod.decide(None, cuda=False), engine)
+    container = _container(variant, {"BACKEND_POLICY": "fallback"}, gpu_mod.decide(None, cuda=False), engine,
+                           mounts)
     container = container.with_command(["python3", "-c", "import time; time.sleep(3600)"])
     session.track(container)
     try:
@@ -422,6 +447,8 @@ def run(chosen: list[Variant], client, log=print, ready_timeout: float = READY_T
         for session in sessions.values():
             try:
                 session.images.trim()
+                if session.bytecode is not None and session.bytecode.used:
+                    bytecode.prune(session.client)  # the caches of images the budget untagged go with them
             except Exception as e:  # noqa: BLE001 - the budget is kept next time
                 log(f"smoke: could not trim the images kept in the engine: {str(e)[:200]}")
     return [results[i] for i in range(len(chosen))]
