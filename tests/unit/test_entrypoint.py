@@ -6,6 +6,8 @@ image carries (torch arch list, CUDA-libs layer)."""
 from __future__ import annotations
 
 import json
+import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -356,3 +358,15 @@ def test_the_cuda_libs_check_reads_the_probe_at_cuda_runtime_lib():
     wrong = smoke.cuda_libs_check(variant(), json.dumps({"runtime": RUNTIME_124}))
     assert not wrong.ok
     assert not smoke.cuda_libs_check(variant(), "Traceback ...").ok
+
+
+def test_info_carries_the_arch_list_torch_was_built_for_from_the_services_process(monkeypatch):
+    def fake_torch(flags):
+        c = SimpleNamespace(_cuda_getArchFlags=lambda: flags) if flags is not None else SimpleNamespace()
+        return SimpleNamespace(__version__="2.5.1", version=SimpleNamespace(cuda="12.4" if flags else None), _C=c,
+                               cuda=SimpleNamespace(is_available=lambda: False), get_num_threads=lambda: 2)
+
+    monkeypatch.setitem(sys.modules, "torch", fake_torch("sm_50 sm_90"))
+    assert contract.Contract("svc").info()["torch_archs"] == ["sm_50", "sm_90"]  # no GPU needed
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(None))  # a CPU build has no CUDA arch flags
+    assert contract.Contract("svc").info()["torch_archs"] == []

@@ -139,7 +139,7 @@ def test_under_emulation_the_service_is_not_started_and_no_check_says_it_passed(
     assert "strict exits 78" in names and "cuda-libs layer" in names
     assert r.not_started.startswith("not started under emulation (linux/arm64 under QEMU on the default engine, "
                                     "a linux/amd64 engine): ") and BLOCKER in r.not_started
-    assert ("command", ["python3", "-c", "import time; time.sleep(3600)"]) in fake_engine.log  # a sleep, not the service
+    assert ("command", ["sleep", "3600"]) in fake_engine.log  # a sleep, not the service (and no Python start for it)
     assert ("wait_health", 8080) not in fake_engine.log
 
 
@@ -409,3 +409,32 @@ def test_select_carries_the_chosen_images_record_and_the_cli_prints_it(mini, tmp
     assert proc.returncode == 0, proc.stderr
     assert "  smoke: ran: the service answered /health, /ready and /info; 4 checks passed on the default engine" \
         in proc.stderr + proc.stdout
+
+
+def test_the_arch_list_is_taken_from_the_services_info_without_importing_torch_again():
+    info = {"torch": "2.5.1+cu124", "torch_cuda": "12.4", "cuda_available": False, "torch_archs": ["sm_50", "sm_90"]}
+    container = ProbedContainer()
+    cuda = dataclasses.replace(cpu_variant(), backend="cuda", platform="linux/amd64", torch="2.5.1", cuda="12.4")
+    checks = {c.name: c for c in checks_mod.inside_checks(cuda, False, container, 60, {}, info)}
+    assert "the service's process, on /info" in checks["torch arch list"].detail
+    assert not any("_cuda_getArchFlags" in " ".join(argv) for argv in container.ran)
+
+
+def test_the_cuda_libs_probe_runs_in_the_same_process_as_the_other_inside_checks():
+    class CudaImage(ProbedContainer):
+        def exec(self, argv):
+            if "INSIDE" in " ".join(argv) or "tempfile" in " ".join(argv):
+                self.ran.append(argv)
+                probe = {"runtime": {"loaded": True, "path": "/opt/site/cuda-libs/x", "version": 12040}}
+                out = {"uid": 10001, "packages": {}, "cuda_probe": json.dumps(probe),
+                       "dirs": {checks_mod.APP_DIR: os.strerror(30), **{d: "writable" for d in checks_mod.WRITABLE_DIRS}}}
+                return SimpleNamespace(exit_code=0, output=(json.dumps(out) + "\n").encode())
+            return super().exec(argv)
+
+    container = CudaImage()
+    info = {"torch": "2.5.1+cu124", "torch_cuda": "12.4", "cuda_available": False, "torch_archs": []}
+    cuda = dataclasses.replace(cpu_variant(), backend="cuda", platform="linux/amd64", torch="2.5.1", cuda="12.4")
+    checks = {c.name: c for c in checks_mod.inside_checks(cuda, False, container, 60, {}, info)}
+    assert checks["cuda-libs layer"].ok, checks["cuda-libs layer"].detail
+    assert checks["runs as non-root"].ok and checks["read-only root"].ok
+    assert len(container.ran) == 1 and not any("--probe" in argv for argv in container.ran)

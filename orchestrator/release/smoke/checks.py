@@ -268,10 +268,10 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
             except Exception as e:  # noqa: BLE001
                 checks.append(Check("torch arch list", False, f"torch._C._cuda_getArchFlags() failed: {e}",
                                            timeout))
-    # The user, the read-only root and the system packages in one process: each `python3` start
-    # costs a second or more under QEMU.
+    # The user, the read-only root, the system packages and the CUDA probe in one process: each
+    # `python3` start costs a second or more under QEMU.
     try:
-        found = inside_probe(container, variant.system_packages, timeout)
+        found = inside_probe(container, variant.system_packages, timeout, cuda=bool(variant.cuda))
     except TimeoutError as e:
         found = {"error": f"timed out: {e}"}
     except (ValueError, IndexError, RuntimeError) as e:
@@ -282,11 +282,13 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
     if variant.system_packages:
         checks.append(system_packages_check(container, variant.system_packages, timeout, found))
     if variant.cuda:
-        try:
-            _, out = exec_in(container, ["python3", f"{RUNTIME_DIR}/entrypoint.py", "--probe"], timeout)
-        except TimeoutError as e:
-            checks.append(Check("cuda-libs layer", False, f"probe timed out: {e}", timeout))
-            return checks
+        out = found.get("cuda_probe")
+        if out is None:  # the probe above failed: the entrypoint's own, alone
+            try:
+                _, out = exec_in(container, ["python3", f"{RUNTIME_DIR}/entrypoint.py", "--probe"], timeout)
+            except TimeoutError as e:
+                checks.append(Check("cuda-libs layer", False, f"probe timed out: {e}", timeout))
+                return checks
         checks.append(cuda_libs_check(variant, out, timeout))
     return checks
 
@@ -294,10 +296,21 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
 # Inside the container, in one process: the user; whether the app dir refuses writes (read-only root)
 # and each declared writable dir takes one; each declared Debian package is installed (the layer's
 # status.d stanza, or the base's dpkg status), and its binary of the same name, if it has one,
-# answers its version flag. argv: a JSON {"dirs": [...], "packages": [...]}.
+# answers its version flag; and what the image's entrypoint prints for `--probe` (the CUDA-libs layer),
+# its runtime loaded by path (an app module may be named entrypoint too).
+# argv: a JSON {"dirs": [...], "packages": [...], "entrypoint": path or null}.
 INSIDE_PROBE = """
-import json, os, subprocess, sys, tempfile
+import contextlib, importlib.util, io, json, os, subprocess, sys, tempfile
 want = json.loads(sys.argv[1])
+cuda_probe = None
+if want['entrypoint']:
+    spec = importlib.util.spec_from_file_location('orchestrator_runtime_entrypoint', want['entrypoint'])
+    entrypoint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entrypoint)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        entrypoint.main(['--probe'])
+    cuda_probe = printed.getvalue()
 dirs = {}
 for d in want['dirs']:
     try:
@@ -317,13 +330,15 @@ for name in want['packages']:
                        capture_output=True, text=True)
     packages[name] = {'installed': found, 'exit': p.returncode,
                       'says': ((p.stdout or p.stderr).strip().splitlines() or [''])[0][:80]}
-print(json.dumps({'uid': os.getuid(), 'dirs': dirs, 'packages': packages}))
+print(json.dumps({'uid': os.getuid(), 'dirs': dirs, 'packages': packages, 'cuda_probe': cuda_probe}))
 """
 
 
-def inside_probe(container, packages: tuple[str, ...] = (), timeout: float = EXEC_TIMEOUT) -> dict:
-    """INSIDE_PROBE's answer: {"uid", "dirs", "packages"}."""
-    arg = json.dumps({"dirs": [APP_DIR, *WRITABLE_DIRS], "packages": list(packages)})
+def inside_probe(container, packages: tuple[str, ...] = (), timeout: float = EXEC_TIMEOUT, cuda: bool = False) -> dict:
+    """INSIDE_PROBE's answer: {"uid", "dirs", "packages", "cuda_probe" (the entrypoint's --probe output; None
+    unless cuda)}."""
+    arg = json.dumps({"dirs": [APP_DIR, *WRITABLE_DIRS], "packages": list(packages),
+                      "entrypoint": f"{RUNTIME_DIR}/entrypoint.py" if cuda else None})
     code, out = exec_in(container, ["python3", "-c", INSIDE_PROBE, arg], timeout)
     if code != 0:
         raise RuntimeError(out.strip())

@@ -340,7 +340,7 @@ def _check_emulated_without_service(variant: Variant, result: VariantResult, ses
                           "engine (smoke.engines or builders) runs it for real")
     container = _container(variant, {"BACKEND_POLICY": "fallback"}, gpu_mod.decide(None, cuda=False), engine,
                            mounts)
-    container = container.with_command(["python3", "-c", "import time; time.sleep(3600)"])
+    container = container.with_command(["sleep", "3600"])  # coreutils: no Python start under QEMU for a stand-in
     session.track(container)
     try:
         container.start()
