@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cpu_use import cpu_busy_seconds  # noqa: E402
 from scratch_registry import scratch_project  # noqa: E402
 from orchestrator import flow
 from orchestrator.machine import daemon, kept
@@ -90,13 +91,6 @@ def app_only_run(project, quiet) -> dict:
             "machine_cpu_busy_seconds": round(busy, 1),
             "machine_cpu_busy_fraction": round(busy / (total * os.cpu_count()), 3),
             "phases": phases(report)}
-
-
-def cpu_busy_seconds() -> float:
-    """Seconds the machine's cores were not idle since boot (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
