@@ -8,6 +8,7 @@ import tarfile
 from types import SimpleNamespace
 
 import docker.errors
+import zstandard
 
 from orchestrator.release import smoke
 from orchestrator.release.smoke import bytecode, runner
@@ -93,24 +94,43 @@ def fake_client(images=()):
                                                                     for x in images]))
 
 
+def layers(*blobs: bytes):
+    """(sizes, open_layer) for Cache.mounts."""
+    return [len(b) for b in blobs], lambda i: io.BytesIO(blobs[i])
+
+
 def test_one_volume_per_dependency_layers_made_once_and_prepared_once_per_image():
     client = fake_client()
     cache = bytecode.Cache(client)
-    top = layer("opt/app/app.py")
-    first = cache.mounts("sha256:img1", [BASE, TORCH, APP], lambda: io.BytesIO(top), len(top))
-    again = cache.mounts("sha256:img1", [BASE, TORCH, APP], lambda: io.BytesIO(top), len(top))
-    app_change = bytecode.Cache(client).mounts("sha256:img2", [BASE, TORCH, APP2], lambda: io.BytesIO(top), len(top))
+    base, top = layer("usr/lib/python3.11/__pycache__/os.cpython-311.pyc"), layer("opt/app/app.py")
+    first = cache.mounts("sha256:img1", [BASE, TORCH, APP], *layers(base, b"", top))
+    again = cache.mounts("sha256:img1", [BASE, TORCH, APP], *layers(base, b"", top))
+    app_change = bytecode.Cache(client).mounts("sha256:img2", [BASE, TORCH, APP2], *layers(base, b"", top))
     assert first is again and first.created and not app_change.created
     assert first.volume == app_change.volume == bytecode.volume_name(bytecode.key([BASE, TORCH, APP]))
     assert first.top_dirs == ("/opt/app",)
-    assert [a[0] for a in client.containers.archives] == ["sha256:img1", "sha256:img2"]
+    # The new volume got the skeleton and the base's bytecode; the image after the app change, the skeleton.
+    assert [a[0] for a in client.containers.archives] == ["sha256:img1", "sha256:img1", "sha256:img2"]
     assert client.volumes.made[first.volume] == {bytecode.LABEL: bytecode.key([BASE, TORCH, APP])}
+
+
+def test_a_new_volume_is_seeded_with_the_bases_own_bytecode_where_the_prefix_looks_for_it():
+    base = layer("usr/lib/python3.11/os.py", "usr/lib/python3.11/__pycache__/os.cpython-311.pyc",
+                 "./usr/lib/python3/dist-packages/pip/__pycache__/__init__.cpython-311.opt-1.pyc",
+                 "usr/lib/python3.11/__pycache__/notes.txt")
+    with tarfile.open(fileobj=io.BytesIO(bytecode.seed(io.BytesIO(base)))) as tar:
+        entries = {m.name: (m.isdir(), m.mode) for m in tar}
+    assert entries["pyc/usr/lib/python3.11/os.cpython-311.pyc"] == (False, 0o644)
+    assert entries["pyc/usr/lib/python3/dist-packages/pip/__init__.cpython-311.opt-1.pyc"] == (False, 0o644)
+    assert entries["pyc/usr/lib/python3.11"] == (True, 0o1777)  # the service adds its own beside them
+    assert not any(name.endswith((".txt", ".py")) or "__pycache__" in name for name in entries)
 
 
 def test_no_cache_where_the_top_layer_cannot_be_read_cheaply():
     cache = bytecode.Cache(fake_client())
-    assert cache.mounts("sha256:i", [BASE, APP], None, 0) is None  # a local image: no blob to read
-    assert cache.mounts("sha256:i", [BASE, APP], lambda: io.BytesIO(b""), bytecode.MAX_TOP_LAYER + 1) is None
+    sizes, open_layer = layers(b"", b"")
+    assert cache.mounts("sha256:i", [BASE, APP], [0, bytecode.MAX_TOP_LAYER + 1], open_layer) is None
+    assert cache.mounts("sha256:i", [APP], sizes[:1], open_layer) is None  # one layer: nothing below the app
     assert not cache.used
 
 
@@ -125,3 +145,11 @@ def test_volumes_no_image_in_the_engine_uses_are_pruned():
 def test_it_can_be_turned_off():
     assert bytecode.enabled({}) and bytecode.enabled({bytecode.ENV: "1"})
     assert not bytecode.enabled({bytecode.ENV: "0"}) and not bytecode.enabled({bytecode.ENV: "off"})
+
+
+def test_layers_are_read_whole_whether_several_gzip_members_or_zstd():
+    raw = gzip.decompress(layer("opt/app/app.py", "opt/runtime/contract.py"))
+    half = len(raw) // 2  # the tool's blobs are gzip members of fixed-size chunks, one after the other
+    members = gzip.compress(raw[:half]) + gzip.compress(raw[half:])
+    assert bytecode.source_dirs(io.BytesIO(members)) == ["/opt/app", "/opt/runtime"]
+    assert bytecode.source_dirs(io.BytesIO(zstandard.ZstdCompressor().compress(raw))) == ["/opt/app", "/opt/runtime"]

@@ -185,16 +185,14 @@ class EngineImages:
         reg = self._registry(pub.host)
         return (lambda: reg.open_blob(pub.name, desc["digest"]).raw), "registry"
 
-    def layers_of(self, ref: str, platform: str) -> tuple[list[str], Callable[[], IO[bytes]] | None, int]:
-        """(the image's diffIDs, an opener of its top layer's blob, that blob's size), for the bytecode
-        cache; ([], None, 0) for a local image (not from a registry)."""
+    def layers_of(self, ref: str, platform: str) -> tuple[list[str], list[int], Callable[[int], IO[bytes]]] | None:
+        """(the image's diffIDs, each layer blob's size, an opener of layer i's blob), for the bytecode
+        cache; None for a local image (not from a registry)."""
         if not is_published(ref):
-            return [], None, 0
+            return None
         pub = self.published(ref, platform)
-        top = pub.layers[-1][1] if pub.layers else None
-        if top is None:
-            return [], None, 0
-        return [d for d, _ in pub.layers], self._blob(pub, top)[0], int(top["size"])
+        return ([d for d, _ in pub.layers], [int(desc["size"]) for _, desc in pub.layers],
+                lambda i: self._blob(pub, pub.layers[i][1])[0]())
 
     def prepare(self, wanted: list[tuple[str, str]]) -> dict[str, Arrival]:
         """Every (image ref, platform) in the engine; the missing ones in one load. Returns ref -> Arrival."""

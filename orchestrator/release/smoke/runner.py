@@ -220,8 +220,8 @@ def _bytecode(session: Session, ref: str, platform: str, image_id: str) -> bytec
     if session.bytecode is None:
         return None
     try:
-        diff_ids, top, size = session.images.layers_of(ref, platform)
-        return session.bytecode.mounts(image_id, diff_ids, top, size)
+        layers = session.images.layers_of(ref, platform)
+        return session.bytecode.mounts(image_id, *layers) if layers else None
     except Exception as e:  # noqa: BLE001 - without the cache it is slower, never wrong
         session.log(f"smoke: no bytecode cache for {ref}: {str(e)[:200]}")
         return None
