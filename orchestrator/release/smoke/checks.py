@@ -270,12 +270,7 @@ def inside_checks(variant: Variant, gpu: bool, container, timeout: float = EXEC_
                                            timeout))
     # The user, the read-only root, the system packages and the CUDA probe in one process: each
     # `python3` start costs a second or more under QEMU.
-    try:
-        found = inside_probe(container, variant.system_packages, timeout, cuda=bool(variant.cuda))
-    except TimeoutError as e:
-        found = {"error": f"timed out: {e}"}
-    except (ValueError, IndexError, RuntimeError) as e:
-        found = {"error": f"probe failed: {str(e)[-200:]}"}
+    found = inside_probe(container, variant.system_packages, timeout, cuda=bool(variant.cuda))
     uid = str(found.get("uid", ""))
     checks.append(Check("runs as non-root", uid not in ("0", ""), f"uid {uid}" if uid else found["error"], timeout))
     checks.append(read_only_check(container, timeout, found))
@@ -336,13 +331,18 @@ print(json.dumps({'uid': os.getuid(), 'dirs': dirs, 'packages': packages, 'cuda_
 
 def inside_probe(container, packages: tuple[str, ...] = (), timeout: float = EXEC_TIMEOUT, cuda: bool = False) -> dict:
     """INSIDE_PROBE's answer: {"uid", "dirs", "packages", "cuda_probe" (the entrypoint's --probe output; None
-    unless cuda)}."""
+    unless cuda)}; or {"error": why} when it timed out or failed, for each check to report."""
     arg = json.dumps({"dirs": [APP_DIR, *WRITABLE_DIRS], "packages": list(packages),
                       "entrypoint": f"{RUNTIME_DIR}/entrypoint.py" if cuda else None})
-    code, out = exec_in(container, ["python3", "-c", INSIDE_PROBE, arg], timeout)
-    if code != 0:
-        raise RuntimeError(out.strip())
-    return json.loads(out.strip().splitlines()[-1])
+    try:
+        code, out = exec_in(container, ["python3", "-c", INSIDE_PROBE, arg], timeout)
+        if code != 0:
+            return {"error": f"probe failed: {out.strip()[-200:]}"}
+        return json.loads(out.strip().splitlines()[-1])
+    except TimeoutError as e:
+        return {"error": f"timed out: {e}"}
+    except (ValueError, IndexError) as e:
+        return {"error": f"probe failed: {str(e)[-200:]}"}
 
 
 def healthcheck_check(container, variant: Variant, config: dict, timeout: float = EXEC_TIMEOUT) -> Check:
@@ -364,13 +364,7 @@ def read_only_check(container, timeout: float = EXEC_TIMEOUT, found: dict | None
     """Started like `invoke run` starts it (read-only root, tmpfs on WRITABLE_DIRS): only those take writes.
 
     found: inside_probe's answer, if it already ran."""
-    if found is None:
-        try:
-            found = inside_probe(container, (), timeout)
-        except TimeoutError as e:
-            return Check("read-only root", False, f"timed out: {e}", timeout)
-        except (ValueError, IndexError, RuntimeError) as e:
-            return Check("read-only root", False, f"probe failed: {str(e)[-200:]}", timeout)
+    found = inside_probe(container, (), timeout) if found is None else found
     if "dirs" not in found:
         return Check("read-only root", False, found.get("error", "probe failed"), timeout)
     want = {APP_DIR: os.strerror(30), **{d: "writable" for d in WRITABLE_DIRS}}  # 30: EROFS
@@ -384,13 +378,7 @@ def system_packages_check(container, packages: tuple[str, ...], timeout: float =
     """The declared Debian packages are in the image and their binaries run (`ffmpeg -version`), arm64 under QEMU too.
 
     found: inside_probe's answer, if it already ran."""
-    if found is None:
-        try:
-            found = inside_probe(container, packages, timeout)
-        except TimeoutError as e:
-            return Check("system packages", False, f"timed out: {e}", timeout)
-        except (ValueError, IndexError, RuntimeError) as e:
-            return Check("system packages", False, f"probe failed: {str(e)[-200:]}", timeout)
+    found = inside_probe(container, packages, timeout) if found is None else found
     if "packages" not in found:
         return Check("system packages", False, found.get("error", "probe failed"), timeout)
     bad, said = [], []
