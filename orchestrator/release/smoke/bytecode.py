@@ -70,7 +70,7 @@ def decompressed(blob: IO[bytes]) -> IO[bytes]:
 
 
 def source_dirs(layer: IO[bytes]) -> list[str]:
-    """The directories (absolute, outermost only) holding the .py files of a gzipped layer tar."""
+    """The directories (absolute, outermost only) holding the .py files of a layer blob."""
     dirs = set()
     with tarfile.open(fileobj=decompressed(layer), mode="r|") as tar:
         for member in tar:
@@ -93,7 +93,7 @@ class Mounts:
 
     volume: str
     top_dirs: tuple[str, ...]
-    created: bool  # the volume was made for this run (a first start compiles everything)
+    created: bool  # the volume was made for this run (a first start compiles all but the base's)
 
     @property
     def environment(self) -> dict[str, str]:
@@ -121,7 +121,7 @@ def skeleton(top_dirs) -> bytes:
 
 
 def seed(layer: IO[bytes]) -> bytes:
-    """The .pyc files a gzipped layer holds in `__pycache__` directories, as a tar at their places under the
+    """The .pyc files a layer blob holds in `__pycache__` directories, as a tar at their places under the
     prefix (directories world-writable). The base's are Debian's, compiled at install and valid for its
     sources; the prefix hides `__pycache__`, so without them a first start would compile them again."""
     files: dict[str, bytes] = {}
@@ -160,7 +160,7 @@ class Cache:
     client: object
     _made: dict[str, Mounts] = field(default_factory=dict)  # image ID -> its mounts
     _seeds: dict[str, bytes] = field(default_factory=dict)  # base layer diffID -> seed()
-    _locks: dict[str, threading.Lock] = field(default_factory=dict)  # one per image: the others go on
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)  # one per cache key and per seed
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -171,7 +171,7 @@ class Cache:
                open_layer: Callable[[int], IO[bytes]]) -> Mounts | None:
         """The mounts for a container of this image; None where there is no safe cache (see the module doc).
 
-        sizes: each layer blob's size; open_layer(i): layer i's blob (gzipped tar)."""
+        sizes: each layer blob's size; open_layer(i): layer i's blob."""
         cache_key = key(diff_ids)
         if cache_key is None or sizes[-1] > MAX_TOP_LAYER:
             return None
@@ -220,12 +220,10 @@ class Cache:
             c.remove(force=True)
 
 
-def prune(client, keep: set[str] | None = None) -> list[str]:
-    """Remove the bytecode volumes whose key no image in the engine has; returns their names.
-
-    keep: keys to keep whatever the engine holds. A volume in use by a container stays.
-    """
-    keys = set(keep or ())
+def prune(client) -> list[str]:
+    """Remove the bytecode volumes whose key no image in the engine has (one in use by a container stays);
+    returns their names."""
+    keys = set()
     for img in client.images.list(all=True):
         k = key(((img.attrs.get("RootFS") or {}).get("Layers")) or [])
         if k:
